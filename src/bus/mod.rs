@@ -1,0 +1,98 @@
+//! The message bus behind the gateway: one trait, two back-ends.
+//!
+//! - [`memory::MemoryBus`]: a standalone node, no Redis (`--redis-url` unset).
+//! - [`redis::RedisBus`]: a cluster node — lease, inbox, routers, reaper.
+//!
+//! The gateway only registers connections, publishes messages and asks for
+//! the cluster view; deliveries come back through the shared
+//! [`Registry`](crate::gateway::registry::Registry).
+
+pub mod memory;
+pub mod redis;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ack::AckGuard;
+use crate::gateway::registry::ConnHandle;
+use crate::ids::{NodeId, UserId};
+use crate::message::{Message, Target};
+
+/// A message to add (from a client `send` or `POST /api/send`).
+#[derive(Debug, Clone)]
+pub struct Publish {
+    pub target: Target,
+    /// Checked JSON text.
+    pub payload: String,
+    pub from: Option<UserId>,
+}
+
+/// Why the bus could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("node is not connected to the cluster")]
+    Unavailable,
+}
+
+/// One node as `/cluster` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    pub id: String,
+    pub lease_expires_ms: Option<u64>,
+    pub connections: u64,
+}
+
+/// The `/cluster` document.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterView {
+    pub node: String,
+    pub router: bool,
+    pub shards: Vec<u32>,
+    pub nodes: Vec<NodeView>,
+}
+
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// This node's current id (it changes after a lost lease).
+    fn node_id(&self) -> NodeId;
+
+    /// True while the node can serve: holds its lease (standalone: always).
+    fn is_ready(&self) -> bool;
+
+    /// Start background work (heartbeat, routers, readers, reaper) on
+    /// `tracker`; it stops when `stop` is cancelled.
+    fn start(self: Arc<Self>, tracker: &TaskTracker, stop: CancellationToken);
+
+    /// Register a connection already in the registry; returns the user's
+    /// mailbox, oldest first, now taken (one atomic step with registering).
+    async fn register(&self, conn: &ConnHandle) -> Result<Vec<Arc<Message>>, BusError>;
+
+    /// Forget a connection that closed.
+    async fn unregister(&self, conn: &ConnHandle);
+
+    /// A message queued for a connection that closed before writing it:
+    /// route it again (the guard is released once that is done).
+    fn hand_back(&self, msg: Arc<Message>, guard: Option<Arc<AckGuard>>);
+
+    /// Add a message durably; returns its public id.
+    async fn publish(&self, msg: Publish) -> Result<String, BusError>;
+
+    /// Live connections of `user` over the whole cluster.
+    async fn user_connections(&self, user: &UserId) -> Result<usize, BusError>;
+
+    async fn cluster_view(&self) -> Result<ClusterView, BusError>;
+
+    /// Leave, first half (contract §6): stop taking new work, expire the
+    /// lease, release router leases. Sockets are still open.
+    async fn leave_begin(&self);
+
+    /// Leave, second half, once sockets are closed: route what is left,
+    /// delete the inbox, leave `<p>:nodes`.
+    async fn leave_finish(&self);
+}

@@ -1,0 +1,356 @@
+//! The Redis back-end: a cluster node.
+//!
+//! [`RedisBus::start`] connects (retrying with backoff while Redis is
+//! unreachable), joins, and spawns the node's loops, all sharing one
+//! [`Ctx`]:
+//! heartbeat ([`cluster::lease`]), reaper ([`cluster::reaper`]), one router
+//! candidate per send shard ([`router::send`]), the inbox and topic readers
+//! ([`router::inbox`]), the re-route worker, the batching publisher and the
+//! acker.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Bus, BusError, ClusterView, NodeView, Publish};
+use crate::ack::AckGuard;
+use crate::backoff::Backoff;
+use crate::cluster::{self, Membership};
+use crate::config::{Config, redact_url};
+use crate::gateway::registry::{ConnHandle, Registry};
+use crate::ids::{NodeId, UserId};
+use crate::keys::{Keys, shard_of};
+use crate::lua;
+use crate::message::{Message, Target};
+use crate::ops::metrics::Metrics;
+use crate::router::{self, acker::AckJob, publish::PublishReq, Reroute};
+use crate::stream;
+
+/// Everything the node's Redis loops share.
+pub struct Ctx {
+    pub cfg: Arc<Config>,
+    pub keys: Keys,
+    pub client: redis::Client,
+    /// Multiplexed, auto-reconnecting connection for every non-blocking
+    /// command. Blocking reads get connections of their own.
+    pub conn: ConnectionManager,
+    pub membership: Membership,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub reroute: mpsc::UnboundedSender<Reroute>,
+    pub acks: mpsc::UnboundedSender<AckJob>,
+    pub publisher: mpsc::Sender<PublishReq>,
+    /// Send shards this node routes now.
+    pub routing: Mutex<BTreeSet<u32>>,
+    /// Cancelled when the node starts to leave: routers and the reaper stop.
+    pub leaving: CancellationToken,
+    /// Cancelled when a leaving node starts to reap itself: its readers
+    /// stop so they do not race the self-reap.
+    pub readers_stop: CancellationToken,
+}
+
+impl Ctx {
+    pub fn ttl_ms(&self) -> u64 {
+        self.cfg.lease_ttl.as_millis() as u64
+    }
+
+    /// A connection for blocking reads: no response timeout (a `BLOCK`
+    /// longer than redis-rs's default 500 ms would time out), and not the
+    /// multiplexed one, which a blocking command would stall.
+    pub async fn blocking_conn(&self) -> Result<MultiplexedConnection, redis::RedisError> {
+        let cfg = AsyncConnectionConfig::new()
+            .set_response_timeout(None)
+            .set_connection_timeout(Some(Duration::from_secs(2)));
+        self.client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+    }
+
+    pub fn shards_routed(&self) -> Vec<u32> {
+        self.routing
+            .lock()
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Count a Redis error (logging is left to the caller, once).
+    pub fn redis_error(&self) {
+        self.metrics.redis_errors.inc();
+    }
+}
+
+/// The Redis bus handle.
+pub struct RedisBus {
+    cfg: Arc<Config>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    ctx: OnceLock<Arc<Ctx>>,
+    /// The id shown before the first join.
+    boot_id: NodeId,
+}
+
+impl RedisBus {
+    pub fn new(cfg: Arc<Config>, registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
+        RedisBus {
+            cfg,
+            registry,
+            metrics,
+            ctx: OnceLock::new(),
+            boot_id: NodeId::random(),
+        }
+    }
+
+    fn ctx(&self) -> Result<&Arc<Ctx>, BusError> {
+        self.ctx.get().ok_or(BusError::Unavailable)
+    }
+
+    /// Connect, retrying with backoff; `None` if stopped first.
+    async fn connect(&self, stop: &CancellationToken) -> Option<(redis::Client, ConnectionManager)> {
+        let url = self.cfg.redis_url.clone().unwrap_or_default();
+        let mut backoff = Backoff::redis();
+        loop {
+            let attempt = async {
+                let client = redis::Client::open(url.as_str())?;
+                let mcfg = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(Duration::from_secs(5)))
+                    .set_number_of_retries(1);
+                let conn = ConnectionManager::new_with_config(client.clone(), mcfg).await?;
+                Ok::<_, redis::RedisError>((client, conn))
+            };
+            match attempt.await {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    self.metrics.redis_errors.inc();
+                    let delay = backoff.next_delay();
+                    tracing::warn!(redis = %redact_url(&url), error = %e, retry_in_ms = delay.as_millis() as u64, "redis unreachable at boot");
+                    tokio::select! {
+                        _ = stop.cancelled() => return None,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for RedisBus {
+    fn node_id(&self) -> NodeId {
+        match self.ctx.get() {
+            Some(c) => c.membership.id(),
+            None => self.boot_id.clone(),
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ctx.get().is_some_and(|c| c.membership.holds_lease())
+    }
+
+    fn start(self: Arc<Self>, tracker: &TaskTracker, stop: CancellationToken) {
+        let tracker2 = tracker.clone();
+        tracker.spawn(async move {
+            let Some((client, conn)) = self.connect(&stop).await else {
+                return;
+            };
+            let (reroute_tx, reroute_rx) = mpsc::unbounded_channel();
+            let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+            let (pub_tx, pub_rx) = mpsc::channel(4096);
+            let membership = Membership::new();
+            membership.set_id(self.boot_id.clone());
+            let ctx = Arc::new(Ctx {
+                cfg: self.cfg.clone(),
+                keys: Keys::new(&self.cfg.prefix),
+                client,
+                conn,
+                membership,
+                registry: self.registry.clone(),
+                metrics: self.metrics.clone(),
+                reroute: reroute_tx,
+                acks: ack_tx,
+                publisher: pub_tx,
+                routing: Mutex::new(BTreeSet::new()),
+                leaving: CancellationToken::new(),
+                readers_stop: CancellationToken::new(),
+            });
+            let _ = self.ctx.set(ctx.clone());
+            // Stop order matters: the acker and publisher outlive the
+            // loops that feed them, so they stop on `stop` and drain.
+            tracker2.spawn(router::acker::run(ctx.clone(), ack_rx, stop.clone()));
+            tracker2.spawn(router::publish::run(ctx.clone(), pub_rx, stop.clone()));
+            tracker2.spawn(router::reroute_worker(ctx.clone(), reroute_rx, stop.clone()));
+            tracker2.spawn(cluster::lease::run(ctx.clone(), stop.clone()));
+            tracker2.spawn(cluster::reaper::run(ctx.clone(), stop.clone()));
+            tracker2.spawn(router::inbox::run_inbox(ctx.clone(), stop.clone()));
+            tracker2.spawn(router::inbox::run_topics(ctx.clone(), stop.clone()));
+            for shard in 0..self.cfg.send_shards {
+                tracker2.spawn(router::send::run(ctx.clone(), shard, stop.clone()));
+            }
+        });
+    }
+
+    async fn register(&self, h: &ConnHandle) -> Result<Vec<Arc<Message>>, BusError> {
+        let ctx = self.ctx()?;
+        // A fresh lease is needed to write under our id; wait a little for
+        // one rather than refuse a client during a short Redis hiccup.
+        for _ in 0..3 {
+            if !ctx.membership.wait_lease(Duration::from_secs(3)).await {
+                return Err(BusError::Unavailable);
+            }
+            let me = ctx.membership.id();
+            let msgs = register_under(ctx, &me, h).await.inspect_err(|_| ctx.redis_error())?;
+            // If the id changed meanwhile, the re-registration may have run
+            // before our write: register again under the new id.
+            if ctx.membership.id() == me {
+                return Ok(msgs);
+            }
+        }
+        Err(BusError::Unavailable)
+    }
+
+    async fn unregister(&self, h: &ConnHandle) {
+        let Ok(ctx) = self.ctx() else { return };
+        let me = ctx.membership.id();
+        let mut pipe = redis::pipe();
+        pipe.hdel(ctx.keys.user(&h.user), h.conn.as_str()).ignore();
+        pipe.hdel(ctx.keys.node_conns(&me), h.conn.as_str()).ignore();
+        let mut conn = ctx.conn.clone();
+        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+            ctx.redis_error();
+            // The reaper removes it when this node goes; a stale field is
+            // skipped by routing meanwhile.
+            tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "unregister failed");
+        }
+    }
+
+    fn hand_back(&self, msg: Arc<Message>, guard: Option<Arc<AckGuard>>) {
+        let Ok(ctx) = self.ctx() else { return };
+        let mut again = (*msg).clone();
+        again.hops += 1;
+        let guard = guard.unwrap_or_else(|| Arc::new(AckGuard::noop()));
+        let _ = ctx.reroute.send((Arc::new(again), guard));
+    }
+
+    async fn publish(&self, p: Publish) -> Result<String, BusError> {
+        let ctx = self.ctx()?;
+        let (name, mut fields) = match &p.target {
+            Target::User(u) => (u.as_str(), vec![("to", u.to_string())]),
+            Target::Topic(t) => (t.as_str(), vec![("topic", t.to_string())]),
+        };
+        let shard = shard_of(name, ctx.cfg.send_shards);
+        fields.push(("payload", p.payload));
+        if let Some(f) = p.from {
+            fields.push(("from", f.to_string()));
+        }
+        let (tx, rx) = oneshot::channel();
+        ctx.publisher
+            .send(PublishReq {
+                key: ctx.keys.send(shard),
+                fields,
+                reply: tx,
+            })
+            .await
+            .map_err(|_| BusError::Unavailable)?;
+        let id = rx.await.map_err(|_| BusError::Unavailable)??;
+        Ok(router::entry::public_id(shard, &id))
+    }
+
+    async fn user_connections(&self, user: &UserId) -> Result<usize, BusError> {
+        let ctx = self.ctx()?;
+        let mut conn = ctx.conn.clone();
+        let fields: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(ctx.keys.user(user))
+            .query_async(&mut conn)
+            .await?;
+        Ok(fields
+            .iter()
+            .filter(|(_, node)| {
+                !matches!(
+                    ctx.membership.live.status(node),
+                    cluster::NodeStatus::Expired | cluster::NodeStatus::Gone
+                )
+            })
+            .count())
+    }
+
+    async fn cluster_view(&self) -> Result<ClusterView, BusError> {
+        let ctx = self.ctx()?;
+        let mut conn = ctx.conn.clone();
+        let nodes: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(ctx.keys.nodes())
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await?;
+        let mut pipe = redis::pipe();
+        for (id, _) in &nodes {
+            pipe.hlen(ctx.keys.node_conns(&NodeId::from_redis(id.clone())));
+        }
+        let counts: Vec<u64> = if nodes.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut conn).await?
+        };
+        let shards = ctx.shards_routed();
+        Ok(ClusterView {
+            node: ctx.membership.id().to_string(),
+            router: !shards.is_empty(),
+            shards,
+            nodes: nodes
+                .into_iter()
+                .zip(counts)
+                .map(|((id, score), connections)| NodeView {
+                    id,
+                    lease_expires_ms: Some(score as u64),
+                    connections,
+                })
+                .collect(),
+        })
+    }
+
+    async fn leave_begin(&self) {
+        let Some(ctx) = self.ctx.get() else { return };
+        cluster::reaper::leave_begin(ctx).await;
+    }
+
+    async fn leave_finish(&self) {
+        let Some(ctx) = self.ctx.get() else { return };
+        cluster::reaper::leave_finish(ctx).await;
+    }
+}
+
+/// Register `h` under node id `me` and take the user's mailbox, in one
+/// script in the user's slot. The per-node index entry goes first, so a
+/// reaper always finds what the user hash may name.
+pub async fn register_under(
+    ctx: &Ctx,
+    me: &NodeId,
+    h: &ConnHandle,
+) -> Result<Vec<Arc<Message>>, redis::RedisError> {
+    let mut pipe = redis::pipe();
+    pipe.hset(ctx.keys.node_conns(me), h.conn.as_str(), h.user.as_str())
+        .ignore();
+    lua::eval(
+        &mut pipe,
+        lua::REGISTER,
+        &[&ctx.keys.user(&h.user), &ctx.keys.mailbox(&h.user)],
+    )
+    .arg(h.conn.as_str())
+    .arg(me.as_str())
+    .arg(ctx.cfg.mailbox_ttl.as_millis() as u64);
+    let mut conn = ctx.conn.clone();
+    let (entries,): (Value,) = pipe.query_async(&mut conn).await?;
+    Ok(stream::entries(&entries)
+        .iter()
+        .filter_map(router::entry::parse_internal)
+        .map(Arc::new)
+        .collect())
+}

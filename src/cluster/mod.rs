@@ -1,0 +1,232 @@
+//! Membership: who this node is, whether it holds its lease, and what it
+//! knows of the other nodes.
+//!
+//! - [`lease`]: join, heartbeat, and taking a new id after a lost lease.
+//! - [`reaper`]: reaping nodes whose lease expired (and leaving).
+//! - [`Membership`]: the shared state those loops keep up to date.
+
+pub mod lease;
+pub mod reaper;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::ids::NodeId;
+
+/// This node's identity and lease, as known locally.
+pub struct Membership {
+    id: RwLock<NodeId>,
+    /// Local deadline of the lease: the instant the renewal request was
+    /// sent plus the TTL, never later than the expiry Redis holds.
+    lease_until: Mutex<Option<Instant>>,
+    leaving: AtomicBool,
+    acquired: Notify,
+    pub live: LiveNodes,
+}
+
+impl Default for Membership {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Membership {
+    pub fn new() -> Self {
+        Membership {
+            id: RwLock::new(NodeId::random()),
+            lease_until: Mutex::new(None),
+            leaving: AtomicBool::new(false),
+            acquired: Notify::new(),
+            live: LiveNodes::default(),
+        }
+    }
+
+    pub fn id(&self) -> NodeId {
+        match self.id.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub(crate) fn set_id(&self, id: NodeId) {
+        match self.id.write() {
+            Ok(mut g) => *g = id,
+            Err(p) => *p.into_inner() = id,
+        }
+    }
+
+    /// True while the node may act under its id: lease held, not leaving.
+    pub fn holds_lease(&self) -> bool {
+        !self.is_leaving()
+            && self
+                .lease_until
+                .lock()
+                .map(|g| g.is_some_and(|t| Instant::now() < t))
+                .unwrap_or(false)
+    }
+
+    pub(crate) fn set_lease(&self, until: Instant) {
+        if let Ok(mut g) = self.lease_until.lock() {
+            *g = Some(until);
+        }
+        self.acquired.notify_waiters();
+    }
+
+    pub(crate) fn clear_lease(&self) {
+        if let Ok(mut g) = self.lease_until.lock() {
+            *g = None;
+        }
+    }
+
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_leaving(&self) {
+        self.leaving.store(true, Ordering::SeqCst);
+    }
+
+    /// Wait until the lease is held, at most `timeout`.
+    pub async fn wait_lease(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.acquired.notified();
+            if self.holds_lease() {
+                return true;
+            }
+            if self.is_leaving() {
+                return false;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => return self.holds_lease(),
+            }
+        }
+    }
+}
+
+/// What this node knows of a node id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeStatus {
+    /// In `<p>:nodes` with a lease unexpired by the estimated Redis clock.
+    Live,
+    /// In `<p>:nodes`, lease expired: skip it, a reaper will come.
+    Expired,
+    /// Not in `<p>:nodes`: connections naming it are stale.
+    Gone,
+    /// Not seen yet (maybe it joined after the last refresh): ask Redis.
+    Unknown,
+}
+
+/// A cache of `<p>:nodes`, refreshed every heartbeat, with an estimate of
+/// the Redis clock so lease expiry is judged by Redis `TIME`.
+#[derive(Default)]
+pub struct LiveNodes {
+    snap: RwLock<Snapshot>,
+}
+
+#[derive(Default)]
+struct Snapshot {
+    expiry: HashMap<String, u64>,
+    gone: HashSet<String>,
+    redis_now: u64,
+    at: Option<Instant>,
+}
+
+impl Snapshot {
+    fn now(&self) -> u64 {
+        self.redis_now + self.at.map_or(0, |a| a.elapsed().as_millis() as u64)
+    }
+}
+
+impl LiveNodes {
+    /// Estimated Redis time, Unix ms.
+    pub fn redis_now(&self) -> u64 {
+        self.snap.read().map(|s| s.now()).unwrap_or(0)
+    }
+
+    pub fn status(&self, node: &str) -> NodeStatus {
+        let Ok(s) = self.snap.read() else {
+            return NodeStatus::Unknown;
+        };
+        if s.gone.contains(node) {
+            return NodeStatus::Gone;
+        }
+        match s.expiry.get(node) {
+            Some(&exp) if exp > s.now() => NodeStatus::Live,
+            Some(_) => NodeStatus::Expired,
+            None => NodeStatus::Unknown,
+        }
+    }
+
+    /// Replace the view with a fresh `ZRANGE … WITHSCORES` read at `redis_now`.
+    pub fn refresh(&self, nodes: Vec<(String, u64)>, redis_now: u64) {
+        if let Ok(mut s) = self.snap.write() {
+            s.expiry = nodes.into_iter().collect();
+            s.gone.clear();
+            s.redis_now = redis_now;
+            s.at = Some(Instant::now());
+        }
+    }
+
+    /// Learn one node's score (`None`: absent from `<p>:nodes`).
+    pub fn learn(&self, node: &str, expiry: Option<u64>) {
+        if let Ok(mut s) = self.snap.write() {
+            match expiry {
+                Some(e) => {
+                    s.expiry.insert(node.to_owned(), e);
+                }
+                None => {
+                    s.expiry.remove(node);
+                    s.gone.insert(node.to_owned());
+                }
+            }
+        }
+    }
+
+    pub fn mark_gone(&self, node: &str) {
+        self.learn(node, None);
+    }
+
+    /// Nodes whose lease has expired, by the estimated Redis clock.
+    pub fn expired(&self) -> Vec<NodeId> {
+        let Ok(s) = self.snap.read() else {
+            return Vec::new();
+        };
+        let now = s.now();
+        s.expiry
+            .iter()
+            .filter(|(_, e)| **e <= now)
+            .map(|(n, _)| NodeId::from_redis(n.clone()))
+            .collect()
+    }
+
+    /// Every known node with its lease expiry.
+    pub fn all(&self) -> Vec<(String, u64)> {
+        self.snap
+            .read()
+            .map(|s| s.expiry.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        let l = LiveNodes::default();
+        l.refresh(vec![("a".into(), 2_000), ("b".into(), 500)], 1_000);
+        assert_eq!(l.status("a"), NodeStatus::Live);
+        assert_eq!(l.status("b"), NodeStatus::Expired);
+        assert_eq!(l.status("c"), NodeStatus::Unknown);
+        l.mark_gone("c");
+        assert_eq!(l.status("c"), NodeStatus::Gone);
+        assert_eq!(l.expired(), vec![NodeId::from_redis("b".into())]);
+    }
+}

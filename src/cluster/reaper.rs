@@ -1,0 +1,261 @@
+//! Reaping: finishing the work of a node whose lease expired.
+//!
+//! Any live node may reap; one works on a dead node at a time, under a lock
+//! in the dead node's slot that it renews while it works. Every step is
+//! idempotent, so a reaper that dies midway leaves work the next one
+//! finishes. The order is the contract's: route again everything left in
+//! the inbox, remove the node's connections from the users' hashes, delete
+//! the inbox in the step that finds it drained, and last leave `<p>:nodes`.
+//!
+//! A leaving node reaps itself the same way ([`leave_begin`] /
+//! [`leave_finish`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use redis::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::ack::AckGuard;
+use crate::bus::redis::Ctx;
+use crate::ids::{NodeId, UserId};
+use crate::lua;
+use crate::message::Message;
+use crate::router;
+use crate::stream;
+
+/// Entries re-routed per round while reaping.
+const REAP_BATCH: usize = 500;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReapError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("lost the reap lock")]
+    LostLock,
+}
+
+/// The reaper loop: every heartbeat (jittered), reap expired nodes.
+pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
+    let hb = ctx.cfg.heartbeat;
+    loop {
+        let jitter = rand::rng().random_range(Duration::ZERO..=hb / 4);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ctx.leaving.cancelled() => return,
+            _ = tokio::time::sleep(hb + jitter) => {}
+        }
+        // A node cut off from Redis, or without a lease, does not reap.
+        if !ctx.membership.holds_lease() {
+            continue;
+        }
+        let me = ctx.membership.id();
+        for dead in ctx.membership.live.expired() {
+            if dead == me || ctx.leaving.is_cancelled() {
+                continue;
+            }
+            match try_reap(&ctx, &dead, &me).await {
+                Ok(true) => {
+                    ctx.metrics.reaped.inc();
+                    tracing::info!(node = %me, reaped = %dead, "reaped node");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    ctx.redis_error();
+                    tracing::warn!(node = %me, dead = %dead, error = %e, "reap interrupted; it will be retried");
+                }
+            }
+        }
+    }
+}
+
+/// Reap `dead` if its lock can be taken. True if this call finished it.
+async fn try_reap(ctx: &Arc<Ctx>, dead: &NodeId, me: &NodeId) -> Result<bool, ReapError> {
+    let mut conn = ctx.conn.clone();
+    let got: i64 = lua::eval_cmd(lua::LEASE_ACQUIRE, &[&ctx.keys.reap_lock(dead)])
+        .arg(me.as_str())
+        .arg(ctx.ttl_ms())
+        .query_async(&mut conn)
+        .await?;
+    if got != 1 {
+        return Ok(false);
+    }
+    reap_locked(ctx, dead, me).await?;
+    Ok(true)
+}
+
+/// Reap `dead` while holding its lock as `holder` (renewed meanwhile).
+async fn reap_locked(ctx: &Arc<Ctx>, dead: &NodeId, holder: &NodeId) -> Result<(), ReapError> {
+    let lock_lost = CancellationToken::new();
+    let done = CancellationToken::new();
+    let renewer = {
+        let ctx = ctx.clone();
+        let key = ctx.keys.reap_lock(dead);
+        let holder = holder.clone();
+        let lock_lost = lock_lost.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let every = ctx.cfg.lease_ttl / 3;
+            loop {
+                tokio::select! {
+                    _ = done.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let mut conn = ctx.conn.clone();
+                let r: Result<i64, _> = lua::eval_cmd(lua::LEASE_RENEW, &[&key])
+                    .arg(holder.as_str())
+                    .arg(ctx.ttl_ms())
+                    .query_async(&mut conn)
+                    .await;
+                if !matches!(r, Ok(1)) {
+                    lock_lost.cancel();
+                    return;
+                }
+            }
+        })
+    };
+    let result = reap_steps(ctx, dead, &lock_lost).await;
+    done.cancel();
+    let _ = renewer.await;
+    let mut conn = ctx.conn.clone();
+    let _: Result<i64, _> = lua::eval_cmd(lua::LEASE_RELEASE, &[&ctx.keys.reap_lock(dead)])
+        .arg(holder.as_str())
+        .query_async(&mut conn)
+        .await;
+    result
+}
+
+async fn reap_steps(
+    ctx: &Arc<Ctx>,
+    dead: &NodeId,
+    lock_lost: &CancellationToken,
+) -> Result<(), ReapError> {
+    let inbox = ctx.keys.inbox(dead);
+    let index = ctx.keys.node_conns(dead);
+    let mut conn = ctx.conn.clone();
+    loop {
+        // 1. Route again everything left in the inbox: delivered or not,
+        //    read or not (a live node deletes what it delivered).
+        loop {
+            if lock_lost.is_cancelled() {
+                return Err(ReapError::LostLock);
+            }
+            let v: Value = redis::cmd("XRANGE")
+                .arg(&inbox)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(REAP_BATCH)
+                .query_async(&mut conn)
+                .await?;
+            let entries = stream::entries(&v);
+            if entries.is_empty() {
+                break;
+            }
+            let msgs: Vec<Arc<Message>> = entries
+                .iter()
+                .filter_map(router::entry::parse_internal)
+                .map(|mut m| {
+                    m.hops += 1;
+                    Arc::new(m)
+                })
+                .collect();
+            let (guard, written) = AckGuard::notify();
+            let guard = Arc::new(guard);
+            router::route(ctx, msgs.clone(), &guard).await?;
+            drop(guard);
+            // Local hand-offs finish when their frames are written (or the
+            // connection closes and hands them on).
+            let _ = written.await;
+            ctx.metrics.rerouted.inc_by(msgs.len() as u64);
+            let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+            let _: i64 = redis::cmd("XDEL")
+                .arg(&inbox)
+                .arg(&ids)
+                .query_async(&mut conn)
+                .await?;
+        }
+        // 2. Remove its connections from the users' hashes (only fields
+        //    that still name it: a woken node may have re-registered them).
+        let conns: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(&index)
+            .query_async(&mut conn)
+            .await?;
+        if !conns.is_empty() {
+            let mut pipe = redis::pipe();
+            for (conn_id, user) in &conns {
+                let Ok(user) = UserId::parse(user) else { continue };
+                lua::eval(&mut pipe, lua::UNREGISTER_IF, &[&ctx.keys.user(&user)])
+                    .arg(conn_id)
+                    .arg(dead.as_str())
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+        }
+        // 3. Delete the inbox and index, only if drained; else go again.
+        let deleted: i64 = lua::eval_cmd(lua::DELETE_IF_DRAINED, &[&inbox, &index])
+            .query_async(&mut conn)
+            .await?;
+        if deleted == 1 {
+            break;
+        }
+    }
+    // 4. Last, leave `<p>:nodes`.
+    let _: i64 = lua::eval_cmd(lua::REMOVE_IF_EXPIRED, &[&ctx.keys.nodes()])
+        .arg(dead.as_str())
+        .query_async(&mut conn)
+        .await?;
+    ctx.membership.live.mark_gone(dead.as_str());
+    Ok(())
+}
+
+/// Leave, first half: take the reap lock on ourselves, expire our lease
+/// (routers stop sending to us), release router leases.
+pub async fn leave_begin(ctx: &Arc<Ctx>) {
+    let me = ctx.membership.id();
+    ctx.membership.set_leaving();
+    ctx.leaving.cancel();
+    let mut conn = ctx.conn.clone();
+    let r: Result<(), redis::RedisError> = async {
+        let _: i64 = lua::eval_cmd(lua::LEASE_ACQUIRE, &[&ctx.keys.reap_lock(&me)])
+            .arg(me.as_str())
+            // Held for the whole drain; a node that dies midway lets it
+            // lapse and a survivor finishes.
+            .arg((ctx.cfg.drain + ctx.cfg.lease_ttl).as_millis() as u64)
+            .query_async(&mut conn)
+            .await?;
+        let _: u64 = lua::eval_cmd(lua::EXPIRE_NOW, &[&ctx.keys.nodes()])
+            .arg(me.as_str())
+            .query_async(&mut conn)
+            .await?;
+        for shard in 0..ctx.cfg.send_shards {
+            let _: i64 = lua::eval_cmd(lua::LEASE_RELEASE, &[&ctx.keys.router_lease(shard)])
+                .arg(me.as_str())
+                .query_async(&mut conn)
+                .await?;
+        }
+        Ok(())
+    }
+    .await;
+    match r {
+        Ok(()) => tracing::info!(node = %me, "leaving: lease expired, router leases released"),
+        Err(e) => {
+            ctx.redis_error();
+            tracing::warn!(node = %me, error = %e, "leaving without redis; a survivor will reap this node");
+        }
+    }
+}
+
+/// Leave, second half: reap ourselves as a survivor would.
+pub async fn leave_finish(ctx: &Arc<Ctx>) {
+    ctx.readers_stop.cancel();
+    let me = ctx.membership.id();
+    match reap_locked(ctx, &me, &me).await {
+        Ok(()) => tracing::info!(node = %me, "left the cluster"),
+        Err(e) => {
+            ctx.redis_error();
+            tracing::warn!(node = %me, error = %e, "self-reap interrupted; a survivor will finish it");
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! The node's connection registry: who is connected here, by connection,
+//! by user and by topic.
+//!
+//! Sharded maps (`DashMap`); no lock is ever held across an `.await`.
+//! Each connection has a bounded outbox: delivery never waits for a slow
+//! client, it closes it instead (its queued messages are routed again).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::ws::Utf8Bytes;
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::ack::AckGuard;
+use crate::ids::{ConnId, Topic, UserId};
+use crate::message::Message;
+
+/// Outbox capacity per connection.
+pub const OUTBOX: usize = 1024;
+
+/// Close code for a client that does not read fast enough ("try again later").
+pub const CLOSE_SLOW: u16 = 1013;
+
+/// Something to write to one socket.
+#[derive(Clone)]
+pub struct Outgoing {
+    pub text: Utf8Bytes,
+    /// The user message this frame carries, to route again if the
+    /// connection closes before writing it. `None` for control frames and
+    /// topic messages (at-most-once).
+    pub msg: Option<Arc<Message>>,
+    /// Held until the frame is written (or handed on), so the stream entry
+    /// it came from is deleted only after that.
+    pub guard: Option<Arc<AckGuard>>,
+}
+
+impl Outgoing {
+    pub fn control(text: Utf8Bytes) -> Self {
+        Outgoing {
+            text,
+            msg: None,
+            guard: None,
+        }
+    }
+}
+
+/// One live connection as the rest of the node sees it.
+pub struct ConnHandle {
+    pub conn: ConnId,
+    pub user: UserId,
+    outbox: mpsc::Sender<Outgoing>,
+    close: CancellationToken,
+    close_code: AtomicU16,
+    topics: Mutex<HashSet<Topic>>,
+}
+
+impl ConnHandle {
+    pub fn new(conn: ConnId, user: UserId) -> (Arc<Self>, mpsc::Receiver<Outgoing>) {
+        let (tx, rx) = mpsc::channel(OUTBOX);
+        (
+            Arc::new(ConnHandle {
+                conn,
+                user,
+                outbox: tx,
+                close: CancellationToken::new(),
+                close_code: AtomicU16::new(1000),
+                topics: Mutex::new(HashSet::new()),
+            }),
+            rx,
+        )
+    }
+
+    /// Queue a frame. False if the outbox is full or closed.
+    pub fn push(&self, out: Outgoing) -> bool {
+        self.outbox.try_send(out).is_ok()
+    }
+
+    /// Ask the session to close with `code`.
+    pub fn close(&self, code: u16) {
+        // The first code asked for wins.
+        let _ = self
+            .close_code
+            .compare_exchange(1000, code, Ordering::SeqCst, Ordering::SeqCst);
+        self.close.cancel();
+    }
+
+    pub fn closed(&self) -> &CancellationToken {
+        &self.close
+    }
+
+    pub fn close_code(&self) -> u16 {
+        self.close_code.load(Ordering::SeqCst)
+    }
+
+    pub fn topic_count(&self) -> usize {
+        self.topics.lock().map(|t| t.len()).unwrap_or(0)
+    }
+}
+
+/// All connections of this node.
+#[derive(Default)]
+pub struct Registry {
+    conns: DashMap<ConnId, Arc<ConnHandle>>,
+    users: DashMap<UserId, Vec<Arc<ConnHandle>>>,
+    topics: DashMap<Topic, Vec<Arc<ConnHandle>>>,
+}
+
+/// What a delivery to a user did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// Connections the frame was queued for.
+    pub queued: usize,
+    /// Connections closed because their outbox was full.
+    pub overflowed: usize,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn insert(&self, h: Arc<ConnHandle>) {
+        self.users.entry(h.user.clone()).or_default().push(h.clone());
+        self.conns.insert(h.conn.clone(), h);
+    }
+
+    /// Remove a connection and its subscriptions.
+    pub fn remove(&self, conn: &ConnId) -> Option<Arc<ConnHandle>> {
+        let (_, h) = self.conns.remove(conn)?;
+        self.users
+            .remove_if_mut(&h.user, |_, v| {
+                v.retain(|c| c.conn != *conn);
+                v.is_empty()
+            });
+        let topics: Vec<Topic> = h
+            .topics
+            .lock()
+            .map(|mut t| t.drain().collect())
+            .unwrap_or_default();
+        for t in topics {
+            self.topics.remove_if_mut(&t, |_, v| {
+                v.retain(|c| c.conn != *conn);
+                v.is_empty()
+            });
+        }
+        Some(h)
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    pub fn all(&self) -> Vec<Arc<ConnHandle>> {
+        self.conns.iter().map(|e| e.value().clone()).collect()
+    }
+
+    pub fn get(&self, conn: &ConnId) -> Option<Arc<ConnHandle>> {
+        self.conns.get(conn).map(|e| e.value().clone())
+    }
+
+    pub fn user_conns(&self, user: &UserId) -> Vec<Arc<ConnHandle>> {
+        self.users.get(user).map(|v| v.clone()).unwrap_or_default()
+    }
+
+    pub fn has_user(&self, user: &UserId) -> bool {
+        self.users.contains_key(user)
+    }
+
+    /// Queue `out` for every connection of `user` here. A connection whose
+    /// outbox is full is closed (its queued messages get routed again).
+    pub fn deliver_user(&self, user: &UserId, out: &Outgoing) -> Delivered {
+        let mut d = Delivered::default();
+        // Clone the handles out so no map lock is held while pushing.
+        for h in self.user_conns(user) {
+            if h.push(out.clone()) {
+                d.queued += 1;
+            } else {
+                h.close(CLOSE_SLOW);
+                d.overflowed += 1;
+            }
+        }
+        d
+    }
+
+    /// Queue a topic frame for every subscriber here; at-most-once, so a
+    /// full outbox just misses it. Returns (queued, dropped).
+    pub fn deliver_topic(&self, topic: &Topic, out: &Outgoing) -> (usize, usize) {
+        let subs = self.topics.get(topic).map(|v| v.clone()).unwrap_or_default();
+        let mut r = (0, 0);
+        for h in subs {
+            if h.push(out.clone()) {
+                r.0 += 1;
+            } else {
+                r.1 += 1;
+            }
+        }
+        r
+    }
+
+    /// Subscribe; false if `max` subscriptions are already held.
+    pub fn subscribe(&self, h: &Arc<ConnHandle>, topic: &Topic, max: usize) -> bool {
+        {
+            let Ok(mut t) = h.topics.lock() else {
+                return false;
+            };
+            if t.contains(topic) {
+                return true;
+            }
+            if t.len() >= max {
+                return false;
+            }
+            t.insert(topic.clone());
+        }
+        self.topics.entry(topic.clone()).or_default().push(h.clone());
+        true
+    }
+
+    pub fn unsubscribe(&self, h: &Arc<ConnHandle>, topic: &Topic) {
+        let had = h.topics.lock().map(|mut t| t.remove(topic)).unwrap_or(false);
+        if had {
+            self.topics.remove_if_mut(topic, |_, v| {
+                v.retain(|c| c.conn != h.conn);
+                v.is_empty()
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deliver_and_remove() {
+        let r = Registry::new();
+        let u = UserId::parse("u").unwrap();
+        let (a, mut ra) = ConnHandle::new(ConnId::random(), u.clone());
+        let (b, _rb) = ConnHandle::new(ConnId::random(), u.clone());
+        r.insert(a.clone());
+        r.insert(b.clone());
+        let out = Outgoing::control(Utf8Bytes::from_static("x"));
+        assert_eq!(r.deliver_user(&u, &out).queued, 2);
+        assert!(ra.try_recv().is_ok());
+        let t = Topic::parse("t").unwrap();
+        assert!(r.subscribe(&a, &t, 1));
+        assert!(!r.subscribe(&a, &Topic::parse("t2").unwrap(), 1));
+        assert_eq!(r.deliver_topic(&t, &out), (1, 0));
+        r.remove(&a.conn);
+        assert_eq!(r.deliver_topic(&t, &out), (0, 0));
+        assert_eq!(r.deliver_user(&u, &out).queued, 1);
+        r.remove(&b.conn);
+        assert!(!r.has_user(&u));
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn full_outbox_closes() {
+        let r = Registry::new();
+        let u = UserId::parse("u").unwrap();
+        let (a, _ra) = ConnHandle::new(ConnId::random(), u.clone());
+        r.insert(a.clone());
+        let out = Outgoing::control(Utf8Bytes::from_static("x"));
+        for _ in 0..OUTBOX {
+            assert_eq!(r.deliver_user(&u, &out).queued, 1);
+        }
+        assert_eq!(r.deliver_user(&u, &out).overflowed, 1);
+        assert!(a.closed().is_cancelled());
+        assert_eq!(a.close_code(), CLOSE_SLOW);
+    }
+}

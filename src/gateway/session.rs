@@ -1,0 +1,242 @@
+//! One WebSocket session: register, greet, then pump frames both ways.
+//!
+//! The order on the wire is `welcome`, the mailbox, then live messages: the
+//! connection is in the local registry before it is registered in Redis,
+//! so live messages that arrive meanwhile wait in its outbox until the
+//! mailbox has been written.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
+use futures::{SinkExt, StreamExt};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::mpsc;
+
+use super::Shared;
+use super::auth::Principal;
+use super::frames::{self, ClientFrame};
+use super::registry::{ConnHandle, Outgoing};
+use crate::bus::Publish;
+use crate::ids::ConnId;
+use crate::message::{self, Target, now_ms};
+
+/// Close codes (contract §3).
+pub const CLOSE_TOO_BIG: u16 = 1009;
+pub const CLOSE_POLICY: u16 = 1008;
+pub const CLOSE_GOING_AWAY: u16 = 1012;
+pub const CLOSE_TRY_LATER: u16 = 1013;
+
+/// Frames written per flush when the outbox has a backlog.
+const WRITE_BATCH: usize = 64;
+
+pub async fn run(shared: Arc<Shared>, socket: WebSocket, who: Principal) {
+    let (h, rx) = ConnHandle::new(ConnId::random(), who.user.clone());
+    shared.registry.insert(h.clone());
+    shared.metrics.connections.inc();
+    let result = pump(&shared, socket, &h, rx, &who).await;
+    if let Err(e) = result {
+        tracing::debug!(conn = %h.conn, user = %h.user, error = %e, "session ended");
+    }
+    shared.metrics.connections.dec();
+}
+
+async fn pump(
+    shared: &Arc<Shared>,
+    socket: WebSocket,
+    h: &Arc<ConnHandle>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    who: &Principal,
+) -> Result<(), axum::Error> {
+    let (mut sink, mut stream) = socket.split();
+    let mailbox = match shared.bus.register(h).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "register failed");
+            finish(shared, h, rx).await;
+            let _ = sink
+                .send(close_frame(CLOSE_TRY_LATER, "node unavailable"))
+                .await;
+            return Ok(());
+        }
+    };
+    let node = shared.bus.node_id();
+    let mut r = async {
+        sink.feed(WsMessage::Text(message::welcome(&node, &h.conn, &h.user)))
+            .await?;
+        for m in &mailbox {
+            sink.feed(WsMessage::Text(m.frame())).await?;
+            delivered(shared, m.sent_ms);
+        }
+        sink.flush().await
+    }
+    .await;
+    drop(mailbox);
+
+    let rate = shared.cfg.max_msgs_per_sec;
+    let limiter: DefaultDirectRateLimiter = RateLimiter::direct(
+        Quota::per_second(NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::new(rate.saturating_mul(2)).unwrap_or(NonZeroU32::MIN)),
+    );
+    // Refused frames in a row before the connection is closed with 1008.
+    let max_refusals = rate.saturating_mul(2).max(10);
+    let mut refusals = 0u32;
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(WRITE_BATCH);
+
+    while r.is_ok() {
+        tokio::select! {
+            biased;
+            _ = h.closed().cancelled() => {
+                let code = h.close_code();
+                let reason = match code {
+                    CLOSE_GOING_AWAY => "node going away",
+                    CLOSE_TRY_LATER => "too slow",
+                    _ => "closing",
+                };
+                let _ = sink.send(close_frame(code, reason)).await;
+                break;
+            }
+            n = rx.recv_many(&mut batch, WRITE_BATCH) => {
+                if n == 0 { break; }
+                r = async {
+                    for out in &batch {
+                        sink.feed(WsMessage::Text(out.text.clone())).await?;
+                    }
+                    sink.flush().await
+                }.await;
+                if r.is_ok() {
+                    for out in batch.drain(..) {
+                        if let Some(m) = &out.msg {
+                            delivered(shared, m.sent_ms);
+                        }
+                        // Dropping `out` releases its guard: written.
+                    }
+                } else {
+                    // Not written: hand them back with the rest.
+                    for out in batch.drain(..) {
+                        requeue(shared, out);
+                    }
+                }
+            }
+            frame = stream.next() => {
+                let text = match frame {
+                    None => break,
+                    Some(Err(e)) => {
+                        if is_too_big(&e) {
+                            let _ = sink.send(close_frame(CLOSE_TOO_BIG, "frame too big")).await;
+                        }
+                        break;
+                    }
+                    Some(Ok(WsMessage::Text(t))) => t,
+                    Some(Ok(WsMessage::Binary(_))) => {
+                        r = sink.send(WsMessage::Text(message::error("bad_frame", "frames are JSON text", None))).await;
+                        continue;
+                    }
+                    Some(Ok(WsMessage::Close(_))) => break,
+                    Some(Ok(_)) => continue, // ping/pong: answered by the library
+                };
+                if limiter.check().is_err() {
+                    refusals += 1;
+                    if refusals > max_refusals {
+                        let _ = sink.send(close_frame(CLOSE_POLICY, "rate limit exceeded")).await;
+                        break;
+                    }
+                    r = sink.send(WsMessage::Text(message::error("rate_limited", "too many messages", None))).await;
+                    continue;
+                }
+                refusals = 0;
+                let reply = handle(shared, h, who, text.as_str()).await;
+                r = sink.send(WsMessage::Text(reply)).await;
+            }
+        }
+    }
+    finish(shared, h, rx).await;
+    r
+}
+
+/// Answer one client frame.
+async fn handle(
+    shared: &Arc<Shared>,
+    h: &Arc<ConnHandle>,
+    who: &Principal,
+    text: &str,
+) -> axum::extract::ws::Utf8Bytes {
+    let frame = match frames::parse(text, shared.cfg.max_payload_bytes) {
+        Ok(f) => f,
+        Err(e) => return message::error(e.code, &e.message, e.r#ref.as_ref()),
+    };
+    match frame {
+        ClientFrame::Ping => message::pong(),
+        ClientFrame::Send { to, payload, r#ref } => {
+            let p = Publish {
+                target: Target::User(to),
+                payload,
+                from: Some(who.user.clone()),
+            };
+            match shared.bus.publish(p).await {
+                Ok(id) => message::sent(r#ref.as_ref(), &id),
+                Err(e) => {
+                    tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "send failed");
+                    message::error("unavailable", "message not accepted, try again", r#ref.as_ref())
+                }
+            }
+        }
+        ClientFrame::Subscribe(t) => {
+            if !who.topics.allows(&t) {
+                return message::error("forbidden_topic", "your token does not allow this topic", None);
+            }
+            if !shared
+                .registry
+                .subscribe(h, &t, shared.cfg.max_topics_per_conn)
+            {
+                return message::error(
+                    "bad_frame",
+                    &format!("at most {} topics per connection", shared.cfg.max_topics_per_conn),
+                    None,
+                );
+            }
+            message::topic_ack("subscribed", &t)
+        }
+        ClientFrame::Unsubscribe(t) => {
+            shared.registry.unsubscribe(h, &t);
+            message::topic_ack("unsubscribed", &t)
+        }
+    }
+}
+
+/// Leave the registry, hand back what was queued but not written, and
+/// unregister from the bus.
+async fn finish(shared: &Arc<Shared>, h: &Arc<ConnHandle>, mut rx: mpsc::Receiver<Outgoing>) {
+    shared.registry.remove(&h.conn);
+    rx.close();
+    while let Ok(out) = rx.try_recv() {
+        requeue(shared, out);
+    }
+    shared.bus.unregister(h).await;
+}
+
+fn requeue(shared: &Arc<Shared>, out: Outgoing) {
+    if let Some(m) = out.msg {
+        shared.bus.hand_back(m, out.guard);
+    }
+}
+
+fn delivered(shared: &Shared, sent_ms: u64) {
+    shared.metrics.delivered.inc();
+    if sent_ms > 0 {
+        let lat = now_ms().saturating_sub(sent_ms) as f64 / 1000.0;
+        shared.metrics.route_latency.observe(lat);
+    }
+}
+
+fn close_frame(code: u16, reason: &'static str) -> WsMessage {
+    WsMessage::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+fn is_too_big(e: &axum::Error) -> bool {
+    let s = e.to_string();
+    s.contains("too long") || s.contains("too big") || s.contains("Space limit")
+}

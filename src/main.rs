@@ -1,0 +1,56 @@
+//! The `wscluster` binary: parse the configuration, start a node, leave on
+//! SIGTERM/SIGINT.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+use wscluster::config::{Args, Config, LogFormat};
+use wscluster::{Node, shutdown};
+
+fn main() -> ExitCode {
+    let cfg = match Config::from_args(Args::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("wscluster: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match cfg.log_format {
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wscluster: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(serve(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wscluster: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    tracing::info!(config = ?cfg, "wscluster {}", env!("CARGO_PKG_VERSION"));
+    let node = Node::build(cfg).await?;
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        shutdown::signal().await;
+        tracing::info!("signal received: leaving");
+        c.cancel();
+    });
+    node.run(cancel).await?;
+    Ok(())
+}

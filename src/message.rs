@@ -1,0 +1,171 @@
+//! A message on its way to users, and the server → client frames.
+//!
+//! Frames are serialized once per message per node and shared (cheaply
+//! cloned bytes) between every connection that gets them.
+
+use axum::extract::ws::Utf8Bytes;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::ids::{ConnId, NodeId, Topic, UserId};
+
+/// Where a message goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    User(UserId),
+    Topic(Topic),
+}
+
+/// A routed message. `payload` is JSON text already checked by
+/// [`is_json`]; it is embedded verbatim into frames.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Public id: the send-stream entry id, `n/`-prefixed for shard n ≥ 1.
+    pub id: String,
+    pub target: Target,
+    pub from: Option<UserId>,
+    pub payload: String,
+    /// How many times this message was routed again after reaching a node
+    /// where its user no longer was (contract §6: at most 3).
+    pub hops: u32,
+    /// Unix ms when it entered the send stream (for the latency histogram).
+    pub sent_ms: u64,
+}
+
+/// Re-route bound (contract §6): past it, the message goes to the mailbox.
+pub const MAX_HOPS: u32 = 3;
+
+#[derive(Serialize)]
+struct MessageFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: &'a str,
+    from: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic: Option<&'a str>,
+    payload: &'a RawValue,
+}
+
+impl Message {
+    pub fn user(&self) -> Option<&UserId> {
+        match &self.target {
+            Target::User(u) => Some(u),
+            Target::Topic(_) => None,
+        }
+    }
+
+    /// The `message` frame for clients.
+    pub fn frame(&self) -> Utf8Bytes {
+        // The payload was validated when the message was parsed; if it were
+        // not JSON, embed it as a JSON string rather than corrupt the frame.
+        let quoted;
+        let raw: &RawValue = match serde_json::from_str::<&RawValue>(&self.payload) {
+            Ok(r) => r,
+            Err(_) => {
+                quoted = RawValue::from_string(
+                    serde_json::to_string(&self.payload).unwrap_or_else(|_| "null".into()),
+                )
+                .unwrap_or_else(|_| RawValue::NULL.to_owned());
+                &quoted
+            }
+        };
+        let frame = MessageFrame {
+            kind: "message",
+            id: &self.id,
+            from: self.from.as_ref().map(UserId::as_str),
+            topic: match &self.target {
+                Target::Topic(t) => Some(t.as_str()),
+                Target::User(_) => None,
+            },
+            payload: raw,
+        };
+        Utf8Bytes::from(serde_json::to_string(&frame).unwrap_or_default())
+    }
+}
+
+/// True if `s` is one JSON text as RFC 8259 defines it, with numbers that
+/// fit a double (serde_json refuses `NaN`, hex and out-of-range numbers).
+pub fn is_json(s: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(s).is_ok()
+}
+
+/// The `welcome` frame.
+pub fn welcome(node: &NodeId, conn: &ConnId, user: &UserId) -> Utf8Bytes {
+    json_frame(serde_json::json!({
+        "type": "welcome", "node": node.as_str(), "conn": conn.as_str(), "user": user.as_str()
+    }))
+}
+
+/// An `error` frame.
+pub fn error(code: &str, message: &str, r#ref: Option<&serde_json::Value>) -> Utf8Bytes {
+    json_frame(serde_json::json!({
+        "type": "error", "code": code, "message": message, "ref": r#ref
+    }))
+}
+
+/// The `sent` acknowledgement of a client `send`.
+pub fn sent(r#ref: Option<&serde_json::Value>, id: &str) -> Utf8Bytes {
+    json_frame(serde_json::json!({"type": "sent", "ref": r#ref, "id": id}))
+}
+
+/// `subscribed` / `unsubscribed`.
+pub fn topic_ack(kind: &str, topic: &Topic) -> Utf8Bytes {
+    json_frame(serde_json::json!({"type": kind, "topic": topic.as_str()}))
+}
+
+pub fn pong() -> Utf8Bytes {
+    Utf8Bytes::from_static(r#"{"type":"pong"}"#)
+}
+
+fn json_frame(v: serde_json::Value) -> Utf8Bytes {
+    Utf8Bytes::from(v.to_string())
+}
+
+/// Unix time in ms from the local clock (latency figures only; leases use
+/// Redis `TIME`).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_rules() {
+        assert!(is_json(r#"{"a":[1,2.5,"x",null,true]}"#));
+        assert!(is_json("3"));
+        assert!(is_json(" \"s\" "));
+        for bad in ["NaN", "0x10", "1e400", "{", "", "{'a':1}", "[1,]", "1 2", "Infinity"] {
+            assert!(!is_json(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn message_frame() {
+        let m = Message {
+            id: "1-0".into(),
+            target: Target::User(UserId::parse("bob").unwrap()),
+            from: Some(UserId::parse("al").unwrap()),
+            payload: r#"{"x": 1}"#.into(),
+            hops: 0,
+            sent_ms: 0,
+        };
+        let v: serde_json::Value = serde_json::from_str(m.frame().as_str()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"message","id":"1-0","from":"al","payload":{"x":1}})
+        );
+        let t = Message {
+            target: Target::Topic(Topic::parse("news").unwrap()),
+            from: None,
+            ..m
+        };
+        let v: serde_json::Value = serde_json::from_str(t.frame().as_str()).unwrap();
+        assert_eq!(v["topic"], "news");
+        assert_eq!(v["from"], serde_json::Value::Null);
+    }
+}

@@ -1,0 +1,148 @@
+//! Prometheus metrics, owned by the node (no process-global recorder), so
+//! several nodes can run in one test process.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The node's metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Gauge,
+    pub delivered: Counter,
+    pub routed: Counter,
+    pub rerouted: Counter,
+    pub mailboxed: Counter,
+    pub dead: Counter,
+    pub reaped: Counter,
+    pub route_latency: Histogram,
+    pub redis_errors: Counter,
+    pub lease_renewals: Counter,
+    pub lease_losses: Counter,
+    pub dropped_topic: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            connections: Gauge::default(),
+            delivered: Counter::default(),
+            routed: Counter::default(),
+            rerouted: Counter::default(),
+            mailboxed: Counter::default(),
+            dead: Counter::default(),
+            reaped: Counter::default(),
+            route_latency: Histogram::new(
+                [
+                    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0,
+                ],
+            ),
+            redis_errors: Counter::default(),
+            lease_renewals: Counter::default(),
+            lease_losses: Counter::default(),
+            dropped_topic: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "wsc_connections",
+            "Open WebSocket connections on this node",
+            m.connections.clone(),
+        );
+        registry.register(
+            "wsc_messages_delivered",
+            "Messages written to client sockets",
+            m.delivered.clone(),
+        );
+        registry.register(
+            "wsc_messages_routed",
+            "Send-stream entries routed by this node",
+            m.routed.clone(),
+        );
+        registry.register(
+            "wsc_messages_rerouted",
+            "Messages routed again (user moved, node reaped, slow consumer)",
+            m.rerouted.clone(),
+        );
+        registry.register(
+            "wsc_messages_mailboxed",
+            "Messages kept in an offline user's mailbox",
+            m.mailboxed.clone(),
+        );
+        registry.register(
+            "wsc_messages_dead",
+            "Send-stream entries moved to the dead-letter stream",
+            m.dead.clone(),
+        );
+        registry.register(
+            "wsc_nodes_reaped",
+            "Dead nodes reaped by this node",
+            m.reaped.clone(),
+        );
+        registry.register(
+            "wsc_route_latency_seconds",
+            "Time from the send stream to the socket write",
+            m.route_latency.clone(),
+        );
+        registry.register(
+            "wsc_redis_errors",
+            "Redis commands that failed",
+            m.redis_errors.clone(),
+        );
+        registry.register(
+            "wsc_lease_renewals",
+            "Successful lease renewals",
+            m.lease_renewals.clone(),
+        );
+        registry.register(
+            "wsc_lease_losses",
+            "Times this node found its lease gone and took a new id",
+            m.lease_losses.clone(),
+        );
+        registry.register(
+            "wsc_topic_messages_dropped",
+            "Topic messages dropped for a subscriber whose outbox was full",
+            m.dropped_topic.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names() {
+        let m = super::Metrics::new();
+        m.delivered.inc();
+        let text = m.render();
+        for name in [
+            "wsc_connections",
+            "wsc_messages_delivered_total 1",
+            "wsc_messages_routed_total",
+            "wsc_messages_rerouted_total",
+            "wsc_messages_mailboxed_total",
+            "wsc_messages_dead_total",
+            "wsc_nodes_reaped_total",
+            "wsc_route_latency_seconds_bucket",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Send-stream entries and the internal entry format.
+//!
+//! [`parse_send`] turns what an app added to `<p>:send` into a [`Message`]
+//! or a dead-letter reason. Inboxes and mailboxes hold the internal format
+//! written by [`fields`] and read back by [`parse_internal`].
+
+use crate::ids::{Topic, UserId};
+use crate::message::{MAX_HOPS, Message, Target, is_json};
+use crate::stream::{RawEntry, id_ms};
+
+/// Why an entry went to `<p>:dead` (the `reason` field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadReason {
+    NotUtf8,
+    NoTarget,
+    BothTargets,
+    BadUser,
+    BadTopic,
+    BadFrom,
+    NoPayload,
+    TooLarge,
+    BadJson,
+}
+
+impl DeadReason {
+    pub fn code(self) -> &'static str {
+        match self {
+            DeadReason::NotUtf8 => "not_utf8",
+            DeadReason::NoTarget => "no_target",
+            DeadReason::BothTargets => "both_targets",
+            DeadReason::BadUser => "bad_user",
+            DeadReason::BadTopic => "bad_topic",
+            DeadReason::BadFrom => "bad_from",
+            DeadReason::NoPayload => "no_payload",
+            DeadReason::TooLarge => "too_large",
+            DeadReason::BadJson => "bad_json",
+        }
+    }
+}
+
+/// The public id of entry `id` of send shard `shard`.
+pub fn public_id(shard: u32, id: &str) -> String {
+    if shard == 0 {
+        id.to_owned()
+    } else {
+        format!("{shard}/{id}")
+    }
+}
+
+/// Parse an app's entry. Never panics, whatever the bytes.
+pub fn parse_send(e: &RawEntry, shard: u32, max_payload: usize) -> Result<Message, DeadReason> {
+    if e.fields
+        .iter()
+        .any(|(k, v)| std::str::from_utf8(k).is_err() || std::str::from_utf8(v).is_err())
+    {
+        return Err(DeadReason::NotUtf8);
+    }
+    let target = match (e.get_str("to"), e.get_str("topic")) {
+        (None, None) => return Err(DeadReason::NoTarget),
+        (Some(_), Some(_)) => return Err(DeadReason::BothTargets),
+        (Some(u), None) => Target::User(UserId::parse(u).map_err(|_| DeadReason::BadUser)?),
+        (None, Some(t)) => Target::Topic(Topic::parse(t).map_err(|_| DeadReason::BadTopic)?),
+    };
+    let from = match e.get_str("from") {
+        Some(f) => Some(UserId::parse(f).map_err(|_| DeadReason::BadFrom)?),
+        None => None,
+    };
+    let payload = e.get_str("payload").ok_or(DeadReason::NoPayload)?;
+    if payload.len() > max_payload {
+        return Err(DeadReason::TooLarge);
+    }
+    if !is_json(payload) {
+        return Err(DeadReason::BadJson);
+    }
+    Ok(Message {
+        id: public_id(shard, &e.id),
+        target,
+        from,
+        payload: payload.to_owned(),
+        hops: 0,
+        sent_ms: id_ms(&e.id),
+    })
+}
+
+/// The fields of a user message in an inbox or mailbox.
+pub fn fields(m: &Message) -> Vec<(&'static str, String)> {
+    let mut f = Vec::with_capacity(6);
+    f.push(("id", m.id.clone()));
+    if let Target::User(u) = &m.target {
+        f.push(("to", u.to_string()));
+    }
+    if let Some(from) = &m.from {
+        f.push(("from", from.to_string()));
+    }
+    f.push(("payload", m.payload.clone()));
+    f.push(("hops", m.hops.to_string()));
+    f.push(("t", m.sent_ms.to_string()));
+    f
+}
+
+/// Read back what [`fields`] wrote. `None` for an entry that is not ours.
+pub fn parse_internal(e: &RawEntry) -> Option<Message> {
+    Some(Message {
+        id: e.get_str("id")?.to_owned(),
+        target: Target::User(UserId::parse(e.get_str("to")?).ok()?),
+        from: e.get_str("from").and_then(|f| UserId::parse(f).ok()),
+        payload: e.get_str("payload")?.to_owned(),
+        hops: e
+            .get_str("hops")
+            .and_then(|h| h.parse().ok())
+            .unwrap_or(0)
+            .min(MAX_HOPS + 1),
+        sent_ms: e.get_str("t").and_then(|t| t.parse().ok()).unwrap_or(0),
+    })
+}
+
+/// Topic messages in the shared topic stream.
+pub fn topic_fields(m: &Message) -> Vec<(&'static str, String)> {
+    let mut f = vec![("id", m.id.clone())];
+    if let Target::Topic(t) = &m.target {
+        f.push(("topic", t.to_string()));
+    }
+    if let Some(from) = &m.from {
+        f.push(("from", from.to_string()));
+    }
+    f.push(("payload", m.payload.clone()));
+    f.push(("t", m.sent_ms.to_string()));
+    f
+}
+
+pub fn parse_topic(e: &RawEntry) -> Option<Message> {
+    Some(Message {
+        id: e.get_str("id")?.to_owned(),
+        target: Target::Topic(Topic::parse(e.get_str("topic")?).ok()?),
+        from: e.get_str("from").and_then(|f| UserId::parse(f).ok()),
+        payload: e.get_str("payload")?.to_owned(),
+        hops: 0,
+        sent_ms: e.get_str("t").and_then(|t| t.parse().ok()).unwrap_or(0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(fields: &[(&[u8], &[u8])]) -> RawEntry {
+        RawEntry {
+            id: "1700000000000-0".into(),
+            fields: fields.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(),
+        }
+    }
+
+    #[test]
+    fn good_entries() {
+        let m = parse_send(&entry(&[(b"to", b"bob"), (b"payload", b"{\"a\":1}")]), 0, 100).unwrap();
+        assert_eq!(m.id, "1700000000000-0");
+        assert_eq!(m.sent_ms, 1700000000000);
+        let m = parse_send(&entry(&[(b"topic", b"news/x"), (b"payload", b"1")]), 2, 100).unwrap();
+        assert_eq!(m.id, "2/1700000000000-0");
+        let back = parse_internal(&RawEntry {
+            id: "9-0".into(),
+            fields: fields(&Message {
+                target: Target::User(UserId::parse("bob").unwrap()),
+                from: Some(UserId::parse("al").unwrap()),
+                ..m.clone()
+            })
+            .into_iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.into_bytes()))
+            .collect(),
+        })
+        .unwrap();
+        assert_eq!(back.id, m.id);
+        assert_eq!(back.from.unwrap().as_str(), "al");
+    }
+
+    #[test]
+    fn bad_entries() {
+        type Fields<'a> = &'a [(&'a [u8], &'a [u8])];
+        let cases: &[(Fields, DeadReason)] = &[
+            (&[(b"payload", b"1")], DeadReason::NoTarget),
+            (&[(b"to", b"a"), (b"topic", b"t"), (b"payload", b"1")], DeadReason::BothTargets),
+            (&[(b"to", b"a b"), (b"payload", b"1")], DeadReason::BadUser),
+            (&[(b"topic", b"t t"), (b"payload", b"1")], DeadReason::BadTopic),
+            (&[(b"to", b"a"), (b"from", b"}"), (b"payload", b"1")], DeadReason::BadFrom),
+            (&[(b"to", b"a")], DeadReason::NoPayload),
+            (&[(b"to", b"a"), (b"payload", b"NaN")], DeadReason::BadJson),
+            (&[(b"to", b"a"), (b"payload", b"[1,2,3,4,5,6,7,8,9,10]")], DeadReason::TooLarge),
+            (&[(b"to", &[0xff]), (b"payload", b"1")], DeadReason::NotUtf8),
+        ];
+        for (fields, reason) in cases {
+            assert_eq!(parse_send(&entry(fields), 0, 16).unwrap_err(), *reason);
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! This node's readers: its inbox (messages for users connected here) and
+//! the shared topic stream.
+//!
+//! Each blocks on a connection of its own. The inbox is read with plain
+//! `XREAD` from the last id seen; an entry is deleted (`XDEL`) only once its
+//! frames are written to the sockets, so whatever is left in an inbox when
+//! its node dies was maybe not delivered, and the reaper routes it again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+use tokio_util::sync::CancellationToken;
+
+use super::acker::AckJob;
+use super::entry;
+use crate::ack::AckGuard;
+use crate::backoff::Backoff;
+use crate::bus::redis::Ctx;
+use crate::gateway::registry::Outgoing;
+use crate::ids::NodeId;
+use crate::stream;
+
+const BATCH: usize = 512;
+
+fn block_ms(ctx: &Ctx) -> u64 {
+    (ctx.cfg.heartbeat / 2).clamp(Duration::from_millis(5), Duration::from_millis(1000))
+        .as_millis() as u64
+}
+
+async fn xread(
+    ctx: &Ctx,
+    conn: &mut Option<MultiplexedConnection>,
+    key: &str,
+    last: &str,
+) -> Result<Vec<stream::RawEntry>, redis::RedisError> {
+    let c = match conn {
+        Some(c) => c,
+        None => conn.insert(ctx.blocking_conn().await?),
+    };
+    let v: Value = redis::cmd("XREAD")
+        .arg("COUNT")
+        .arg(BATCH)
+        .arg("BLOCK")
+        .arg(block_ms(ctx))
+        .arg("STREAMS")
+        .arg(key)
+        .arg(last)
+        .query_async(c)
+        .await?;
+    Ok(stream::read_reply(&v)
+        .into_iter()
+        .flat_map(|(_, e)| e)
+        .collect())
+}
+
+/// Read the inbox and hand messages to local connections; a message whose
+/// user is no longer here is routed again (hops + 1).
+pub async fn run_inbox(ctx: Arc<Ctx>, stop: CancellationToken) {
+    let mut conn = None;
+    let mut backoff = Backoff::redis();
+    let mut reading: Option<NodeId> = None;
+    let mut last = "0-0".to_owned();
+    loop {
+        if stop.is_cancelled() || ctx.readers_stop.is_cancelled() {
+            return;
+        }
+        let me = ctx.membership.id();
+        if reading.as_ref() != Some(&me) {
+            // A new id has a new inbox, read from its start.
+            reading = Some(me.clone());
+            last = "0-0".to_owned();
+        }
+        let key = ctx.keys.inbox(&me);
+        let read = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ctx.readers_stop.cancelled() => return,
+            r = xread(&ctx, &mut conn, &key, &last) => r,
+        };
+        let entries = match read {
+            Ok(e) => {
+                backoff.reset();
+                e
+            }
+            Err(e) => {
+                ctx.redis_error();
+                conn = None;
+                let d = backoff.next_delay();
+                tracing::debug!(error = %e, retry_in_ms = d.as_millis() as u64, "inbox read failed");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(d) => {}
+                }
+                continue;
+            }
+        };
+        let Some(tail) = entries.last() else { continue };
+        last = tail.id.clone();
+        let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+        let acks = ctx.acks.clone();
+        let key2 = key.clone();
+        let guard = Arc::new(AckGuard::new(move || {
+            let _ = acks.send(AckJob {
+                key: key2,
+                group: false,
+                ids,
+            });
+        }));
+        for e in &entries {
+            let Some(m) = entry::parse_internal(e) else {
+                tracing::warn!(inbox = %key, id = %e.id, "unreadable inbox entry dropped");
+                continue;
+            };
+            let m = Arc::new(m);
+            let Some(user) = m.user() else { continue };
+            let out = Outgoing {
+                text: m.frame(),
+                msg: Some(m.clone()),
+                guard: Some(guard.clone()),
+            };
+            if ctx.registry.deliver_user(user, &out).queued == 0 {
+                // The user is not (or no longer) here.
+                let mut again = (*m).clone();
+                again.hops += 1;
+                let _ = ctx.reroute.send((Arc::new(again), guard.clone()));
+            }
+        }
+    }
+}
+
+/// Read the shared topic stream and hand each message to this node's
+/// subscribers of its topic. At-most-once: nothing is kept or re-sent.
+pub async fn run_topics(ctx: Arc<Ctx>, stop: CancellationToken) {
+    let key = ctx.keys.topics();
+    let mut conn = None;
+    let mut backoff = Backoff::redis();
+    // Start after the newest entry: history is not replayed.
+    let mut last: Option<String> = None;
+    loop {
+        if stop.is_cancelled() || ctx.readers_stop.is_cancelled() {
+            return;
+        }
+        if last.is_none() {
+            let mut c = ctx.conn.clone();
+            let r: Result<Value, _> = redis::cmd("XREVRANGE")
+                .arg(&key)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut c)
+                .await;
+            match r {
+                Ok(v) => {
+                    last = Some(
+                        stream::entries(&v)
+                            .first()
+                            .map(|e| e.id.clone())
+                            .unwrap_or_else(|| "0-0".to_owned()),
+                    )
+                }
+                Err(_) => {
+                    ctx.redis_error();
+                    let d = backoff.next_delay();
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(d) => {}
+                    }
+                    continue;
+                }
+            }
+        }
+        let from = last.clone().unwrap_or_else(|| "0-0".to_owned());
+        let read = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ctx.readers_stop.cancelled() => return,
+            r = xread(&ctx, &mut conn, &key, &from) => r,
+        };
+        match read {
+            Ok(entries) => {
+                backoff.reset();
+                for e in &entries {
+                    if let Some(m) = entry::parse_topic(e)
+                        && let crate::message::Target::Topic(t) = &m.target
+                    {
+                        let (_, dropped) = ctx
+                            .registry
+                            .deliver_topic(t, &Outgoing::control(m.frame()));
+                        ctx.metrics.dropped_topic.inc_by(dropped as u64);
+                    }
+                }
+                if let Some(tail) = entries.last() {
+                    last = Some(tail.id.clone());
+                }
+            }
+            Err(_) => {
+                ctx.redis_error();
+                conn = None;
+                // After an outage Redis may have restarted empty: find the
+                // stream's end again.
+                last = None;
+                let d = backoff.next_delay();
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(d) => {}
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! Routing: getting each message to the inbox of every node that holds a
+//! connection of its user, or into the user's mailbox.
+//!
+//! - [`route`]: the routing step for a batch — pipelined look-ups, pipelined
+//!   `XADD … NOMKSTREAM`s, the atomic mailbox script; no round trip per
+//!   message.
+//! - [`send`]: the router of a send shard (one node at a time, by lease).
+//! - [`inbox`]: the readers of this node's inbox and the topic stream.
+//! - [`entry`]: parsing send-stream entries; the inbox/mailbox format.
+//! - [`publish`]: batched `XADD`s for client sends and the HTTP API.
+//! - [`acker`]: batched `XACK`/`XDEL` once hand-offs are done.
+
+pub mod acker;
+pub mod entry;
+pub mod inbox;
+pub mod publish;
+pub mod send;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use redis::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::ack::AckGuard;
+use crate::backoff::Backoff;
+use crate::bus::redis::Ctx;
+use crate::cluster::NodeStatus;
+use crate::gateway::registry::Outgoing;
+use crate::ids::{NodeId, UserId};
+use crate::lua;
+use crate::message::{MAX_HOPS, Message, Target};
+use crate::stream;
+
+/// A message to route again, with the guard of whatever it came from.
+pub type Reroute = (Arc<Message>, Arc<AckGuard>);
+
+/// Largest batch the re-route worker takes at once.
+const REROUTE_BATCH: usize = 256;
+
+/// Approximate cap of the shared topic stream.
+const TOPIC_STREAM_MAX: usize = 100_000;
+
+/// Where one user's connections are, as far as routing is concerned.
+#[derive(Default)]
+struct UserRoute {
+    local: bool,
+    remote: Vec<NodeId>,
+    /// Nodes named by the user's hash that are not live (expired or gone):
+    /// the mailbox script ignores them.
+    not_live: Vec<String>,
+}
+
+enum Op {
+    Inbox(usize, NodeId),
+    Mailbox(usize),
+    Local(usize),
+}
+
+/// Route a batch of messages. Returns once each is handed off: added to an
+/// inbox, to a mailbox or to the topic stream, or queued on a local
+/// connection (those hold `guard` until written). Order is kept per user.
+pub async fn route(
+    ctx: &Ctx,
+    msgs: Vec<Arc<Message>>,
+    guard: &Arc<AckGuard>,
+) -> Result<(), redis::RedisError> {
+    let mut conn = ctx.conn.clone();
+    let (topics, mut pending): (Vec<_>, Vec<_>) = msgs
+        .into_iter()
+        .partition(|m| matches!(m.target, Target::Topic(_)));
+    if !topics.is_empty() {
+        let mut pipe = redis::pipe();
+        for m in &topics {
+            pipe.cmd("XADD")
+                .arg(ctx.keys.topics())
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(TOPIC_STREAM_MAX)
+                .arg("*")
+                .arg(entry::topic_fields(m))
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+    }
+    // Each round routes what the previous one could not (a node found gone,
+    // a user who just connected, a connection that just closed); the last
+    // round puts whatever is left in the mailbox.
+    for round in 0..=MAX_HOPS {
+        if pending.is_empty() {
+            break;
+        }
+        let force_mailbox = round == MAX_HOPS;
+        pending = route_round(ctx, &mut conn, pending, guard, force_mailbox).await?;
+    }
+    Ok(())
+}
+
+async fn route_round(
+    ctx: &Ctx,
+    conn: &mut redis::aio::ConnectionManager,
+    pending: Vec<Arc<Message>>,
+    guard: &Arc<AckGuard>,
+    force_mailbox: bool,
+) -> Result<Vec<Arc<Message>>, redis::RedisError> {
+    let me = ctx.membership.id();
+    let me_live = ctx.membership.holds_lease();
+    // 1. Look up every distinct user once, pipelined.
+    let mut users: Vec<&UserId> = Vec::new();
+    let mut index: HashMap<&UserId, usize> = HashMap::new();
+    for m in &pending {
+        if let Some(u) = m.user()
+            && !index.contains_key(u)
+        {
+            index.insert(u, users.len());
+            users.push(u);
+        }
+    }
+    let lookups: Vec<Vec<(String, String)>> = if force_mailbox {
+        vec![Vec::new(); users.len()]
+    } else {
+        let mut pipe = redis::pipe();
+        for u in &users {
+            pipe.hgetall(ctx.keys.user(u));
+        }
+        pipe.query_async(conn).await?
+    };
+    // 2. Ask Redis about nodes this node has not seen yet.
+    let live = &ctx.membership.live;
+    let mut unknown: Vec<&str> = Vec::new();
+    for fields in &lookups {
+        for (_, node) in fields {
+            if node != me.as_str()
+                && live.status(node) == NodeStatus::Unknown
+                && !unknown.contains(&node.as_str())
+            {
+                unknown.push(node);
+            }
+        }
+    }
+    if !unknown.is_empty() {
+        let scores: Vec<Option<f64>> = redis::cmd("ZMSCORE")
+            .arg(ctx.keys.nodes())
+            .arg(&unknown)
+            .query_async(conn)
+            .await?;
+        for (node, score) in unknown.iter().zip(scores) {
+            live.learn(node, score.map(|s| s as u64));
+        }
+    }
+    // 3. Classify each user's connections; stale fields are removed.
+    let mut routes: Vec<UserRoute> = Vec::with_capacity(users.len());
+    let mut pipe = redis::pipe();
+    for (u, fields) in users.iter().zip(&lookups) {
+        let mut r = UserRoute::default();
+        for (conn_id, node) in fields {
+            if node == me.as_str() {
+                if me_live {
+                    r.local = true;
+                } else {
+                    r.not_live.push(node.clone());
+                }
+                continue;
+            }
+            match live.status(node) {
+                NodeStatus::Live => {
+                    let n = NodeId::from_redis(node.clone());
+                    if !r.remote.contains(&n) {
+                        r.remote.push(n);
+                    }
+                }
+                NodeStatus::Gone => {
+                    pipe.hdel(ctx.keys.user(u), conn_id).ignore();
+                    r.not_live.push(node.clone());
+                }
+                NodeStatus::Expired | NodeStatus::Unknown => r.not_live.push(node.clone()),
+            }
+        }
+        routes.push(r);
+    }
+    // 4. One pipeline, in message order: inbox adds and mailbox scripts.
+    let mut ops: Vec<Op> = Vec::new();
+    for (i, m) in pending.iter().enumerate() {
+        let Some(u) = m.user() else { continue };
+        let r = &routes[index[u]];
+        if force_mailbox || m.hops > MAX_HOPS || (!r.local && r.remote.is_empty()) {
+            let force = force_mailbox || m.hops > MAX_HOPS;
+            mailbox_cmd(ctx, &mut pipe, m, u, force, &r.not_live);
+            ops.push(Op::Mailbox(i));
+            continue;
+        }
+        for node in &r.remote {
+            pipe.cmd("XADD")
+                .arg(ctx.keys.inbox(node))
+                .arg("NOMKSTREAM")
+                .arg("*")
+                .arg(entry::fields(m));
+            ops.push(Op::Inbox(i, node.clone()));
+        }
+        if r.local {
+            ops.push(Op::Local(i));
+        }
+    }
+    let replies: Vec<Value> = pipe.query_async(conn).await?;
+    // 5. Read the results; collect what must go round again.
+    let mut ok = vec![false; pending.len()];
+    let mut replies = replies.into_iter();
+    for op in ops {
+        match op {
+            Op::Inbox(i, node) => match replies.next() {
+                Some(Value::Nil) => {
+                    // NOMKSTREAM found no inbox: the node is gone.
+                    live.mark_gone(node.as_str());
+                }
+                Some(_) => ok[i] = true,
+                None => {}
+            },
+            Op::Mailbox(i) => {
+                if let Some(Value::Array(r)) = replies.next()
+                    && r.first().and_then(stream::int) == Some(1)
+                {
+                    ok[i] = true;
+                    ctx.metrics.mailboxed.inc();
+                }
+                // Otherwise the user has a live connection we did not know
+                // of: the next round looks it up again.
+            }
+            Op::Local(i) => {
+                let m = &pending[i];
+                if let Some(u) = m.user() {
+                    let out = Outgoing {
+                        text: m.frame(),
+                        msg: Some(m.clone()),
+                        guard: Some(guard.clone()),
+                    };
+                    if ctx.registry.deliver_user(u, &out).queued > 0 {
+                        ok[i] = true;
+                    }
+                }
+            }
+        }
+    }
+    Ok(pending
+        .into_iter()
+        .zip(ok)
+        .filter_map(|(m, ok)| (!ok).then_some(m))
+        .collect())
+}
+
+fn mailbox_cmd(
+    ctx: &Ctx,
+    pipe: &mut redis::Pipeline,
+    m: &Message,
+    u: &UserId,
+    force: bool,
+    not_live: &[String],
+) {
+    lua::eval(pipe, lua::MAILBOX, &[&ctx.keys.user(u), &ctx.keys.mailbox(u)])
+        .arg(if force { "1" } else { "0" })
+        .arg(ctx.cfg.mailbox_max)
+        .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
+        .arg(not_live.len())
+        .arg(not_live)
+        .arg(entry::fields(m));
+}
+
+/// Routes messages that reached this node after their user left it (and
+/// queued messages of connections that closed), in batches.
+pub async fn reroute_worker(
+    ctx: Arc<Ctx>,
+    mut rx: mpsc::UnboundedReceiver<Reroute>,
+    stop: CancellationToken,
+) {
+    let mut batch: Vec<Reroute> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            n = rx.recv_many(&mut batch, REROUTE_BATCH) => if n == 0 { return },
+        }
+        let msgs: Vec<Arc<Message>> = batch.iter().map(|(m, _)| m.clone()).collect();
+        let n = msgs.len() as u64;
+        // The originals' guards are released once this batch's hand-offs
+        // are done, not before: until then their entries stay put.
+        let held: Vec<Arc<AckGuard>> = batch.drain(..).map(|(_, g)| g).collect();
+        let guard = Arc::new(AckGuard::new(move || drop(held)));
+        let mut backoff = Backoff::redis();
+        loop {
+            match route(&ctx, msgs.clone(), &guard).await {
+                Ok(()) => {
+                    ctx.metrics.rerouted.inc_by(n);
+                    break;
+                }
+                Err(e) => {
+                    ctx.redis_error();
+                    let d = backoff.next_delay();
+                    tracing::warn!(error = %e, messages = n, retry_in_ms = d.as_millis() as u64, "re-route failed");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(d) => {}
+                    }
+                }
+            }
+        }
+    }
+}

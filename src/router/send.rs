@@ -1,0 +1,325 @@
+//! The router of one send shard.
+//!
+//! At most one node routes a send stream at a time (several routing one
+//! consumer group would reorder a user's messages). Every node runs this
+//! loop as a candidate: it takes the shard's router lease when it is free,
+//! first routes whatever its predecessors left pending (`XAUTOCLAIM`), then
+//! reads new entries in batches until it loses the lease, leaves, or its
+//! node id changes.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+use tokio_util::sync::CancellationToken;
+
+use super::acker::AckJob;
+use super::entry::{self, DeadReason};
+use crate::ack::AckGuard;
+use crate::backoff::Backoff;
+use crate::bus::redis::Ctx;
+use crate::ids::NodeId;
+use crate::keys::ROUTER_GROUP;
+use crate::lua;
+use crate::message::Message;
+use crate::stream::{self, RawEntry};
+
+/// Entries read per batch.
+const BATCH: usize = 1000;
+/// `<p>:dead` keeps about this many entries.
+const DEAD_MAX: usize = 100_000;
+
+#[derive(Debug, thiserror::Error)]
+enum RouterError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("router lease lost")]
+    LeaseLost,
+}
+
+pub async fn run(ctx: Arc<Ctx>, shard: u32, stop: CancellationToken) {
+    let hb = ctx.cfg.heartbeat;
+    let mut backoff = Backoff::redis();
+    let mut blocking: Option<MultiplexedConnection> = None;
+    loop {
+        let jitter = rand::rng().random_range(Duration::ZERO..=hb / 4);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ctx.leaving.cancelled() => return,
+            _ = tokio::time::sleep(jitter) => {}
+        }
+        if !ctx.membership.holds_lease() {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ctx.leaving.cancelled() => return,
+                _ = tokio::time::sleep(hb) => {}
+            }
+            continue;
+        }
+        let me = ctx.membership.id();
+        match lead(&ctx, shard, &me, &mut blocking, &stop).await {
+            Ok(true) => backoff.reset(),
+            Ok(false) => {
+                // Someone else routes: stand by for a heartbeat.
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = ctx.leaving.cancelled() => return,
+                    _ = tokio::time::sleep(hb) => {}
+                }
+            }
+            Err(e) => {
+                if let RouterError::Redis(_) = e {
+                    ctx.redis_error();
+                    blocking = None;
+                }
+                let d = backoff.next_delay();
+                tracing::warn!(shard, node = %me, error = %e, retry_in_ms = d.as_millis() as u64, "router stopped");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(d) => {}
+                }
+            }
+        }
+        if let Ok(mut s) = ctx.routing.lock() {
+            s.remove(&shard);
+        }
+    }
+}
+
+/// Try to lead shard `shard`. `Ok(false)`: another node holds the lease.
+/// `Ok(true)`: led and stepped down cleanly.
+async fn lead(
+    ctx: &Arc<Ctx>,
+    shard: u32,
+    me: &NodeId,
+    blocking: &mut Option<MultiplexedConnection>,
+    stop: &CancellationToken,
+) -> Result<bool, RouterError> {
+    let lease_key = ctx.keys.router_lease(shard);
+    let ttl = ctx.cfg.lease_ttl;
+    let hb = ctx.cfg.heartbeat;
+    let mut conn = ctx.conn.clone();
+    let started = Instant::now();
+    let got: i64 = lua::eval_cmd(lua::LEASE_ACQUIRE, &[&lease_key])
+        .arg(me.as_str())
+        .arg(ttl.as_millis() as u64)
+        .query_async(&mut conn)
+        .await?;
+    if got != 1 {
+        return Ok(false);
+    }
+    // Fencing by time: we act only while the lease is surely ours, judged
+    // from when the request was sent, less a heartbeat of margin.
+    let mut lease_until = started + ttl - hb;
+    let mut renewed_at = started;
+    if let Ok(mut s) = ctx.routing.lock() {
+        s.insert(shard);
+    }
+    let key = ctx.keys.send(shard);
+    ensure_group(ctx, &key).await?;
+    tracing::info!(shard, node = %me, "routing send shard");
+
+    // Take over what predecessors (or our own earlier incarnation) left
+    // pending, before anything new: their order comes first.
+    let mut cursor = "0-0".to_owned();
+    loop {
+        let v: Value = redis::cmd("XAUTOCLAIM")
+            .arg(&key)
+            .arg(ROUTER_GROUP)
+            .arg(me.as_str())
+            .arg(0)
+            .arg(&cursor)
+            .arg("COUNT")
+            .arg(BATCH)
+            .query_async(&mut conn)
+            .await?;
+        let Value::Array(parts) = v else { break };
+        let next = parts.first().and_then(stream::string).unwrap_or_default();
+        let claimed = parts.get(1).map(stream::entries).unwrap_or_default();
+        // Entries deleted while pending come back in the third part.
+        let deleted: Vec<String> = match parts.get(2) {
+            Some(Value::Array(ids)) => ids.iter().filter_map(stream::string).collect(),
+            _ => Vec::new(),
+        };
+        if !deleted.is_empty() {
+            let _ = ctx.acks.send(AckJob {
+                key: key.clone(),
+                group: true,
+                ids: deleted,
+            });
+        }
+        if !claimed.is_empty() {
+            if Instant::now() >= lease_until {
+                return Err(RouterError::LeaseLost);
+            }
+            route_batch(ctx, shard, &key, claimed).await?;
+        }
+        if next == "0-0" || next.is_empty() {
+            break;
+        }
+        cursor = next;
+    }
+
+    let block_ms = (hb / 2).clamp(Duration::from_millis(5), Duration::from_millis(500));
+    loop {
+        if stop.is_cancelled() || ctx.leaving.is_cancelled() || ctx.membership.id() != *me {
+            release(ctx, &lease_key, me).await;
+            return Ok(true);
+        }
+        if renewed_at.elapsed() >= hb {
+            let started = Instant::now();
+            let ok: i64 = lua::eval_cmd(lua::LEASE_RENEW, &[&lease_key])
+                .arg(me.as_str())
+                .arg(ttl.as_millis() as u64)
+                .query_async(&mut conn)
+                .await?;
+            if ok != 1 {
+                tracing::warn!(shard, node = %me, "router lease lost");
+                return Ok(true);
+            }
+            lease_until = started + ttl - hb;
+            renewed_at = started;
+        }
+        let bconn = match blocking {
+            Some(c) => c,
+            None => blocking.insert(ctx.blocking_conn().await?),
+        };
+        let v: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(ROUTER_GROUP)
+            .arg(me.as_str())
+            .arg("COUNT")
+            .arg(BATCH)
+            .arg("BLOCK")
+            .arg(block_ms.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&key)
+            .arg(">")
+            .query_async(bconn)
+            .await
+            .or_else(|e| {
+                // The group vanished (Redis restarted empty): recreate it
+                // on the next round.
+                if e.code() == Some("NOGROUP") {
+                    Ok(Value::Nil)
+                } else {
+                    Err(e)
+                }
+            })?;
+        let entries: Vec<RawEntry> = stream::read_reply(&v)
+            .into_iter()
+            .flat_map(|(_, e)| e)
+            .collect();
+        if entries.is_empty() {
+            if matches!(v, Value::Nil) {
+                ensure_group(ctx, &key).await?;
+            }
+            continue;
+        }
+        if Instant::now() >= lease_until {
+            // Frozen past our lease (or too slow to renew): the entries
+            // stay pending for whoever leads next.
+            return Err(RouterError::LeaseLost);
+        }
+        route_batch(ctx, shard, &key, entries).await?;
+    }
+}
+
+async fn release(ctx: &Ctx, lease_key: &str, me: &NodeId) {
+    let mut conn = ctx.conn.clone();
+    let _: Result<i64, _> = lua::eval_cmd(lua::LEASE_RELEASE, &[lease_key])
+        .arg(me.as_str())
+        .query_async(&mut conn)
+        .await;
+}
+
+/// Create the router group at the start of the stream (entries added while
+/// no node ran are routed), creating the stream if needed.
+async fn ensure_group(ctx: &Ctx, key: &str) -> Result<(), redis::RedisError> {
+    let mut conn = ctx.conn.clone();
+    let r: Result<(), _> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(key)
+        .arg(ROUTER_GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await;
+    match r {
+        Err(e) if e.code() != Some("BUSYGROUP") => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Route one batch read from the send stream: bad entries to `<p>:dead`,
+/// the rest through [`super::route`]; acknowledge and delete them all once
+/// every hand-off is done.
+async fn route_batch(
+    ctx: &Arc<Ctx>,
+    shard: u32,
+    key: &str,
+    entries: Vec<RawEntry>,
+) -> Result<(), redis::RedisError> {
+    let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+    let mut msgs: Vec<Arc<Message>> = Vec::with_capacity(entries.len());
+    let mut dead: Vec<(&RawEntry, DeadReason)> = Vec::new();
+    for e in &entries {
+        if e.fields.is_empty() {
+            // Deleted while pending: nothing to route, just acknowledge.
+            continue;
+        }
+        match entry::parse_send(e, shard, ctx.cfg.max_payload_bytes) {
+            Ok(m) => msgs.push(Arc::new(m)),
+            Err(r) => dead.push((e, r)),
+        }
+    }
+    let mut conn = ctx.conn.clone();
+    if !dead.is_empty() {
+        let mut pipe = redis::pipe();
+        for (e, reason) in &dead {
+            pipe.cmd("XADD")
+                .arg(ctx.keys.dead())
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(DEAD_MAX)
+                .arg("*")
+                .arg("reason")
+                .arg(reason.code())
+                .arg("stream")
+                .arg(key)
+                .arg("id")
+                .arg(&e.id)
+                .arg("entry")
+                .arg(e.fields_json())
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        ctx.metrics.dead.inc_by(dead.len() as u64);
+        for (e, reason) in &dead {
+            tracing::warn!(stream = key, id = %e.id, reason = reason.code(), "dead letter");
+        }
+    }
+    let n = msgs.len() as u64;
+    let acks = ctx.acks.clone();
+    let key_owned = key.to_owned();
+    let guard = Arc::new(AckGuard::new(move || {
+        let _ = acks.send(AckJob {
+            key: key_owned,
+            group: true,
+            ids,
+        });
+    }));
+    match super::route(ctx, msgs, &guard).await {
+        Ok(()) => {
+            ctx.metrics.routed.inc_by(n);
+            Ok(())
+        }
+        Err(e) => {
+            // Leave the batch pending: the next leader (maybe us) claims it.
+            guard.disarm();
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Reading Redis stream replies.
+//!
+//! We parse `redis::Value` ourselves instead of redis-rs's stream types so
+//! that field names and values stay raw bytes: a bad entry must reach
+//! `<p>:dead` with what it held, not fail to decode.
+
+use redis::Value;
+
+/// One stream entry: its id and its field/value pairs in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawEntry {
+    pub id: String,
+    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl RawEntry {
+    /// The first value of field `name`.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name.as_bytes())
+            .map(|(_, v)| v.as_slice())
+    }
+
+    pub fn get_str(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// The fields as a JSON object (non-UTF-8 bytes become U+FFFD), for
+    /// dead letters.
+    pub fn fields_json(&self) -> String {
+        let mut map = serde_json::Map::new();
+        for (k, v) in &self.fields {
+            map.insert(
+                String::from_utf8_lossy(k).into_owned(),
+                serde_json::Value::String(String::from_utf8_lossy(v).into_owned()),
+            );
+        }
+        serde_json::Value::Object(map).to_string()
+    }
+}
+
+pub fn bytes(v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.as_bytes().to_vec()),
+        Value::VerbatimString { text, .. } => Some(text.as_bytes().to_vec()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        Value::Okay => Some(b"OK".to_vec()),
+        _ => None,
+    }
+}
+
+pub fn string(v: &Value) -> Option<String> {
+    bytes(v).and_then(|b| String::from_utf8(b).ok())
+}
+
+pub fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => string(other).and_then(|s| s.parse().ok()),
+    }
+}
+
+/// A list of entries: `[[id, [f, v, ...]], ...]`. Entries whose fields are
+/// nil (deleted while pending) come back with no fields.
+pub fn entries(v: &Value) -> Vec<RawEntry> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    items.iter().filter_map(entry).collect()
+}
+
+fn entry(v: &Value) -> Option<RawEntry> {
+    let Value::Array(pair) = v else { return None };
+    let id = string(pair.first()?)?;
+    let mut fields = Vec::new();
+    match pair.get(1) {
+        Some(Value::Array(kv)) => {
+            for chunk in kv.chunks(2) {
+                if let [k, val] = chunk {
+                    fields.push((bytes(k)?, bytes(val)?));
+                }
+            }
+        }
+        Some(Value::Map(kv)) => {
+            for (k, val) in kv {
+                fields.push((bytes(k)?, bytes(val)?));
+            }
+        }
+        _ => {}
+    }
+    Some(RawEntry { id, fields })
+}
+
+/// An `XREAD`/`XREADGROUP` reply: `[[key, entries], ...]` (or a RESP3
+/// map). Nil (timeout) gives nothing.
+pub fn read_reply(v: &Value) -> Vec<(String, Vec<RawEntry>)> {
+    match v {
+        Value::Array(streams) => streams
+            .iter()
+            .filter_map(|s| match s {
+                Value::Array(kv) if kv.len() == 2 => Some((string(&kv[0])?, entries(&kv[1]))),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(kv) => kv
+            .iter()
+            .filter_map(|(k, e)| Some((string(k)?, entries(e))))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The millisecond part of a stream id.
+pub fn id_ms(id: &str) -> u64 {
+    id.split('-').next().and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn parses_read_reply() {
+        let v = Value::Array(vec![Value::Array(vec![
+            b("wsc:send"),
+            Value::Array(vec![
+                Value::Array(vec![b("1-0"), Value::Array(vec![b("to"), b("al"), b("payload"), b("1")])]),
+                Value::Array(vec![b("2-0"), Value::Nil]),
+            ]),
+        ])]);
+        let r = read_reply(&v);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].0, "wsc:send");
+        assert_eq!(r[0].1[0].get_str("to"), Some("al"));
+        assert_eq!(r[0].1[1].fields.len(), 0);
+        assert_eq!(id_ms("1700-3"), 1700);
+    }
+
+    #[test]
+    fn lossy_json() {
+        let e = RawEntry {
+            id: "1-0".into(),
+            fields: vec![(b"to".to_vec(), vec![0xff, b'a'])],
+        };
+        assert_eq!(e.fields_json(), "{\"to\":\"\u{fffd}a\"}");
+    }
+}
