@@ -117,7 +117,7 @@ async fn route_round(
             users.push(u);
         }
     }
-    let lookups: Vec<Vec<(String, String)>> = if force_mailbox {
+    let lookups: Vec<Vec<(String, String)>> = if force_mailbox || users.is_empty() {
         vec![Vec::new(); users.len()]
     } else {
         let mut pipe = redis::pipe();
@@ -202,7 +202,12 @@ async fn route_round(
             ops.push(Op::Local(i));
         }
     }
-    let replies: Vec<Value> = pipe.query_async(conn).await?;
+    // All-local batches need no Redis at all (an empty pipeline is refused).
+    let replies: Vec<Value> = if pipe.is_empty() {
+        Vec::new()
+    } else {
+        pipe.query_async(conn).await?
+    };
     // 5. Read the results; collect what must go round again.
     let mut ok = vec![false; pending.len()];
     let mut replies = replies.into_iter();

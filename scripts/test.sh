@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing, then runs every check and test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkg() { # need_pkg <command> <debian package>
+  command -v "$1" >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "test.sh: installing $2 (for $1)"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+  else
+    echo "test.sh: $1 is missing: install the '$2' package (e.g. sudo apt-get install $2), then run this again" >&2
+    exit 1
+  fi
+}
+need_pkg redis-server redis-server
+need_pkg redis-cli redis-tools
+
+# redis-server is started per test on a free port; the Debian service is not needed.
+echo "== format and lints"
+cargo fmt --check
+cargo clippy --all-targets --quiet -- -D warnings
+
+echo "== unit and integration tests"
+cargo test --all-targets 2>&1 | tee /tmp/wsc-test-$$.log | grep -E '^(test |     Running|test result|failures:|---- )|panicked' || true
+status=${PIPESTATUS[0]}
+if [ "$status" != 0 ]; then
+  cat /tmp/wsc-test-$$.log | tail -300
+  rm -f /tmp/wsc-test-$$.log
+  echo "test.sh: cargo test failed" >&2
+  exit "$status"
+fi
+rm -f /tmp/wsc-test-$$.log
+
+if [ -x scripts/chart-check.sh ]; then
+  echo "== helm chart"
+  scripts/chart-check.sh
+fi
+echo "test.sh: all passed"
