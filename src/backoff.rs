@@ -53,7 +53,10 @@ mod tests {
         }
         for _ in 0..20 {
             let d = b.next_delay();
-            assert!(d <= Duration::from_secs(2) && d >= Duration::from_secs(1), "{d:?}");
+            assert!(
+                d <= Duration::from_secs(2) && d >= Duration::from_secs(1),
+                "{d:?}"
+            );
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(50));

@@ -231,8 +231,7 @@ impl Config {
                     "rediss:// (TLS) is not supported by this build yet".into(),
                 ));
             }
-            redis::Client::open(url.as_str())
-                .map_err(|e| ConfigError::RedisUrl(e.to_string()))?;
+            redis::Client::open(url.as_str()).map_err(|e| ConfigError::RedisUrl(e.to_string()))?;
         }
         if args.heartbeat_ms < 10 {
             return Err(ConfigError::Heartbeat);
@@ -248,12 +247,30 @@ impl Config {
         }
         for (name, v) in [
             ("mailbox-max (WSC_MAILBOX_MAX)", args.mailbox_max as usize),
-            ("mailbox-ttl-s (WSC_MAILBOX_TTL_S)", args.mailbox_ttl_s as usize),
-            ("max-frame-bytes (WSC_MAX_FRAME_BYTES)", args.max_frame_bytes),
-            ("max-payload-bytes (WSC_MAX_PAYLOAD_BYTES)", args.max_payload_bytes),
-            ("max-msgs-per-sec (WSC_MAX_MSGS_PER_SEC)", args.max_msgs_per_sec as usize),
-            ("max-connections (WSC_MAX_CONNECTIONS)", args.max_connections),
-            ("max-conns-per-user (WSC_MAX_CONNS_PER_USER)", args.max_conns_per_user),
+            (
+                "mailbox-ttl-s (WSC_MAILBOX_TTL_S)",
+                args.mailbox_ttl_s as usize,
+            ),
+            (
+                "max-frame-bytes (WSC_MAX_FRAME_BYTES)",
+                args.max_frame_bytes,
+            ),
+            (
+                "max-payload-bytes (WSC_MAX_PAYLOAD_BYTES)",
+                args.max_payload_bytes,
+            ),
+            (
+                "max-msgs-per-sec (WSC_MAX_MSGS_PER_SEC)",
+                args.max_msgs_per_sec as usize,
+            ),
+            (
+                "max-connections (WSC_MAX_CONNECTIONS)",
+                args.max_connections,
+            ),
+            (
+                "max-conns-per-user (WSC_MAX_CONNS_PER_USER)",
+                args.max_conns_per_user,
+            ),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero(name));
@@ -363,7 +380,13 @@ mod tests {
     fn origins_without_dev_are_closed() {
         let c = parse(&["--jwt-secret", "s"]).unwrap();
         assert_eq!(c.origins, Origins::List(vec![]));
-        let c = parse(&["--jwt-secret", "s", "--allowed-origins", "https://a.com, https://b.com/"]).unwrap();
+        let c = parse(&[
+            "--jwt-secret",
+            "s",
+            "--allowed-origins",
+            "https://a.com, https://b.com/",
+        ])
+        .unwrap();
         assert_eq!(
             c.origins,
             Origins::List(vec!["https://a.com".into(), "https://b.com".into()])

@@ -139,7 +139,9 @@ mod tests {
         assert!(is_json(r#"{"a":[1,2.5,"x",null,true]}"#));
         assert!(is_json("3"));
         assert!(is_json(" \"s\" "));
-        for bad in ["NaN", "0x10", "1e400", "{", "", "{'a':1}", "[1,]", "1 2", "Infinity"] {
+        for bad in [
+            "NaN", "0x10", "1e400", "{", "", "{'a':1}", "[1,]", "1 2", "Infinity",
+        ] {
             assert!(!is_json(bad), "{bad:?}");
         }
     }

@@ -53,7 +53,11 @@ impl Node {
         let registry = Arc::new(Registry::new());
         let metrics = Arc::new(Metrics::new());
         let bus: Arc<dyn Bus> = match &cfg.redis_url {
-            Some(_) => Arc::new(RedisBus::new(cfg.clone(), registry.clone(), metrics.clone())),
+            Some(_) => Arc::new(RedisBus::new(
+                cfg.clone(),
+                registry.clone(),
+                metrics.clone(),
+            )),
             None => Arc::new(MemoryBus::new(
                 registry.clone(),
                 cfg.mailbox_max,

@@ -10,7 +10,10 @@ pub async fn signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}
@@ -69,7 +72,10 @@ mod tests {
         assert_eq!(s.iter().map(|(_, b)| b.len()).sum::<usize>(), 1000);
         assert!(s.len() > 50);
         assert!(s.last().unwrap().0 <= Duration::from_millis(4500));
-        assert!(s.windows(2).all(|w| w[0].0 <= w[1].0 + Duration::from_millis(50)));
+        assert!(
+            s.windows(2)
+                .all(|w| w[0].0 <= w[1].0 + Duration::from_millis(50))
+        );
         assert!(drain_schedule(Vec::<u8>::new(), Duration::from_secs(1)).is_empty());
         assert_eq!(drain_schedule(vec![1], Duration::ZERO).len(), 1);
     }

@@ -114,7 +114,10 @@ pub fn read_reply(v: &Value) -> Vec<(String, Vec<RawEntry>)> {
 
 /// The millisecond part of a stream id.
 pub fn id_ms(id: &str) -> u64 {
-    id.split('-').next().and_then(|s| s.parse().ok()).unwrap_or(0)
+    id.split('-')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -130,7 +133,10 @@ mod tests {
         let v = Value::Array(vec![Value::Array(vec![
             b("wsc:send"),
             Value::Array(vec![
-                Value::Array(vec![b("1-0"), Value::Array(vec![b("to"), b("al"), b("payload"), b("1")])]),
+                Value::Array(vec![
+                    b("1-0"),
+                    Value::Array(vec![b("to"), b("al"), b("payload"), b("1")]),
+                ]),
                 Value::Array(vec![b("2-0"), Value::Nil]),
             ]),
         ])]);

@@ -32,12 +32,18 @@ async fn identity_and_lease() {
         assert!(exists, "inbox of {id} exists");
     }
     let members: Vec<(String, f64)> = r.zrange_withscores("wsc:nodes", 0, -1).unwrap();
-    assert_eq!(members.iter().map(|m| m.0.clone()).collect::<HashSet<_>>(), ids);
+    assert_eq!(
+        members.iter().map(|m| m.0.clone()).collect::<HashSet<_>>(),
+        ids
+    );
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut r).unwrap();
     let now_ms = secs * 1000 + micros / 1000;
     for (_, score) in &members {
         let s = *score as u64;
-        assert!(s > now_ms && s <= now_ms + 1000, "expiry {s} is Redis TIME + ttl ({now_ms})");
+        assert!(
+            s > now_ms && s <= now_ms + 1000,
+            "expiry {s} is Redis TIME + ttl ({now_ms})"
+        );
     }
     // Every node's /cluster lists all three with their expiries.
     for n in &nodes {
@@ -85,14 +91,20 @@ async fn gateway_auth_and_registration() {
         &jsonwebtoken::EncodingKey::from_secret(b"wrong"),
     )
     .unwrap();
-    assert_eq!(connect_status(&strict.ws_url(&format!("token={forged}"))).await, 401);
+    assert_eq!(
+        connect_status(&strict.ws_url(&format!("token={forged}"))).await,
+        401
+    );
     let expired = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &json!({"sub":"bob","exp": 1000}),
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap();
-    assert_eq!(connect_status(&strict.ws_url(&format!("token={expired}"))).await, 401);
+    assert_eq!(
+        connect_status(&strict.ws_url(&format!("token={expired}"))).await,
+        401
+    );
     // ?token= works, and so does Authorization: Bearer.
     let c = Client::token(&strict, "bob", None).await;
     assert_eq!(c.welcome["user"], "bob");
@@ -183,7 +195,11 @@ async fn routing_and_multi_device() {
         .arg("router")
         .query(&mut r)
         .unwrap();
-    assert_eq!(pending[0], redis::Value::Int(0), "nothing pending in the router group");
+    assert_eq!(
+        pending[0],
+        redis::Value::Int(0),
+        "nothing pending in the router group"
+    );
 }
 
 /// 5. Mailbox: kept while offline (capped), delivered in order on connect,
@@ -208,7 +224,10 @@ async fn mailbox() {
     let mut c = Client::dev(&nodes[1], "offline").await;
     let got = c.messages(5, T).await;
     let got_ids: Vec<&str> = got.iter().map(|m| m["id"].as_str().unwrap()).collect();
-    assert_eq!(got_ids, ids[3..].iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        got_ids,
+        ids[3..].iter().map(String::as_str).collect::<Vec<_>>()
+    );
     let exists: bool = r.exists("wsc:mailbox:{offline}").unwrap();
     assert!(!exists, "mailbox removed once taken");
     c.close().await;
@@ -232,7 +251,10 @@ async fn mailbox() {
         let _ = id;
         r.pttl("wsc:mailbox:{offline}").unwrap()
     };
-    assert!(ttl > 86_000_000 && ttl <= 86_400_000, "mailbox expires with the ttl: {ttl}");
+    assert!(
+        ttl > 86_000_000 && ttl <= 86_400_000,
+        "mailbox expires with the ttl: {ttl}"
+    );
 }
 
 /// 5b. Mailbox entries older than --mailbox-ttl-s are not delivered.
@@ -248,7 +270,10 @@ async fn mailbox_expiry() {
     .await;
     tokio::time::sleep(Duration::from_millis(1300)).await; // let it expire (the point of the test)
     let mut c = Client::dev(&nodes[0], "late").await;
-    assert!(c.next_frame(Duration::from_millis(500)).await.is_none(), "expired message not delivered");
+    assert!(
+        c.next_frame(Duration::from_millis(500)).await.is_none(),
+        "expired message not delivered"
+    );
 }
 
 /// 6. Topics: subscribe/unsubscribe acks, token grants, fan-out to every
@@ -260,36 +285,73 @@ async fn topics() {
     let mut subs = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
         let mut c = Client::token(n, &format!("s{i}"), Some(&["news/*", "exact"])).await;
-        c.send_json(json!({"type":"subscribe","topic":"news/sport"})).await;
-        let ack = c.expect("subscribed", T, |v| v["type"] == "subscribed").await;
+        c.send_json(json!({"type":"subscribe","topic":"news/sport"}))
+            .await;
+        let ack = c
+            .expect("subscribed", T, |v| v["type"] == "subscribed")
+            .await;
         assert_eq!(ack["topic"], "news/sport");
         subs.push(c);
     }
     // Not allowed by the token: forbidden_topic; no claim: no topics.
-    subs[0].send_json(json!({"type":"subscribe","topic":"other"})).await;
-    let e = subs[0].expect("forbidden", T, |v| v["type"] == "error").await;
+    subs[0]
+        .send_json(json!({"type":"subscribe","topic":"other"}))
+        .await;
+    let e = subs[0]
+        .expect("forbidden", T, |v| v["type"] == "error")
+        .await;
     assert_eq!(e["code"], "forbidden_topic");
     let mut none = Client::token(&nodes[0], "nobody", None).await;
-    none.send_json(json!({"type":"subscribe","topic":"exact"})).await;
-    assert_eq!(none.expect("forbidden", T, |v| v["type"] == "error").await["code"], "forbidden_topic");
+    none.send_json(json!({"type":"subscribe","topic":"exact"}))
+        .await;
+    assert_eq!(
+        none.expect("forbidden", T, |v| v["type"] == "error").await["code"],
+        "forbidden_topic"
+    );
 
     let id: String = redis::cmd("XADD")
-        .arg("wsc:send").arg("*").arg("topic").arg("news/sport").arg("payload").arg("{\"goal\":1}")
-        .query(&mut r).unwrap();
+        .arg("wsc:send")
+        .arg("*")
+        .arg("topic")
+        .arg("news/sport")
+        .arg("payload")
+        .arg("{\"goal\":1}")
+        .query(&mut r)
+        .unwrap();
     for c in subs.iter_mut() {
         let m = c.expect("topic message", T, is_msg(&id)).await;
         assert_eq!(m["topic"], "news/sport");
         assert_eq!(m["payload"], json!({"goal":1}));
     }
     // Unsubscribe: no more messages for that connection.
-    subs[1].send_json(json!({"type":"unsubscribe","topic":"news/sport"})).await;
-    subs[1].expect("unsubscribed", T, |v| v["type"] == "unsubscribed").await;
+    subs[1]
+        .send_json(json!({"type":"unsubscribe","topic":"news/sport"}))
+        .await;
+    subs[1]
+        .expect("unsubscribed", T, |v| v["type"] == "unsubscribed")
+        .await;
     let id2: String = redis::cmd("XADD")
-        .arg("wsc:send").arg("*").arg("topic").arg("news/sport").arg("payload").arg("2")
-        .query(&mut r).unwrap();
-    subs[0].expect("second topic message", T, is_msg(&id2)).await;
-    subs[2].expect("second topic message", T, is_msg(&id2)).await;
-    assert!(subs[1].next_frame(Duration::from_millis(500)).await.is_none(), "unsubscribed gets nothing");
+        .arg("wsc:send")
+        .arg("*")
+        .arg("topic")
+        .arg("news/sport")
+        .arg("payload")
+        .arg("2")
+        .query(&mut r)
+        .unwrap();
+    subs[0]
+        .expect("second topic message", T, is_msg(&id2))
+        .await;
+    subs[2]
+        .expect("second topic message", T, is_msg(&id2))
+        .await;
+    assert!(
+        subs[1]
+            .next_frame(Duration::from_millis(500))
+            .await
+            .is_none(),
+        "unsubscribed gets nothing"
+    );
     // Not kept for offline users: no mailbox was made.
     let keys: Vec<String> = r.keys("wsc:mailbox:*").unwrap();
     assert!(keys.is_empty(), "{keys:?}");
@@ -303,12 +365,22 @@ async fn order_and_single_router() {
     let mut c = Client::dev(&nodes[2], "ordered").await;
     let mut pipe = redis::pipe();
     for i in 0..2000 {
-        pipe.cmd("XADD").arg("wsc:send").arg("*").arg("to").arg("ordered").arg("payload").arg(i.to_string());
+        pipe.cmd("XADD")
+            .arg("wsc:send")
+            .arg("*")
+            .arg("to")
+            .arg("ordered")
+            .arg("payload")
+            .arg(i.to_string());
     }
     let ids: Vec<String> = pipe.query(&mut r).unwrap();
     let got = c.messages(2000, Duration::from_secs(30)).await;
     let got_ids: Vec<&str> = got.iter().map(|m| m["id"].as_str().unwrap()).collect();
-    assert_eq!(got_ids, ids.iter().map(String::as_str).collect::<Vec<_>>(), "in order, no duplicates");
+    assert_eq!(
+        got_ids,
+        ids.iter().map(String::as_str).collect::<Vec<_>>(),
+        "in order, no duplicates"
+    );
     let mut routers = 0;
     for n in &nodes {
         let v = n.cluster().await;
@@ -324,19 +396,33 @@ async fn order_and_single_router() {
 /// on; bad frames get error frames; an oversized frame closes with 1009.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input() {
-    let (redis, nodes) = cluster_with(3, &["--max-payload-bytes", "100", "--max-frame-bytes", "1000"]).await;
+    let (redis, nodes) = cluster_with(
+        3,
+        &["--max-payload-bytes", "100", "--max-frame-bytes", "1000"],
+    )
+    .await;
     let mut r = redis.conn();
     let mut c = Client::dev(&nodes[1], "good").await;
     let big = format!("\"{}\"", "x".repeat(200));
-    let cases: Vec<(Vec<(&[u8], &[u8])>, &str)> = vec![
+    type Fields<'a> = Vec<(&'a [u8], &'a [u8])>;
+    let cases: Vec<(Fields, &str)> = vec![
         (vec![(b"payload", b"1")], "no_target"),
-        (vec![(b"to", b"a"), (b"topic", b"t"), (b"payload", b"1")], "both_targets"),
+        (
+            vec![(b"to", b"a"), (b"topic", b"t"), (b"payload", b"1")],
+            "both_targets",
+        ),
         (vec![(b"to", b"bad user"), (b"payload", b"1")], "bad_user"),
-        (vec![(b"topic", b"bad topic"), (b"payload", b"1")], "bad_topic"),
+        (
+            vec![(b"topic", b"bad topic"), (b"payload", b"1")],
+            "bad_topic",
+        ),
         (vec![(b"to", b"good")], "no_payload"),
         (vec![(b"to", b"good"), (b"payload", b"{nope")], "bad_json"),
         (vec![(b"to", b"good"), (b"payload", b"NaN")], "bad_json"),
-        (vec![(b"to", b"good"), (b"payload", big.as_bytes())], "too_large"),
+        (
+            vec![(b"to", b"good"), (b"payload", big.as_bytes())],
+            "too_large",
+        ),
         (vec![(b"to", &[0xff, 0xfe]), (b"payload", b"1")], "not_utf8"),
     ];
     let mut added = Vec::new();
@@ -350,7 +436,8 @@ async fn bad_input() {
         added.push((id, *reason));
     }
     let ok = xadd_to(&mut r, "good", "\"after the bad ones\"");
-    c.expect("good message after bad ones", T, is_msg(&ok)).await;
+    c.expect("good message after bad ones", T, is_msg(&ok))
+        .await;
     let dead: Vec<Value> = eventually("dead letters", T, || {
         let mut r = redis.conn();
         let n = cases.len();
@@ -374,11 +461,15 @@ async fn bad_input() {
         assert_eq!(d["reason"], *reason, "{d}");
         assert_eq!(d["stream"], "wsc:send");
         assert_eq!(d["id"], *id);
-        let entry: Value = serde_json::from_str(d["entry"].as_str().unwrap()).expect("entry is a JSON object");
+        let entry: Value =
+            serde_json::from_str(d["entry"].as_str().unwrap()).expect("entry is a JSON object");
         assert!(entry.is_object());
     }
     let nu: Value = serde_json::from_str(dead[8]["entry"].as_str().unwrap()).unwrap();
-    assert_eq!(nu["to"], "\u{fffd}\u{fffd}", "non-UTF-8 bytes become U+FFFD");
+    assert_eq!(
+        nu["to"], "\u{fffd}\u{fffd}",
+        "non-UTF-8 bytes become U+FFFD"
+    );
     let n: usize = r.xlen("wsc:send").unwrap();
     assert_eq!(n, 0, "bad entries leave the send stream too");
 
@@ -387,8 +478,14 @@ async fn bad_input() {
         ("{nope", "bad_json"),
         ("[1]", "bad_frame"),
         (r#"{"type":"fly"}"#, "unknown_type"),
-        (r#"{"type":"send","to":"x y","payload":1,"ref":5}"#, "bad_frame"),
-        (r#"{"type":"send","to":"x","payload":"this payload is longer than one hundred bytes, which is the limit set for this test run, so it must be refused"}"#, "bad_frame"),
+        (
+            r#"{"type":"send","to":"x y","payload":1,"ref":5}"#,
+            "bad_frame",
+        ),
+        (
+            r#"{"type":"send","to":"x","payload":"this payload is longer than one hundred bytes, which is the limit set for this test run, so it must be refused"}"#,
+            "bad_frame",
+        ),
     ] {
         c.send_text(frame).await;
         let e = c.expect("error frame", T, |v| v["type"] == "error").await;
@@ -400,7 +497,11 @@ async fn bad_input() {
     c.send_json(json!({"type":"ping"})).await;
     c.expect("pong", T, |v| v["type"] == "pong").await;
     // Over --max-frame-bytes: close 1009.
-    c.send_text(&format!("{{\"type\":\"ping\",\"x\":\"{}\"}}", "y".repeat(2000))).await;
+    c.send_text(&format!(
+        "{{\"type\":\"ping\",\"x\":\"{}\"}}",
+        "y".repeat(2000)
+    ))
+    .await;
     assert_eq!(c.close_code(T).await, Some(1009));
 }
 
@@ -416,26 +517,75 @@ async fn http_api_and_ops() {
             .json(&body)
             .send()
     };
-    let r = post(json!({"to":"api-user","payload":{"k":"v"}}), API_KEY).await.unwrap();
+    let r = post(json!({"to":"api-user","payload":{"k":"v"}}), API_KEY)
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let m = c.expect("api message", T, is_msg(&id)).await;
     assert_eq!(m["payload"], json!({"k":"v"}));
-    assert_eq!(post(json!({"to":"api-user","payload":1}), "wrong").await.unwrap().status(), 401);
-    assert_eq!(post(json!({"to":"bad user","payload":1}), API_KEY).await.unwrap().status(), 400);
-    assert_eq!(post(json!({"payload":1}), API_KEY).await.unwrap().status(), 400);
-    assert_eq!(post(json!({"to":"a","topic":"b","payload":1}), API_KEY).await.unwrap().status(), 400);
-    assert_eq!(post(json!({"to":"a"}), API_KEY).await.unwrap().status(), 400);
-    assert_eq!(post(json!({"to":"a","payload":"x".repeat(100)}), API_KEY).await.unwrap().status(), 413);
-    let r = http.post(nodes[0].http("/api/send")).bearer_auth(API_KEY).body("{nope").send().await.unwrap();
+    assert_eq!(
+        post(json!({"to":"api-user","payload":1}), "wrong")
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        post(json!({"to":"bad user","payload":1}), API_KEY)
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(
+        post(json!({"payload":1}), API_KEY).await.unwrap().status(),
+        400
+    );
+    assert_eq!(
+        post(json!({"to":"a","topic":"b","payload":1}), API_KEY)
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(
+        post(json!({"to":"a"}), API_KEY).await.unwrap().status(),
+        400
+    );
+    assert_eq!(
+        post(json!({"to":"a","payload":"x".repeat(100)}), API_KEY)
+            .await
+            .unwrap()
+            .status(),
+        413
+    );
+    let r = http
+        .post(nodes[0].http("/api/send"))
+        .bearer_auth(API_KEY)
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("bad JSON"));
 
     for n in &nodes {
-        assert_eq!(reqwest::get(n.http("/healthz")).await.unwrap().status(), 200);
+        assert_eq!(
+            reqwest::get(n.http("/healthz")).await.unwrap().status(),
+            200
+        );
         assert_eq!(reqwest::get(n.http("/readyz")).await.unwrap().status(), 200);
     }
-    let text = reqwest::get(nodes[2].http("/metrics")).await.unwrap().text().await.unwrap();
+    let text = reqwest::get(nodes[2].http("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for name in [
         "wsc_connections 1",
         "wsc_messages_delivered_total 1",
@@ -450,7 +600,12 @@ async fn http_api_and_ops() {
     }
     let v = nodes[1].cluster().await;
     assert_eq!(v["nodes"].as_array().unwrap().len(), 3);
-    let conns: u64 = v["nodes"].as_array().unwrap().iter().map(|n| n["connections"].as_u64().unwrap()).sum();
+    let conns: u64 = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["connections"].as_u64().unwrap())
+        .sum();
     assert_eq!(conns, 1);
 
     // Without --api-key the endpoint is 404.
@@ -460,29 +615,48 @@ async fn http_api_and_ops() {
     args.drain(i..i + 2);
     let n = NodeProc::start("nokey", &args);
     n.wait_ready().await;
-    let r = http.post(n.http("/api/send")).bearer_auth(API_KEY).json(&json!({"to":"a","payload":1})).send().await.unwrap();
+    let r = http
+        .post(n.http("/api/send"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"to":"a","payload":1}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
 }
 
 /// 10. Standalone: no Redis at all, the same gateway on the in-process bus.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone() {
-    let n = NodeProc::start("solo", &["--dev".into(), "--api-key".into(), API_KEY.into()]);
+    let n = NodeProc::start(
+        "solo",
+        &["--dev".into(), "--api-key".into(), API_KEY.into()],
+    );
     n.wait_ready().await;
-    let page = reqwest::get(n.http("/")).await.unwrap().text().await.unwrap();
+    let page = reqwest::get(n.http("/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(page.contains("wscluster"), "demo page");
     let mut a = Client::dev(&n, "ann").await;
     let mut b = Client::dev(&n, "ben").await;
-    a.send_json(json!({"type":"send","to":"ben","payload":"hi","ref":1})).await;
+    a.send_json(json!({"type":"send","to":"ben","payload":"hi","ref":1}))
+        .await;
     let sent = a.expect("sent", T, |v| v["type"] == "sent").await;
     let m = b.expect("message", T, |v| v["type"] == "message").await;
     assert_eq!(m["id"], sent["id"]);
     assert_eq!(m["from"], "ann");
     // Offline user: mailbox, delivered on connect.
-    a.send_json(json!({"type":"send","to":"cat","payload":"later"})).await;
+    a.send_json(json!({"type":"send","to":"cat","payload":"later"}))
+        .await;
     a.expect("sent", T, |v| v["type"] == "sent").await;
     let mut c = Client::dev(&n, "cat").await;
-    assert_eq!(c.expect("mailbox", T, |v| v["type"] == "message").await["payload"], "later");
+    assert_eq!(
+        c.expect("mailbox", T, |v| v["type"] == "message").await["payload"],
+        "later"
+    );
     let v = n.cluster().await;
     assert_eq!(v["nodes"][0]["lease_expires_ms"], Value::Null);
 }
@@ -509,13 +683,18 @@ async fn graceful_leave() {
     })
     .await;
     // Messages sent during the drain are not lost.
-    let ids: Vec<String> = (0..20).map(|i| xadd_to(&mut r, &format!("u{i}"), "\"during drain\"")).collect();
+    let ids: Vec<String> = (0..20)
+        .map(|i| xadd_to(&mut r, &format!("u{i}"), "\"during drain\""))
+        .collect();
     let mut got = Vec::new();
     for c in clients.iter_mut() {
         got.push(c.until_close(Duration::from_secs(5)).await);
     }
     let codes: Vec<Option<u16>> = got.iter().map(|g| g.1).collect();
-    assert!(codes.iter().all(|c| *c == Some(1012)), "all closed with 1012: {codes:?}");
+    assert!(
+        codes.iter().all(|c| *c == Some(1012)),
+        "all closed with 1012: {codes:?}"
+    );
     let status = nodes[0].wait_exit(Duration::from_secs(3)).await;
     assert_eq!(status, Some(0), "exit 0");
     assert!(
@@ -536,8 +715,12 @@ async fn graceful_leave() {
         }
         late += 1;
         let mut c = Client::dev(&nodes[1 + i % 2], &format!("u{i}")).await;
-        c.expect("message sent during the drain", T, is_msg(id)).await;
+        c.expect("message sent during the drain", T, is_msg(id))
+            .await;
     }
-    eprintln!("graceful_leave: {} of 20 delivered before the close, {late} after reconnecting", 20 - late);
+    eprintln!(
+        "graceful_leave: {} of 20 delivered before the close, {late} after reconnecting",
+        20 - late
+    );
     let _ = nodes.remove(0);
 }

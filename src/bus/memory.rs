@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::ack::AckGuard;
 use super::{Bus, BusError, ClusterView, NodeView, Publish};
+use crate::ack::AckGuard;
 use crate::gateway::registry::{ConnHandle, Outgoing, Registry};
 use crate::ids::{NodeId, UserId};
 use crate::message::{Message, Target, now_ms};

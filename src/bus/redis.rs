@@ -30,7 +30,7 @@ use crate::keys::{Keys, shard_of};
 use crate::lua;
 use crate::message::{Message, Target};
 use crate::ops::metrics::Metrics;
-use crate::router::{self, acker::AckJob, publish::PublishReq, Reroute};
+use crate::router::{self, Reroute, acker::AckJob, publish::PublishReq};
 use crate::stream;
 
 /// Everything the node's Redis loops share.
@@ -112,7 +112,10 @@ impl RedisBus {
     }
 
     /// Connect, retrying with backoff; `None` if stopped first.
-    async fn connect(&self, stop: &CancellationToken) -> Option<(redis::Client, ConnectionManager)> {
+    async fn connect(
+        &self,
+        stop: &CancellationToken,
+    ) -> Option<(redis::Client, ConnectionManager)> {
         let url = self.cfg.redis_url.clone().unwrap_or_default();
         let mut backoff = Backoff::redis();
         loop {
@@ -185,7 +188,11 @@ impl Bus for RedisBus {
             // loops that feed them, so they stop on `stop` and drain.
             tracker2.spawn(router::acker::run(ctx.clone(), ack_rx, stop.clone()));
             tracker2.spawn(router::publish::run(ctx.clone(), pub_rx, stop.clone()));
-            tracker2.spawn(router::reroute_worker(ctx.clone(), reroute_rx, stop.clone()));
+            tracker2.spawn(router::reroute_worker(
+                ctx.clone(),
+                reroute_rx,
+                stop.clone(),
+            ));
             tracker2.spawn(cluster::lease::run(ctx.clone(), stop.clone()));
             tracker2.spawn(cluster::reaper::run(ctx.clone(), stop.clone()));
             tracker2.spawn(router::inbox::run_inbox(ctx.clone(), stop.clone()));
@@ -205,7 +212,9 @@ impl Bus for RedisBus {
                 return Err(BusError::Unavailable);
             }
             let me = ctx.membership.id();
-            let msgs = register_under(ctx, &me, h).await.inspect_err(|_| ctx.redis_error())?;
+            let msgs = register_under(ctx, &me, h)
+                .await
+                .inspect_err(|_| ctx.redis_error())?;
             // If the id changed meanwhile, the re-registration may have run
             // before our write: register again under the new id.
             if ctx.membership.id() == me {
@@ -220,7 +229,8 @@ impl Bus for RedisBus {
         let me = ctx.membership.id();
         let mut pipe = redis::pipe();
         pipe.hdel(ctx.keys.user(&h.user), h.conn.as_str()).ignore();
-        pipe.hdel(ctx.keys.node_conns(&me), h.conn.as_str()).ignore();
+        pipe.hdel(ctx.keys.node_conns(&me), h.conn.as_str())
+            .ignore();
         let mut conn = ctx.conn.clone();
         if let Err(e) = pipe.query_async::<()>(&mut conn).await {
             ctx.redis_error();

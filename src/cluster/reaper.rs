@@ -87,43 +87,45 @@ async fn try_reap(ctx: &Arc<Ctx>, dead: &NodeId, me: &NodeId) -> Result<bool, Re
 
 /// Reap `dead` while holding its lock as `holder` (renewed meanwhile).
 async fn reap_locked(ctx: &Arc<Ctx>, dead: &NodeId, holder: &NodeId) -> Result<(), ReapError> {
-    let lock_lost = CancellationToken::new();
     let done = CancellationToken::new();
-    let renewer = {
-        let ctx = ctx.clone();
-        let key = ctx.keys.reap_lock(dead);
-        let holder = holder.clone();
-        let lock_lost = lock_lost.clone();
-        let done = done.clone();
-        tokio::spawn(async move {
-            let every = ctx.cfg.lease_ttl / 3;
-            loop {
-                tokio::select! {
-                    _ = done.cancelled() => return,
-                    _ = tokio::time::sleep(every) => {}
-                }
-                let mut conn = ctx.conn.clone();
-                let r: Result<i64, _> = lua::eval_cmd(lua::LEASE_RENEW, &[&key])
-                    .arg(holder.as_str())
-                    .arg(ctx.ttl_ms())
-                    .query_async(&mut conn)
-                    .await;
-                if !matches!(r, Ok(1)) {
-                    lock_lost.cancel();
-                    return;
-                }
-            }
-        })
-    };
+    let lock_lost = spawn_lock_renewer(ctx.clone(), dead.clone(), done.clone());
     let result = reap_steps(ctx, dead, &lock_lost).await;
     done.cancel();
-    let _ = renewer.await;
     let mut conn = ctx.conn.clone();
     let _: Result<i64, _> = lua::eval_cmd(lua::LEASE_RELEASE, &[&ctx.keys.reap_lock(dead)])
         .arg(holder.as_str())
         .query_async(&mut conn)
         .await;
     result
+}
+
+/// Renew the reap lock on `node` (held as this node's id) every third of
+/// a TTL until `done`. Cancels the returned token if the lock is lost.
+fn spawn_lock_renewer(ctx: Arc<Ctx>, node: NodeId, done: CancellationToken) -> CancellationToken {
+    let lost = CancellationToken::new();
+    let lost2 = lost.clone();
+    let holder = ctx.membership.id();
+    tokio::spawn(async move {
+        let key = ctx.keys.reap_lock(&node);
+        let every = ctx.cfg.lease_ttl / 3;
+        loop {
+            tokio::select! {
+                _ = done.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let mut conn = ctx.conn.clone();
+            let r: Result<i64, _> = lua::eval_cmd(lua::LEASE_RENEW, &[&key])
+                .arg(holder.as_str())
+                .arg(ctx.ttl_ms())
+                .query_async(&mut conn)
+                .await;
+            if !matches!(r, Ok(1)) {
+                lost2.cancel();
+                return;
+            }
+        }
+    });
+    lost
 }
 
 async fn reap_steps(
@@ -185,7 +187,9 @@ async fn reap_steps(
         if !conns.is_empty() {
             let mut pipe = redis::pipe();
             for (conn_id, user) in &conns {
-                let Ok(user) = UserId::parse(user) else { continue };
+                let Ok(user) = UserId::parse(user) else {
+                    continue;
+                };
                 lua::eval(&mut pipe, lua::UNREGISTER_IF, &[&ctx.keys.user(&user)])
                     .arg(conn_id)
                     .arg(dead.as_str())
@@ -220,11 +224,12 @@ pub async fn leave_begin(ctx: &Arc<Ctx>) {
     let r: Result<(), redis::RedisError> = async {
         let _: i64 = lua::eval_cmd(lua::LEASE_ACQUIRE, &[&ctx.keys.reap_lock(&me)])
             .arg(me.as_str())
-            // Held for the whole drain; a node that dies midway lets it
-            // lapse and a survivor finishes.
-            .arg((ctx.cfg.drain + ctx.cfg.lease_ttl).as_millis() as u64)
+            .arg(ctx.ttl_ms())
             .query_async(&mut conn)
             .await?;
+        // Renewed for the whole drain; a node that dies midway lets it
+        // lapse within a lease TTL and a survivor finishes the reap.
+        spawn_lock_renewer(ctx.clone(), me.clone(), ctx.readers_stop.clone());
         let _: u64 = lua::eval_cmd(lua::EXPIRE_NOW, &[&ctx.keys.nodes()])
             .arg(me.as_str())
             .query_async(&mut conn)

@@ -50,7 +50,12 @@ pub async fn send(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes)
             Ok(t) => Target::Topic(t),
             Err(e) => return bad(StatusCode::BAD_REQUEST, format!("bad topic: {e}")),
         },
-        _ => return bad(StatusCode::BAD_REQUEST, "exactly one of \"to\" and \"topic\" is required"),
+        _ => {
+            return bad(
+                StatusCode::BAD_REQUEST,
+                "exactly one of \"to\" and \"topic\" is required",
+            );
+        }
     };
     let from = match b.from.as_deref().map(UserId::parse) {
         None => None,
@@ -67,7 +72,10 @@ pub async fn send(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes)
         );
     }
     if !is_json(payload) {
-        return bad(StatusCode::BAD_REQUEST, "payload has a number that does not fit a double");
+        return bad(
+            StatusCode::BAD_REQUEST,
+            "payload has a number that does not fit a double",
+        );
     }
     match s
         .bus

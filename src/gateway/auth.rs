@@ -67,7 +67,12 @@ pub struct Auth {
 impl Auth {
     pub fn new(cfg: &Config) -> Result<Self, ConfigError> {
         let (key, alg) = match &cfg.jwt_key {
-            JwtKey::None => return Ok(Auth { key: None, dev: cfg.dev }),
+            JwtKey::None => {
+                return Ok(Auth {
+                    key: None,
+                    dev: cfg.dev,
+                });
+            }
             JwtKey::Hs256(secret) => (DecodingKey::from_secret(secret), Algorithm::HS256),
             JwtKey::PublicPem(pem) => match DecodingKey::from_rsa_pem(pem) {
                 Ok(k) => (k, Algorithm::RS256),
@@ -154,7 +159,10 @@ mod tests {
     #[test]
     fn hs256() {
         let a = Auth::new(&cfg(&["--jwt-secret", "k"])).unwrap();
-        let t = token("k", serde_json::json!({"sub":"bob","exp":in_an_hour(),"topics":["news/*","x"]}));
+        let t = token(
+            "k",
+            serde_json::json!({"sub":"bob","exp":in_an_hour(),"topics":["news/*","x"]}),
+        );
         let p = a.authenticate(Some(&t), None).unwrap();
         assert_eq!(p.user.as_str(), "bob");
         assert!(p.topics.allows(&Topic::parse("news/a").unwrap()));
@@ -168,8 +176,12 @@ mod tests {
         let no_exp = token("k", serde_json::json!({"sub":"bob"}));
         assert!(a.authenticate(Some(&no_exp), None).is_err());
         let bad_sub = token("k", serde_json::json!({"sub":"a b","exp":in_an_hour()}));
-        assert!(matches!(a.authenticate(Some(&bad_sub), None), Err(AuthError::BadSub(_))));
-        let none_alg = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJib2IiLCJleHAiOjk5OTk5OTk5OTl9.";
+        assert!(matches!(
+            a.authenticate(Some(&bad_sub), None),
+            Err(AuthError::BadSub(_))
+        ));
+        let none_alg =
+            "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJib2IiLCJleHAiOjk5OTk5OTk5OTl9.";
         assert!(a.authenticate(Some(none_alg), None).is_err());
         // No dev: ?user is refused.
         assert!(a.authenticate(None, Some("bob")).is_err());

@@ -96,7 +96,9 @@ pub fn parse(text: &str, max_payload: usize) -> Result<ClientFrame, FrameError> 
             };
             let payload = raw
                 .payload
-                .ok_or_else(|| FrameError::new("bad_frame", "\"payload\" is required", r#ref.clone()))?
+                .ok_or_else(|| {
+                    FrameError::new("bad_frame", "\"payload\" is required", r#ref.clone())
+                })?
                 .get();
             if payload.len() > max_payload {
                 return Err(FrameError::new(
@@ -123,7 +125,10 @@ pub fn parse(text: &str, max_payload: usize) -> Result<ClientFrame, FrameError> 
         "ping" => Ok(ClientFrame::Ping),
         other => Err(FrameError::new(
             "unknown_type",
-            format!("unknown type {:?}", other.chars().take(32).collect::<String>()),
+            format!(
+                "unknown type {:?}",
+                other.chars().take(32).collect::<String>()
+            ),
             r#ref,
         )),
     }
@@ -136,7 +141,12 @@ mod tests {
     #[test]
     fn frames() {
         assert_eq!(parse(r#"{"type":"ping"}"#, 10).unwrap(), ClientFrame::Ping);
-        match parse(r#"{"type":"send","to":"bob","payload":{"a":[1]},"ref":7}"#, 100).unwrap() {
+        match parse(
+            r#"{"type":"send","to":"bob","payload":{"a":[1]},"ref":7}"#,
+            100,
+        )
+        .unwrap()
+        {
             ClientFrame::Send { to, payload, r#ref } => {
                 assert_eq!(to.as_str(), "bob");
                 assert_eq!(payload, r#"{"a":[1]}"#);
@@ -159,10 +169,19 @@ mod tests {
         assert_eq!(code("{}"), "unknown_type");
         assert_eq!(code(r#"{"type":"dance"}"#), "unknown_type");
         assert_eq!(code(r#"{"type":"send","payload":1}"#), "bad_frame");
-        assert_eq!(code(r#"{"type":"send","to":"a b","payload":1}"#), "bad_frame");
+        assert_eq!(
+            code(r#"{"type":"send","to":"a b","payload":1}"#),
+            "bad_frame"
+        );
         assert_eq!(code(r#"{"type":"send","to":"a"}"#), "bad_frame");
-        assert_eq!(code(r#"{"type":"send","to":"a","payload":"0123456789abcdef"}"#), "bad_frame");
-        assert_eq!(code(r#"{"type":"send","to":"a","payload":1e400}"#), "bad_frame");
+        assert_eq!(
+            code(r#"{"type":"send","to":"a","payload":"0123456789abcdef"}"#),
+            "bad_frame"
+        );
+        assert_eq!(
+            code(r#"{"type":"send","to":"a","payload":1e400}"#),
+            "bad_frame"
+        );
         assert_eq!(code(r#"{"type":"subscribe","topic":"a b"}"#), "bad_frame");
         let e = parse(r#"{"type":"send","to":"a b","payload":1,"ref":"r1"}"#, 16).unwrap_err();
         assert_eq!(e.r#ref, Some(Value::from("r1")));

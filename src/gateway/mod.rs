@@ -104,8 +104,14 @@ async fn ws(
     if !origin_allowed(&s.cfg.origins, &headers) {
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
     }
-    let token = q.get("token").map(String::as_str).or_else(|| bearer(&headers));
-    let who = match s.auth.authenticate(token, q.get("user").map(String::as_str)) {
+    let token = q
+        .get("token")
+        .map(String::as_str)
+        .or_else(|| bearer(&headers));
+    let who = match s
+        .auth
+        .authenticate(token, q.get("user").map(String::as_str))
+    {
         Ok(p) => p,
         Err(e) => {
             tracing::info!(error = %e, "websocket refused: 401");
@@ -120,7 +126,10 @@ async fn ws(
     }
     match s.bus.user_connections(&who.user).await {
         Ok(n) if n >= s.cfg.max_conns_per_user => {
-            return (StatusCode::TOO_MANY_REQUESTS, "too many connections for this user\n")
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many connections for this user\n",
+            )
                 .into_response();
         }
         Ok(_) => {}

@@ -123,18 +123,20 @@ impl Registry {
     }
 
     pub fn insert(&self, h: Arc<ConnHandle>) {
-        self.users.entry(h.user.clone()).or_default().push(h.clone());
+        self.users
+            .entry(h.user.clone())
+            .or_default()
+            .push(h.clone());
         self.conns.insert(h.conn.clone(), h);
     }
 
     /// Remove a connection and its subscriptions.
     pub fn remove(&self, conn: &ConnId) -> Option<Arc<ConnHandle>> {
         let (_, h) = self.conns.remove(conn)?;
-        self.users
-            .remove_if_mut(&h.user, |_, v| {
-                v.retain(|c| c.conn != *conn);
-                v.is_empty()
-            });
+        self.users.remove_if_mut(&h.user, |_, v| {
+            v.retain(|c| c.conn != *conn);
+            v.is_empty()
+        });
         let topics: Vec<Topic> = h
             .topics
             .lock()
@@ -192,7 +194,11 @@ impl Registry {
     /// Queue a topic frame for every subscriber here; at-most-once, so a
     /// full outbox just misses it. Returns (queued, dropped).
     pub fn deliver_topic(&self, topic: &Topic, out: &Outgoing) -> (usize, usize) {
-        let subs = self.topics.get(topic).map(|v| v.clone()).unwrap_or_default();
+        let subs = self
+            .topics
+            .get(topic)
+            .map(|v| v.clone())
+            .unwrap_or_default();
         let mut r = (0, 0);
         for h in subs {
             if h.push(out.clone()) {
@@ -218,12 +224,19 @@ impl Registry {
             }
             t.insert(topic.clone());
         }
-        self.topics.entry(topic.clone()).or_default().push(h.clone());
+        self.topics
+            .entry(topic.clone())
+            .or_default()
+            .push(h.clone());
         true
     }
 
     pub fn unsubscribe(&self, h: &Arc<ConnHandle>, topic: &Topic) {
-        let had = h.topics.lock().map(|mut t| t.remove(topic)).unwrap_or(false);
+        let had = h
+            .topics
+            .lock()
+            .map(|mut t| t.remove(topic))
+            .unwrap_or(false);
         if had {
             self.topics.remove_if_mut(topic, |_, v| {
                 v.retain(|c| c.conn != h.conn);

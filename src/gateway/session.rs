@@ -177,13 +177,21 @@ async fn handle(
                 Ok(id) => message::sent(r#ref.as_ref(), &id),
                 Err(e) => {
                     tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "send failed");
-                    message::error("unavailable", "message not accepted, try again", r#ref.as_ref())
+                    message::error(
+                        "unavailable",
+                        "message not accepted, try again",
+                        r#ref.as_ref(),
+                    )
                 }
             }
         }
         ClientFrame::Subscribe(t) => {
             if !who.topics.allows(&t) {
-                return message::error("forbidden_topic", "your token does not allow this topic", None);
+                return message::error(
+                    "forbidden_topic",
+                    "your token does not allow this topic",
+                    None,
+                );
             }
             if !shared
                 .registry
@@ -191,7 +199,10 @@ async fn handle(
             {
                 return message::error(
                     "bad_frame",
-                    &format!("at most {} topics per connection", shared.cfg.max_topics_per_conn),
+                    &format!(
+                        "at most {} topics per connection",
+                        shared.cfg.max_topics_per_conn
+                    ),
                     None,
                 );
             }

@@ -41,12 +41,10 @@ impl Metrics {
             mailboxed: Counter::default(),
             dead: Counter::default(),
             reaped: Counter::default(),
-            route_latency: Histogram::new(
-                [
-                    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                    2.5, 5.0, 10.0,
-                ],
-            ),
+            route_latency: Histogram::new([
+                0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                5.0, 10.0,
+            ]),
             redis_errors: Counter::default(),
             lease_renewals: Counter::default(),
             lease_losses: Counter::default(),

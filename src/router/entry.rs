@@ -146,13 +146,21 @@ mod tests {
     fn entry(fields: &[(&[u8], &[u8])]) -> RawEntry {
         RawEntry {
             id: "1700000000000-0".into(),
-            fields: fields.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect(),
         }
     }
 
     #[test]
     fn good_entries() {
-        let m = parse_send(&entry(&[(b"to", b"bob"), (b"payload", b"{\"a\":1}")]), 0, 100).unwrap();
+        let m = parse_send(
+            &entry(&[(b"to", b"bob"), (b"payload", b"{\"a\":1}")]),
+            0,
+            100,
+        )
+        .unwrap();
         assert_eq!(m.id, "1700000000000-0");
         assert_eq!(m.sent_ms, 1700000000000);
         let m = parse_send(&entry(&[(b"topic", b"news/x"), (b"payload", b"1")]), 2, 100).unwrap();
@@ -178,13 +186,25 @@ mod tests {
         type Fields<'a> = &'a [(&'a [u8], &'a [u8])];
         let cases: &[(Fields, DeadReason)] = &[
             (&[(b"payload", b"1")], DeadReason::NoTarget),
-            (&[(b"to", b"a"), (b"topic", b"t"), (b"payload", b"1")], DeadReason::BothTargets),
+            (
+                &[(b"to", b"a"), (b"topic", b"t"), (b"payload", b"1")],
+                DeadReason::BothTargets,
+            ),
             (&[(b"to", b"a b"), (b"payload", b"1")], DeadReason::BadUser),
-            (&[(b"topic", b"t t"), (b"payload", b"1")], DeadReason::BadTopic),
-            (&[(b"to", b"a"), (b"from", b"}"), (b"payload", b"1")], DeadReason::BadFrom),
+            (
+                &[(b"topic", b"t t"), (b"payload", b"1")],
+                DeadReason::BadTopic,
+            ),
+            (
+                &[(b"to", b"a"), (b"from", b"}"), (b"payload", b"1")],
+                DeadReason::BadFrom,
+            ),
             (&[(b"to", b"a")], DeadReason::NoPayload),
             (&[(b"to", b"a"), (b"payload", b"NaN")], DeadReason::BadJson),
-            (&[(b"to", b"a"), (b"payload", b"[1,2,3,4,5,6,7,8,9,10]")], DeadReason::TooLarge),
+            (
+                &[(b"to", b"a"), (b"payload", b"[1,2,3,4,5,6,7,8,9,10]")],
+                DeadReason::TooLarge,
+            ),
             (&[(b"to", &[0xff]), (b"payload", b"1")], DeadReason::NotUtf8),
         ];
         for (fields, reason) in cases {

@@ -25,7 +25,8 @@ use crate::stream;
 const BATCH: usize = 512;
 
 fn block_ms(ctx: &Ctx) -> u64 {
-    (ctx.cfg.heartbeat / 2).clamp(Duration::from_millis(5), Duration::from_millis(1000))
+    (ctx.cfg.heartbeat / 2)
+        .clamp(Duration::from_millis(5), Duration::from_millis(1000))
         .as_millis() as u64
 }
 
@@ -184,9 +185,8 @@ pub async fn run_topics(ctx: Arc<Ctx>, stop: CancellationToken) {
                     if let Some(m) = entry::parse_topic(e)
                         && let crate::message::Target::Topic(t) = &m.target
                     {
-                        let (_, dropped) = ctx
-                            .registry
-                            .deliver_topic(t, &Outgoing::control(m.frame()));
+                        let (_, dropped) =
+                            ctx.registry.deliver_topic(t, &Outgoing::control(m.frame()));
                         ctx.metrics.dropped_topic.inc_by(dropped as u64);
                     }
                 }

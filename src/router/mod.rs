@@ -261,13 +261,17 @@ fn mailbox_cmd(
     force: bool,
     not_live: &[String],
 ) {
-    lua::eval(pipe, lua::MAILBOX, &[&ctx.keys.user(u), &ctx.keys.mailbox(u)])
-        .arg(if force { "1" } else { "0" })
-        .arg(ctx.cfg.mailbox_max)
-        .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
-        .arg(not_live.len())
-        .arg(not_live)
-        .arg(entry::fields(m));
+    lua::eval(
+        pipe,
+        lua::MAILBOX,
+        &[&ctx.keys.user(u), &ctx.keys.mailbox(u)],
+    )
+    .arg(if force { "1" } else { "0" })
+    .arg(ctx.cfg.mailbox_max)
+    .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
+    .arg(not_live.len())
+    .arg(not_live)
+    .arg(entry::fields(m));
 }
 
 /// Routes messages that reached this node after their user left it (and

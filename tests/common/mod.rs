@@ -164,7 +164,11 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("---- redis-server log (port {}) ----\n{}", self.port, self.log());
+            eprintln!(
+                "---- redis-server log (port {}) ----\n{}",
+                self.port,
+                self.log()
+            );
         }
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -221,8 +225,14 @@ impl NodeProc {
         let mut child = cmd.spawn().expect("spawn wscluster");
         let log = Arc::new(Mutex::new(String::new()));
         for pipe in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -239,11 +249,11 @@ impl NodeProc {
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         let addr = loop {
-            if let Some(a) = log
-                .lock()
-                .ok()
-                .and_then(|l| l.split("listen=").nth(1).map(|s| s.split_whitespace().next().unwrap_or("").to_owned()))
-            {
+            if let Some(a) = log.lock().ok().and_then(|l| {
+                l.split("listen=")
+                    .nth(1)
+                    .map(|s| s.split_whitespace().next().unwrap_or("").to_owned())
+            }) {
                 break a;
             }
             if Instant::now() > deadline {
@@ -302,13 +312,17 @@ impl NodeProc {
 
     pub async fn wait_ready(&self) {
         let url = self.http("/readyz");
-        eventually(&format!("{} ready", self.name), Duration::from_secs(10), || {
-            let url = url.clone();
-            async move {
-                let r = reqwest::get(&url).await.ok()?;
-                (r.status() == 200).then_some(())
-            }
-        })
+        eventually(
+            &format!("{} ready", self.name),
+            Duration::from_secs(10),
+            || {
+                let url = url.clone();
+                async move {
+                    let r = reqwest::get(&url).await.ok()?;
+                    (r.status() == 200).then_some(())
+                }
+            },
+        )
         .await;
     }
 
@@ -437,7 +451,10 @@ impl Client {
             welcome: Value::Null,
             backlog: Vec::new(),
         };
-        let w = c.next_frame(Duration::from_secs(10)).await.expect("welcome");
+        let w = c
+            .next_frame(Duration::from_secs(10))
+            .await
+            .expect("welcome");
         assert_eq!(w["type"], "welcome", "first frame must be welcome: {w}");
         c.welcome = w;
         c
@@ -472,7 +489,9 @@ impl Client {
         }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()??;
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()??;
             match msg {
                 Ok(WsMessage::Text(t)) => return serde_json::from_str(t.as_str()).ok(),
                 Ok(WsMessage::Close(_)) | Err(_) => return None,
@@ -482,7 +501,12 @@ impl Client {
     }
 
     /// Read until a frame matches `pred` (others are kept in the backlog).
-    pub async fn expect(&mut self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    pub async fn expect(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         if let Some(i) = self.backlog.iter().position(&pred) {
             return self.backlog.remove(i);
         }
@@ -490,7 +514,11 @@ impl Client {
         let mut seen = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let Some(msg) = tokio::time::timeout(left, self.ws.next()).await.ok().flatten() else {
+            let Some(msg) = tokio::time::timeout(left, self.ws.next())
+                .await
+                .ok()
+                .flatten()
+            else {
                 panic!("no frame matching {what} within {timeout:?}; saw {seen:?}");
             };
             match msg {
@@ -502,7 +530,9 @@ impl Client {
                     }
                     seen.push(v);
                 }
-                Ok(WsMessage::Close(c)) => panic!("closed ({c:?}) while waiting for {what}; saw {seen:?}"),
+                Ok(WsMessage::Close(c)) => {
+                    panic!("closed ({c:?}) while waiting for {what}; saw {seen:?}")
+                }
                 Err(e) => panic!("error {e} while waiting for {what}; saw {seen:?}"),
                 Ok(_) => {}
             }
@@ -560,7 +590,9 @@ impl Client {
     pub async fn close_code(&mut self, timeout: Duration) -> Option<u16> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()??;
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()??;
             match msg {
                 Ok(WsMessage::Close(Some(f))) => return Some(f.code.into()),
                 Ok(WsMessage::Close(None)) | Err(_) => return None,
