@@ -226,11 +226,6 @@ impl Config {
                     parsed.scheme()
                 )));
             }
-            if parsed.scheme() == "rediss" {
-                return Err(ConfigError::RedisUrl(
-                    "rediss:// (TLS) is not supported by this build yet".into(),
-                ));
-            }
             redis::Client::open(url.as_str()).map_err(|e| ConfigError::RedisUrl(e.to_string()))?;
         }
         if args.heartbeat_ms < 10 {

@@ -10,6 +10,8 @@ use wscluster::config::{Args, Config, LogFormat};
 use wscluster::{Node, shutdown};
 
 fn main() -> ExitCode {
+    // rediss:// uses rustls; pick its crypto provider once for the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cfg = match Config::from_args(Args::parse()) {
         Ok(c) => c,
         Err(e) => {
