@@ -56,6 +56,17 @@ end
 return 0
 "#;
 
+/// Is a node's lease expired by Redis `TIME`? 1 if expired (and present).
+/// An expired lease is never renewed (see [`RENEW`]), so a reaper that saw
+/// 1 here can go on safely. `KEYS[1]` = nodes; `ARGV[1]` = node id.
+pub const IS_EXPIRED: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if s and tonumber(s) <= now then return 1 end
+return 0
+"#;
+
 /// Take or renew a named lease (router lease, reap lock).
 /// `KEYS[1]` = lease key; `ARGV` = holder, ttl ms. Returns 1 if held.
 pub const LEASE_ACQUIRE: &str = r#"

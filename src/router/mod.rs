@@ -126,13 +126,15 @@ async fn route_round(
         }
         pipe.query_async(conn).await?
     };
-    // 2. Ask Redis about nodes this node has not seen yet.
+    // 2. Ask Redis about nodes this node has not seen yet, and about those
+    //    it believes expired (its view may be stale; skipping a live node
+    //    would mailbox a message for a user who is online).
     let live = &ctx.membership.live;
     let mut unknown: Vec<&str> = Vec::new();
     for fields in &lookups {
         for (_, node) in fields {
             if node != me.as_str()
-                && live.status(node) == NodeStatus::Unknown
+                && matches!(live.status(node), NodeStatus::Unknown | NodeStatus::Expired)
                 && !unknown.contains(&node.as_str())
             {
                 unknown.push(node);
