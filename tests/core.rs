@@ -724,3 +724,41 @@ async fn graceful_leave() {
     );
     let _ = nodes.remove(0);
 }
+
+/// `--log-format json`: every line is a JSON object; the lines about a
+/// node and a session carry its ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs() {
+    let redis = Redis::start();
+    let mut args = fast_args(&redis);
+    args.extend(["--log-format".to_string(), "json".to_string()]);
+    let n = NodeProc::start("json", &args);
+    n.wait_ready().await;
+    let c = Client::dev(&n, "logged").await;
+    let id = n.node_id().await;
+    c.close().await;
+    let log = eventually("session end logged", T, || {
+        let log = n.log();
+        async move { log.contains("session ended").then_some(log) }
+    })
+    .await;
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["fields"]["node"] == id.as_str()),
+        "a line names the node"
+    );
+    let end = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "session ended")
+        .unwrap();
+    assert_eq!(end["fields"]["user"], "logged");
+    assert!(
+        end["fields"]["conn"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty())
+    );
+}

@@ -34,9 +34,9 @@ pub async fn run(shared: Arc<Shared>, socket: WebSocket, who: Principal) {
     let (h, rx) = ConnHandle::new(ConnId::random(), who.user.clone());
     shared.registry.insert(h.clone());
     shared.metrics.connections.inc();
-    let result = pump(&shared, socket, &h, rx, &who).await;
-    if let Err(e) = result {
-        tracing::debug!(conn = %h.conn, user = %h.user, error = %e, "session ended");
+    match pump(&shared, socket, &h, rx, &who).await {
+        Ok(()) => tracing::debug!(conn = %h.conn, user = %h.user, "session ended"),
+        Err(e) => tracing::debug!(conn = %h.conn, user = %h.user, error = %e, "session ended"),
     }
     shared.metrics.connections.dec();
 }

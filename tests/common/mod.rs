@@ -249,11 +249,15 @@ impl NodeProc {
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         let addr = loop {
-            if let Some(a) = log.lock().ok().and_then(|l| {
-                l.split("listen=")
-                    .nth(1)
-                    .map(|s| s.split_whitespace().next().unwrap_or("").to_owned())
-            }) {
+            let found = log.lock().ok().and_then(|l| {
+                // Text logs: `listen=ADDR`; JSON logs: `"listen":"ADDR"`.
+                if let Some(rest) = l.split("listen=").nth(1) {
+                    return rest.split_whitespace().next().map(str::to_owned);
+                }
+                let rest = l.split("\"listen\":\"").nth(1)?;
+                rest.split('"').next().map(str::to_owned)
+            });
+            if let Some(a) = found {
                 break a;
             }
             if Instant::now() > deadline {

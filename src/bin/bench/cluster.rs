@@ -1,0 +1,535 @@
+//! The cluster under test: either an existing one (`--ws-urls`,
+//! `--redis-url`) or a local one this program starts and stops — a
+//! `redis-server` on a free port and N nodes of the built `wscluster` binary.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Where the cluster comes from and how local nodes are started.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ClusterOpts {
+    /// Drive an existing cluster: its nodes, comma-separated
+    /// (`ws://host:port`, `http://host:port` or `host:port`). Needs `--redis-url`.
+    #[arg(long, value_delimiter = ',')]
+    pub ws_urls: Vec<String>,
+    /// The Redis of an existing cluster (with `--ws-urls`).
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// Redis key prefix of the cluster (passed to local nodes too).
+    #[arg(long, default_value = "wsc")]
+    pub prefix: String,
+    /// The `wscluster` binary for local nodes (default: next to this program).
+    #[arg(long)]
+    pub node_bin: Option<PathBuf>,
+    /// `--heartbeat-ms` for local nodes (default: the node's own, 1000).
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// `--lease-ttl-ms` for local nodes (default: the node's own, 5000).
+    #[arg(long)]
+    pub lease_ttl_ms: Option<u64>,
+    /// Extra argument for local nodes (repeat for several).
+    #[arg(long = "node-arg", allow_hyphen_values = true)]
+    pub node_args: Vec<String>,
+    /// Keep the local cluster's logs (their directory is printed).
+    #[arg(long)]
+    pub keep_logs: bool,
+}
+
+impl ClusterOpts {
+    pub fn external(&self) -> bool {
+        !self.ws_urls.is_empty()
+    }
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms.unwrap_or(1000))
+    }
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ttl_ms.unwrap_or(5000))
+    }
+}
+
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn tmpdir() -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!(
+        "wsc-bench-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
+    Ok(d)
+}
+
+/// A `redis-server` child on a free port, no persistence.
+pub struct RedisProc {
+    pub port: u16,
+    child: Child,
+}
+
+impl RedisProc {
+    pub fn start(dir: &Path) -> Result<RedisProc> {
+        for _ in 0..5 {
+            let port = free_port()?;
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string()])
+                .args(["--bind", "127.0.0.1"])
+                .args(["--save", ""])
+                .args(["--appendonly", "no"])
+                .args(["--dir", &dir.to_string_lossy()])
+                .args(["--logfile", &dir.join("redis.log").to_string_lossy()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("start redis-server (is the redis-server package installed?)")?;
+            let mut r = RedisProc { port, child };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                if let Ok(Some(_)) = r.child.try_wait() {
+                    break; // port clash: try another
+                }
+                let ok = redis::Client::open(r.url())
+                    .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+                    .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                    .is_ok();
+                if ok {
+                    return Ok(r);
+                }
+                if Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        bail!("could not start redis-server (see {})", dir.display())
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for RedisProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A node of the cluster: its address, and its process if local.
+pub struct Node {
+    /// `host:port` of its HTTP/WebSocket listener.
+    pub addr: String,
+    pub child: Option<Child>,
+    pub log: Option<PathBuf>,
+}
+
+impl Node {
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// SIGKILL the local process and reap it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub struct Cluster {
+    pub redis_url: String,
+    pub prefix: String,
+    pub nodes: Vec<Node>,
+    pub redis: Option<RedisProc>,
+    dir: Option<PathBuf>,
+    keep_logs: bool,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Nodes first, then Redis.
+        self.nodes.clear();
+        self.redis = None;
+        if let Some(d) = &self.dir {
+            if self.keep_logs {
+                eprintln!("logs kept in {}", d.display());
+            } else {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
+}
+
+fn node_bin(opts: &ClusterOpts) -> Result<PathBuf> {
+    if let Some(p) = &opts.node_bin {
+        return Ok(p.clone());
+    }
+    let exe = std::env::current_exe().context("current_exe")?;
+    let dir = exe.parent().ok_or_else(|| anyhow!("no directory for {}", exe.display()))?;
+    let p = dir.join("wscluster");
+    if !p.exists() {
+        bail!(
+            "{} not found: build it (cargo build --release --bins) or pass --node-bin",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+impl Cluster {
+    /// The cluster to drive: the existing one, or a new local one with `n`
+    /// nodes, all ready.
+    pub async fn setup(opts: &ClusterOpts, n: usize) -> Result<Cluster> {
+        if opts.external() {
+            let redis_url = opts
+                .redis_url
+                .clone()
+                .ok_or_else(|| anyhow!("--ws-urls needs --redis-url"))?;
+            let nodes = opts
+                .ws_urls
+                .iter()
+                .map(|u| Node {
+                    addr: host_port(u),
+                    child: None,
+                    log: None,
+                })
+                .collect();
+            return Ok(Cluster {
+                redis_url,
+                prefix: opts.prefix.clone(),
+                nodes,
+                redis: None,
+                dir: None,
+                keep_logs: false,
+            });
+        }
+        let bin = node_bin(opts)?;
+        let dir = tmpdir()?;
+        let redis = RedisProc::start(&dir)?;
+        let mut c = Cluster {
+            redis_url: redis.url(),
+            prefix: opts.prefix.clone(),
+            nodes: Vec::new(),
+            redis: Some(redis),
+            dir: Some(dir.clone()),
+            keep_logs: opts.keep_logs,
+        };
+        let mut args: Vec<String> = vec![
+            "--redis-url".into(),
+            c.redis_url.clone(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--prefix".into(),
+            opts.prefix.clone(),
+            "--dev".into(),
+            "--max-msgs-per-sec".into(),
+            "1000000".into(),
+            "--max-connections".into(),
+            "100000".into(),
+            "--drain-ms".into(),
+            "1000".into(),
+        ];
+        if let Some(h) = opts.heartbeat_ms {
+            args.extend(["--heartbeat-ms".into(), h.to_string()]);
+        }
+        if let Some(t) = opts.lease_ttl_ms {
+            args.extend(["--lease-ttl-ms".into(), t.to_string()]);
+        }
+        args.extend(opts.node_args.iter().cloned());
+        let mut pending = Vec::new();
+        for i in 0..n {
+            pending.push(spawn_node(&bin, &args, &dir, i)?);
+        }
+        for (i, (child, log_path, addr)) in pending.into_iter().enumerate() {
+            let node = Node {
+                addr: String::new(),
+                child: Some(child),
+                log: Some(log_path.clone()),
+            };
+            c.nodes.push(node);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            let a = loop {
+                if let Some(a) = addr.lock().ok().and_then(|a| a.clone()) {
+                    break a;
+                }
+                let exited = c.nodes[i]
+                    .child
+                    .as_mut()
+                    .and_then(|ch| ch.try_wait().ok().flatten());
+                if exited.is_some() || Instant::now() > deadline {
+                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    bail!("node {i} did not start ({exited:?}):\n{log}");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            c.nodes[i].addr = a;
+        }
+        for (i, node) in c.nodes.iter().enumerate() {
+            wait_ready(&node.addr, Duration::from_secs(15))
+                .await
+                .with_context(|| format!("node {i} at {} not ready", node.addr))?;
+        }
+        Ok(c)
+    }
+
+    pub fn redis_client(&self) -> Result<redis::Client> {
+        Ok(redis::Client::open(self.redis_url.as_str())?)
+    }
+
+    /// Tell the cluster's Redis is local (so its CPU can be read).
+    pub fn redis_pid(&self) -> Option<i32> {
+        self.redis.as_ref().map(|r| r.pid())
+    }
+
+    pub fn node_pids(&self) -> Vec<i32> {
+        self.nodes.iter().filter_map(|n| n.pid()).collect()
+    }
+
+    pub fn local(&self) -> bool {
+        self.redis.is_some()
+    }
+}
+
+type Spawned = (Child, PathBuf, Arc<Mutex<Option<String>>>);
+
+fn spawn_node(bin: &Path, args: &[String], dir: &Path, i: usize) -> Result<Spawned> {
+    let mut child = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawn {}", bin.display()))?;
+    let log_path = dir.join(format!("node{i}.log"));
+    let log = Arc::new(Mutex::new(
+        std::fs::File::create(&log_path).context("node log file")?,
+    ));
+    let addr = Arc::new(Mutex::new(None::<String>));
+    let pipes: Vec<Box<dyn Read + Send>> = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for pipe in pipes {
+        let log = log.clone();
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let line = strip_ansi(&line);
+                if let Some(rest) = line.split("listen=").nth(1)
+                    && let Ok(mut a) = addr.lock()
+                    && a.is_none()
+                {
+                    *a = Some(rest.split_whitespace().next().unwrap_or("").to_owned());
+                }
+                if let Ok(mut f) = log.lock() {
+                    let _ = writeln!(f, "{line}");
+                }
+            }
+        });
+    }
+    Ok((child, log_path, addr))
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c2 in chars.by_ref() {
+                if c2.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `ws://h:p/...`, `http://h:p` or `h:p` → `h:p`.
+pub fn host_port(url: &str) -> String {
+    let s = url.split("://").nth(1).unwrap_or(url);
+    s.split('/').next().unwrap_or(s).to_owned()
+}
+
+pub async fn resolve(addr: &str) -> Result<SocketAddr> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .ok_or_else(|| anyhow!("cannot resolve {addr}"))
+}
+
+/// A minimal HTTP/1.1 GET: status and body.
+pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(resolve(addr).await?).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("bad HTTP answer from {addr}"))?;
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        let body = if chunked {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        };
+        Ok::<_, anyhow::Error>((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .map_err(|_| anyhow!("GET {path} on {addr}: timeout"))?
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(len.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+pub async fn wait_ready(addr: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok((200, _)) = http_get(addr, "/readyz").await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("/readyz not 200 within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// `/cluster` of a node, as JSON.
+pub async fn cluster_view(addr: &str) -> Result<serde_json::Value> {
+    let (status, body) = http_get(addr, "/cluster").await?;
+    if status != 200 {
+        bail!("GET /cluster on {addr}: {status}");
+    }
+    Ok(serde_json::from_str(&body)?)
+}
+
+/// A gauge or counter from a node's `/metrics`.
+pub async fn metric(addr: &str, name: &str) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics").await.ok()?;
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == name || k.starts_with(&format!("{name}{{"))).then(|| v.trim().parse().ok())?
+        })
+}
+
+/// Resident memory of a process, bytes (`VmRSS` in `/proc/<pid>/status`).
+pub fn rss_bytes(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// CPU time used by a process so far (user + system), seconds.
+pub fn cpu_seconds(pid: i32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime is field 14, stime 15.
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let tck = if tck > 0 { tck as f64 } else { 100.0 };
+    Some((utime + stime) as f64 / tck)
+}
+
+/// CPU seconds of Redis, the nodes and this program, at one moment.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuSnap {
+    pub redis: f64,
+    pub nodes: f64,
+    pub bench: f64,
+}
+
+impl CpuSnap {
+    pub fn take(c: &Cluster) -> CpuSnap {
+        CpuSnap {
+            redis: c.redis_pid().and_then(cpu_seconds).unwrap_or(0.0),
+            nodes: c.node_pids().into_iter().filter_map(cpu_seconds).sum(),
+            bench: cpu_seconds(std::process::id() as i32).unwrap_or(0.0),
+        }
+    }
+
+    /// Each process group's CPU use between `self` and `later`, in percent
+    /// of one core over `window` seconds.
+    pub fn usage(&self, later: &CpuSnap, window: f64, local: bool) -> serde_json::Value {
+        if !local || window <= 0.0 {
+            return serde_json::json!({
+                "bench_pct": round1((later.bench - self.bench) / window.max(1e-9) * 100.0),
+            });
+        }
+        serde_json::json!({
+            "redis_pct": round1((later.redis - self.redis) / window * 100.0),
+            "nodes_pct": round1((later.nodes - self.nodes) / window * 100.0),
+            "bench_pct": round1((later.bench - self.bench) / window * 100.0),
+        })
+    }
+}
+
+pub fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
