@@ -86,6 +86,24 @@ async fn user_loop(
     }
 }
 
+fn spawn_users(
+    users: u64,
+    addrs: &Arc<Mutex<Vec<String>>>,
+    seen: &Arc<Mutex<Seen>>,
+    stop: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..users)
+        .map(|u| {
+            tokio::spawn(user_loop(
+                format!("cu{u}"),
+                addrs.clone(),
+                seen.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_soak() {
     let messages = env_or("CHAOS_MESSAGES", 20_000);
@@ -104,15 +122,7 @@ async fn chaos_soak() {
     ));
     let seen = Arc::new(Mutex::new(Seen::default()));
     let stop_clients = CancellationToken::new();
-    let mut tasks = Vec::new();
-    for u in 0..users {
-        tasks.push(tokio::spawn(user_loop(
-            format!("cu{u}"),
-            addrs.clone(),
-            seen.clone(),
-            stop_clients.clone(),
-        )));
-    }
+    let tasks = spawn_users(users, &addrs, &seen, &stop_clients);
 
     // Producer: pipelined XADDs spread over the run.
     let producer = {
@@ -203,15 +213,7 @@ async fn chaos_soak() {
         let _ = t.await;
     }
     let final_round = CancellationToken::new();
-    let mut tasks = Vec::new();
-    for u in 0..users {
-        tasks.push(tokio::spawn(user_loop(
-            format!("cu{u}"),
-            addrs.clone(),
-            seen.clone(),
-            final_round.clone(),
-        )));
-    }
+    let tasks = spawn_users(users, &addrs, &seen, &final_round);
     let total = sent.len();
     let missing = eventually(
         "every message accounted for",

@@ -592,17 +592,7 @@ impl Client {
 
     /// The close code the server sends next (None if none within timeout).
     pub async fn close_code(&mut self, timeout: Duration) -> Option<u16> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let msg = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .ok()??;
-            match msg {
-                Ok(WsMessage::Close(Some(f))) => return Some(f.code.into()),
-                Ok(WsMessage::Close(None)) | Err(_) => return None,
-                Ok(_) => continue,
-            }
-        }
+        self.until_close(timeout).await.1
     }
 
     pub async fn close(mut self) {
