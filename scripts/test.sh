@@ -16,6 +16,11 @@ need_pkg() { # need_pkg <command> <debian package>
 }
 need_pkg redis-server redis-server
 need_pkg redis-cli redis-tools
+# The browser test (tests/browser.rs) drives Debian's Chromium with playwright-core.
+need_pkg chromium chromium
+need_pkg node nodejs
+need_pkg npm npm
+[ -d tests/browser/node_modules/playwright-core ] || (cd tests/browser && npm ci --no-audit --no-fund --silent)
 
 # redis-server is started per test on a free port; the Debian service is not needed.
 echo "== format and lints"

@@ -122,6 +122,11 @@ pub struct Args {
     /// Development mode: ?user=NAME without a token, demo page at /.
     #[arg(long, env = "WSC_DEV", default_value_t = false)]
     pub dev: bool,
+    /// Serve the demo page at `/` and the client library at `/client.js`
+    /// (for a cluster behind a load balancer). Logging in with a bare user
+    /// name (`?user=`) still needs `--dev`; without it the page asks for a token.
+    #[arg(long, env = "WSC_DEMO", default_value_t = false)]
+    pub demo: bool,
     /// `text` or `json`.
     #[arg(long, env = "WSC_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -182,6 +187,8 @@ pub struct Config {
     pub max_conns_per_user: usize,
     pub max_topics_per_conn: usize,
     pub dev: bool,
+    /// Serve the demo page at `/` (also implied by `--dev`).
+    pub demo: bool,
     pub log_format: LogFormat,
 }
 
@@ -319,6 +326,7 @@ impl Config {
             max_conns_per_user: args.max_conns_per_user,
             max_topics_per_conn: args.max_topics_per_conn,
             dev: args.dev,
+            demo: args.demo,
             log_format,
         })
     }

@@ -61,8 +61,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
-        .route("/cluster", get(ops::cluster));
-    if shared.cfg.dev {
+        .route("/cluster", get(ops::cluster))
+        .route("/client.js", get(client_js))
+        .route("/admin", get(admin))
+        .route("/admin/api/cluster", get(admin_cluster));
+    if shared.cfg.dev || shared.cfg.demo {
         r = r.route("/", get(demo));
     }
     r.with_state(shared)
@@ -70,6 +73,95 @@ pub fn router(shared: Arc<Shared>) -> Router {
 
 async fn demo() -> Html<&'static str> {
     Html(include_str!("demo.html"))
+}
+
+/// The JavaScript client library (an ES module, no dependencies).
+async fn client_js() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("client.js"),
+    )
+        .into_response()
+}
+
+/// The operator page: static; it asks for the API key itself. 404 when no
+/// `--api-key` is configured.
+async fn admin(State(s): State<Arc<Shared>>) -> Response {
+    if s.cfg.api_key.is_none() {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    Html(include_str!("admin.html")).into_response()
+}
+
+/// Counters of this node that the operator page shows, from its metrics.
+const ADMIN_COUNTERS: &[&str] = &[
+    "wsc_connections",
+    "wsc_messages_delivered_total",
+    "wsc_messages_routed_total",
+    "wsc_messages_rerouted_total",
+    "wsc_messages_mailboxed_total",
+    "wsc_messages_dead_total",
+    "wsc_nodes_reaped_total",
+];
+
+/// Sample values of the named metrics in a Prometheus text exposition
+/// (unlabelled samples only).
+fn parse_counters(text: &str) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let mut parts = line.split_whitespace();
+        let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        if ADMIN_COUNTERS.contains(&name)
+            && let Ok(v) = value.parse::<f64>()
+        {
+            // Counters and gauges print as integers when they are whole.
+            let n = if v.fract() == 0.0 && (0.0..9.0e15).contains(&v) {
+                serde_json::Number::from(v as u64)
+            } else if let Some(n) = serde_json::Number::from_f64(v) {
+                n
+            } else {
+                continue;
+            };
+            out.insert(name.to_owned(), serde_json::Value::Number(n));
+        }
+    }
+    out
+}
+
+/// `GET /admin/api/cluster`: the `/cluster` view plus this node's counters,
+/// behind the API key (bearer).
+async fn admin_cluster(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let Some(key) = &s.cfg.api_key else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let given = bearer(&headers).unwrap_or("");
+    if !constant_time_eq::constant_time_eq(given.as_bytes(), key.as_bytes()) {
+        return (StatusCode::UNAUTHORIZED, "bad api key\n").into_response();
+    }
+    let view = match s.bus.cluster_view().await {
+        Ok(v) => v,
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    };
+    let mut v = match serde_json::to_value(&view) {
+        Ok(v) => v,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    };
+    v["counters"] = serde_json::Value::Object(parse_counters(&s.metrics.render()));
+    v["now_ms"] = serde_json::json!(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    );
+    ([(header::CACHE_CONTROL, "no-store")], axum::Json(v)).into_response()
 }
 
 fn origin_allowed(origins: &Origins, headers: &HeaderMap) -> bool {
@@ -164,5 +256,15 @@ mod tests {
         assert!(!origin_allowed(&Origins::List(vec![]), &h));
         h.insert(header::ORIGIN, "https://evil.com".parse().unwrap());
         assert!(!origin_allowed(&list, &h));
+    }
+
+    #[test]
+    fn counters_from_metrics() {
+        let c = parse_counters(
+            "# TYPE wsc_connections gauge\nwsc_connections 3\nwsc_messages_delivered_total 7\nwsc_route_latency_seconds_sum 0.5\n# EOF\n",
+        );
+        assert_eq!(c["wsc_connections"], 3);
+        assert_eq!(c["wsc_messages_delivered_total"], 7);
+        assert!(!c.contains_key("wsc_route_latency_seconds_sum"));
     }
 }

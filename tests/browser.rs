@@ -1,0 +1,123 @@
+//! The demo page, `/client.js` and `/admin` in headless Chromium (issue 7):
+//! redis + three nodes + `wsc-lb` in front, driven by
+//! `tests/browser/cluster.test.mjs` (playwright-core). Two pages exchange
+//! messages; the node of one is SIGKILLed; the page reconnects through the
+//! LB by itself and messages sent meanwhile arrive once each; `/admin` shows
+//! the node go. Screenshots land in `target/browser-test/`.
+//!
+//! Needs `/usr/bin/chromium` (or `$CHROMIUM`) and
+//! `tests/browser/node_modules` (`npm install` there); `scripts/test.sh`
+//! installs both.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Lb(std::process::Child);
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start `wsc-lb` on a free port in front of `backends`; its address.
+fn start_lb(backends: &[String]) -> (Lb, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsc-lb"))
+        .arg("127.0.0.1:0")
+        .args(backends)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn wsc-lb");
+    let out = child.stdout.take().expect("lb stdout");
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line).expect("lb line");
+    let addr = line
+        .trim()
+        .strip_prefix("wsc-lb listening on ")
+        .unwrap_or_else(|| panic!("unexpected wsc-lb output: {line:?}"))
+        .to_owned();
+    (Lb(child), addr)
+}
+
+fn prerequisites(dir: &Path) -> PathBuf {
+    let chromium =
+        PathBuf::from(std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()));
+    assert!(
+        chromium.exists(),
+        "browser test: {} not found; install it with `apt-get install -y chromium` \
+         (scripts/test.sh does), or set CHROMIUM",
+        chromium.display()
+    );
+    assert!(
+        dir.join("node_modules/playwright-core").exists(),
+        "browser test: {}/node_modules is missing; run `npm install --no-audit --no-fund` there \
+         (scripts/test.sh does)",
+        dir.display()
+    );
+    assert!(
+        Command::new("node").arg("--version").output().is_ok(),
+        "browser test: `node` not found"
+    );
+    chromium
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_reconnect_dedupe_and_admin() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = root.join("tests/browser");
+    let chromium = prerequisites(&dir);
+    let out = root.join("target/browser-test");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).expect("output dir");
+
+    let (_redis, nodes) = cluster(3).await;
+    let mut list = Vec::new();
+    for n in &nodes {
+        list.push(serde_json::json!({"id": n.node_id().await, "addr": n.addr, "pid": n.pid()}));
+    }
+    let backends: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    let (_lb, lb_addr) = start_lb(&backends);
+
+    let mut script = Command::new("node")
+        .arg("cluster.test.mjs")
+        .current_dir(&dir)
+        .env("LB_URL", format!("http://{lb_addr}"))
+        .env("NODES", serde_json::Value::from(list).to_string())
+        .env("API_KEY", API_KEY)
+        .env("OUT_DIR", &out)
+        .env("CHROMIUM", &chromium)
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn node");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(st) = script.try_wait().expect("wait node") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = script.kill();
+            panic!("browser test script did not finish within 180 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        status.success(),
+        "browser test script failed ({status}); screenshots in {}",
+        out.display()
+    );
+    let shots = std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0);
+    assert!(
+        shots >= 5,
+        "expected a screenshot per step in {}",
+        out.display()
+    );
+}
