@@ -261,6 +261,9 @@ impl NodeProc {
                 break a;
             }
             if Instant::now() > deadline {
+                // Not yet owned by a NodeProc: kill it here or it outlives the test.
+                let _ = child.kill();
+                let _ = child.wait();
                 panic!("node {name} did not start:\n{}", log.lock().unwrap());
             }
             std::thread::sleep(Duration::from_millis(10));
