@@ -762,3 +762,76 @@ async fn json_logs() {
             .is_some_and(|c| !c.is_empty())
     );
 }
+
+/// `--send-shards`: entries for user or topic x go to shard CRC32(x) mod K
+/// (`<p>:send` for 0, `<p>:send:<n>` otherwise), ids are `n/`-prefixed for
+/// n ≥ 1, and every shard has exactly one router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_shards() {
+    const K: u32 = 3;
+    let (redis, nodes) = cluster_with(3, &["--send-shards", "3"]).await;
+    let mut r = redis.conn();
+    // One user per shard.
+    let mut users: Vec<Option<String>> = vec![None; K as usize];
+    for i in 0.. {
+        let u = format!("sh{i}");
+        let shard = crc32fast::hash(u.as_bytes()) % K;
+        users[shard as usize].get_or_insert(u);
+        if users.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let users: Vec<String> = users.into_iter().map(Option::unwrap).collect();
+    let mut sender = Client::dev(&nodes[0], "sender").await;
+    for (shard, u) in users.iter().enumerate() {
+        let mut c = Client::dev(&nodes[(shard + 1) % 3], u).await;
+        let key = if shard == 0 {
+            "wsc:send".to_string()
+        } else {
+            format!("wsc:send:{shard}")
+        };
+        let raw: String = redis::cmd("XADD")
+            .arg(&key)
+            .arg("*")
+            .arg("to")
+            .arg(u)
+            .arg("payload")
+            .arg("1")
+            .query(&mut r)
+            .unwrap();
+        let id = if shard == 0 {
+            raw
+        } else {
+            format!("{shard}/{raw}")
+        };
+        c.expect("app message on its shard", T, is_msg(&id)).await;
+        // A client send lands on the recipient's shard too.
+        sender
+            .send_json(json!({"type":"send","to":u,"payload":2}))
+            .await;
+        let sent = sender.expect("sent", T, |v| v["type"] == "sent").await;
+        let sid = sent["id"].as_str().unwrap().to_owned();
+        if shard == 0 {
+            assert!(!sid.contains('/'), "{sid}");
+        } else {
+            assert!(
+                sid.starts_with(&format!("{shard}/")),
+                "{sid} on shard {shard}"
+            );
+        }
+        c.expect("client message on its shard", T, is_msg(&sid))
+            .await;
+    }
+    let mut routed: Vec<u64> = Vec::new();
+    for n in &nodes {
+        for s in n.cluster().await["shards"].as_array().unwrap() {
+            routed.push(s.as_u64().unwrap());
+        }
+    }
+    routed.sort();
+    assert_eq!(
+        routed,
+        vec![0, 1, 2],
+        "each shard routed by exactly one node"
+    );
+}
