@@ -98,16 +98,23 @@ end
 return 0
 "#;
 
-/// Register a connection and take the user's mailbox, in one step: any
-/// message routed after this finds the connection, and every message
-/// mailboxed before it is returned here (once).
-/// `KEYS` = user hash, mailbox; `ARGV` = conn id, node id, mailbox ttl ms.
-/// Returns the unexpired mailbox entries in order.
-pub const REGISTER: &str = r#"
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-local entries = redis.call('XRANGE', KEYS[2], '-', '+')
-if #entries == 0 then return {} end
-redis.call('DEL', KEYS[2])
+/// The body shared by [`REGISTER`] and [`TAKE_MAILBOX`]: take one page of
+/// the mailbox (`KEYS[2]`; `ARGV[3]` = ttl ms, `ARGV[4]` = page size).
+/// Taken entries are deleted, the key goes when empty; expired entries are
+/// dropped. Returns `{more, entries}`.
+macro_rules! take_page {
+    () => {
+        r#"
+local entries = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', tonumber(ARGV[4]))
+if #entries == 0 then return {0, {}} end
+local ids = {}
+for i, e in ipairs(entries) do ids[i] = e[1] end
+redis.call('XDEL', KEYS[2], unpack(ids))
+local more = 1
+if redis.call('XLEN', KEYS[2]) == 0 then
+  redis.call('DEL', KEYS[2])
+  more = 0
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local min = now - tonumber(ARGV[3])
@@ -116,8 +123,24 @@ for _, e in ipairs(entries) do
   local ms = tonumber(string.match(e[1], '^(%d+)'))
   if ms and ms >= min then out[#out + 1] = e end
 end
-return out
-"#;
+return {more, out}
+"#
+    };
+}
+
+/// Register a connection and take the first page of the user's mailbox, in
+/// one step: any message routed after this finds the connection, and every
+/// message mailboxed before it is taken (once) here or by [`TAKE_MAILBOX`].
+/// Pages keep replies small: a huge reply would stall the shared connection.
+/// `KEYS` = user hash, mailbox; `ARGV` = conn id, node id, ttl ms, page size.
+pub const REGISTER: &str = concat!(
+    "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])\n",
+    take_page!()
+);
+
+/// Take the next page of a mailbox. `KEYS` = user hash (unused; it keeps
+/// the call in the user's slot), mailbox; `ARGV` = -, -, ttl ms, page size.
+pub const TAKE_MAILBOX: &str = take_page!();
 
 /// Add to the mailbox only if the user has no live connection: "no live
 /// connection" and "add" are one step, so a message can never land in the

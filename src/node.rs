@@ -64,8 +64,10 @@ impl Node {
                 cfg.mailbox_ttl,
             )),
         };
+        let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
         Ok(Node {
             shared: Arc::new(Shared {
+                slots,
                 cfg,
                 registry,
                 bus,

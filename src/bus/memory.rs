@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Bus, BusError, ClusterView, NodeView, Publish};
+use super::{Bus, BusError, ClusterView, Mailbox, NodeView, Publish};
 use crate::ack::AckGuard;
 use crate::gateway::registry::{ConnHandle, Outgoing, Registry};
 use crate::ids::{NodeId, UserId};
@@ -100,17 +100,24 @@ impl Bus for MemoryBus {
 
     fn start(self: Arc<Self>, _tracker: &TaskTracker, _stop: CancellationToken) {}
 
-    async fn register(&self, conn: &ConnHandle) -> Result<Vec<Arc<Message>>, BusError> {
+    async fn register(&self, conn: &ConnHandle) -> Result<Mailbox, BusError> {
+        self.take_mailbox(&conn.user).await
+    }
+
+    async fn take_mailbox(&self, user: &UserId) -> Result<Mailbox, BusError> {
         let mut st = self.state.lock().map_err(|_| BusError::Unavailable)?;
         let ttl = self.mailbox_ttl;
-        Ok(st
-            .mailboxes
-            .remove(&conn.user)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|(at, _)| at.elapsed() < ttl)
-            .map(|(_, m)| m)
-            .collect())
+        Ok(Mailbox {
+            msgs: st
+                .mailboxes
+                .remove(user)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(at, _)| at.elapsed() < ttl)
+                .map(|(_, m)| m)
+                .collect(),
+            more: false,
+        })
     }
 
     async fn unregister(&self, _conn: &ConnHandle) {}

@@ -31,6 +31,14 @@ pub struct Publish {
     pub from: Option<UserId>,
 }
 
+/// A page of a user's mailbox.
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    pub msgs: Vec<Arc<Message>>,
+    /// More pages wait.
+    pub more: bool,
+}
+
 /// Why the bus could not do something.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -69,9 +77,13 @@ pub trait Bus: Send + Sync + 'static {
     /// `tracker`; it stops when `stop` is cancelled.
     fn start(self: Arc<Self>, tracker: &TaskTracker, stop: CancellationToken);
 
-    /// Register a connection already in the registry; returns the user's
-    /// mailbox, oldest first, now taken (one atomic step with registering).
-    async fn register(&self, conn: &ConnHandle) -> Result<Vec<Arc<Message>>, BusError>;
+    /// Register a connection already in the registry; returns the first
+    /// page of the user's mailbox, oldest first, now taken (one atomic step
+    /// with registering). Take the rest with [`Bus::take_mailbox`].
+    async fn register(&self, conn: &ConnHandle) -> Result<Mailbox, BusError>;
+
+    /// The next page of a user's mailbox, taken.
+    async fn take_mailbox(&self, user: &UserId) -> Result<Mailbox, BusError>;
 
     /// Forget a connection that closed.
     async fn unregister(&self, conn: &ConnHandle);

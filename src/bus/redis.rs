@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Bus, BusError, ClusterView, NodeView, Publish};
+use super::{Bus, BusError, ClusterView, Mailbox, NodeView, Publish};
 use crate::ack::AckGuard;
 use crate::backoff::Backoff;
 use crate::cluster::{self, Membership};
@@ -41,6 +41,9 @@ pub struct Ctx {
     /// Multiplexed, auto-reconnecting connection for every non-blocking
     /// command. Blocking reads get connections of their own.
     pub conn: ConnectionManager,
+    /// A connection of its own for leases (node, router, reap lock): a
+    /// renewal must never queue behind a large pipeline or reply.
+    pub lease_conn: ConnectionManager,
     pub membership: Membership,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
@@ -115,7 +118,7 @@ impl RedisBus {
     async fn connect(
         &self,
         stop: &CancellationToken,
-    ) -> Option<(redis::Client, ConnectionManager)> {
+    ) -> Option<(redis::Client, ConnectionManager, ConnectionManager)> {
         let url = self.cfg.redis_url.clone().unwrap_or_default();
         let mut backoff = Backoff::redis();
         loop {
@@ -125,8 +128,9 @@ impl RedisBus {
                     .set_connection_timeout(Some(Duration::from_secs(2)))
                     .set_response_timeout(Some(Duration::from_secs(5)))
                     .set_number_of_retries(1);
-                let conn = ConnectionManager::new_with_config(client.clone(), mcfg).await?;
-                Ok::<_, redis::RedisError>((client, conn))
+                let conn = ConnectionManager::new_with_config(client.clone(), mcfg.clone()).await?;
+                let lease_conn = ConnectionManager::new_with_config(client.clone(), mcfg).await?;
+                Ok::<_, redis::RedisError>((client, conn, lease_conn))
             };
             match attempt.await {
                 Ok(c) => return Some(c),
@@ -160,7 +164,7 @@ impl Bus for RedisBus {
     fn start(self: Arc<Self>, tracker: &TaskTracker, stop: CancellationToken) {
         let tracker2 = tracker.clone();
         tracker.spawn(async move {
-            let Some((client, conn)) = self.connect(&stop).await else {
+            let Some((client, conn, lease_conn)) = self.connect(&stop).await else {
                 return;
             };
             let (reroute_tx, reroute_rx) = mpsc::unbounded_channel();
@@ -173,6 +177,7 @@ impl Bus for RedisBus {
                 keys: Keys::new(&self.cfg.prefix),
                 client,
                 conn,
+                lease_conn,
                 membership,
                 registry: self.registry.clone(),
                 metrics: self.metrics.clone(),
@@ -203,25 +208,49 @@ impl Bus for RedisBus {
         });
     }
 
-    async fn register(&self, h: &ConnHandle) -> Result<Vec<Arc<Message>>, BusError> {
+    async fn register(&self, h: &ConnHandle) -> Result<Mailbox, BusError> {
         let ctx = self.ctx()?;
+        // What earlier attempts took from the mailbox is kept: Redis has
+        // already deleted it.
+        let mut taken = Mailbox::default();
         // A fresh lease is needed to write under our id; wait a little for
         // one rather than refuse a client during a short Redis hiccup.
         for _ in 0..3 {
             if !ctx.membership.wait_lease(Duration::from_secs(3)).await {
-                return Err(BusError::Unavailable);
+                break;
             }
             let me = ctx.membership.id();
-            let msgs = register_under(ctx, &me, h)
-                .await
-                .inspect_err(|_| ctx.redis_error())?;
+            match register_under(ctx, &me, h).await {
+                Ok(page) => {
+                    taken.msgs.extend(page.msgs);
+                    taken.more = page.more;
+                }
+                Err(e) => {
+                    ctx.redis_error();
+                    tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "register failed");
+                    break;
+                }
+            }
             // If the id changed meanwhile, the re-registration may have run
             // before our write: register again under the new id.
             if ctx.membership.id() == me {
-                return Ok(msgs);
+                return Ok(taken);
             }
         }
+        // Not registered: whatever was taken goes back to be routed again
+        // (the connection is about to close).
+        for m in taken.msgs {
+            self.hand_back(m, None);
+        }
         Err(BusError::Unavailable)
+    }
+
+    async fn take_mailbox(&self, user: &UserId) -> Result<Mailbox, BusError> {
+        let ctx = self.ctx()?;
+        take_page(ctx, user).await.map_err(|e| {
+            ctx.redis_error();
+            e.into()
+        })
     }
 
     async fn unregister(&self, h: &ConnHandle) {
@@ -337,14 +366,17 @@ impl Bus for RedisBus {
     }
 }
 
-/// Register `h` under node id `me` and take the user's mailbox, in one
-/// script in the user's slot. The per-node index entry goes first, so a
-/// reaper always finds what the user hash may name.
+/// Messages per mailbox page.
+const MAILBOX_PAGE: usize = 100;
+
+/// Register `h` under node id `me` and take the first page of the user's
+/// mailbox, in one script in the user's slot. The per-node index entry goes
+/// first, so a reaper always finds what the user hash may name.
 pub async fn register_under(
     ctx: &Ctx,
     me: &NodeId,
     h: &ConnHandle,
-) -> Result<Vec<Arc<Message>>, redis::RedisError> {
+) -> Result<Mailbox, redis::RedisError> {
     let mut pipe = redis::pipe();
     pipe.hset(ctx.keys.node_conns(me), h.conn.as_str(), h.user.as_str())
         .ignore();
@@ -355,12 +387,43 @@ pub async fn register_under(
     )
     .arg(h.conn.as_str())
     .arg(me.as_str())
-    .arg(ctx.cfg.mailbox_ttl.as_millis() as u64);
+    .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
+    .arg(MAILBOX_PAGE);
     let mut conn = ctx.conn.clone();
-    let (entries,): (Value,) = pipe.query_async(&mut conn).await?;
-    Ok(stream::entries(&entries)
-        .iter()
-        .filter_map(router::entry::parse_internal)
-        .map(Arc::new)
-        .collect())
+    let (page,): (Value,) = pipe.query_async(&mut conn).await?;
+    Ok(mailbox_page(&page))
+}
+
+/// Take the next page of `user`'s mailbox.
+pub async fn take_page(ctx: &Ctx, user: &UserId) -> Result<Mailbox, redis::RedisError> {
+    let mut conn = ctx.conn.clone();
+    let page: Value = lua::eval_cmd(
+        lua::TAKE_MAILBOX,
+        &[&ctx.keys.user(user), &ctx.keys.mailbox(user)],
+    )
+    .arg("-")
+    .arg("-")
+    .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
+    .arg(MAILBOX_PAGE)
+    .query_async(&mut conn)
+    .await?;
+    Ok(mailbox_page(&page))
+}
+
+/// Read a `{more, entries}` reply.
+fn mailbox_page(v: &Value) -> Mailbox {
+    let Value::Array(parts) = v else {
+        return Mailbox::default();
+    };
+    Mailbox {
+        more: parts.first().and_then(stream::int) == Some(1),
+        msgs: parts
+            .get(1)
+            .map(stream::entries)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(router::entry::parse_internal)
+            .map(Arc::new)
+            .collect(),
+    }
 }

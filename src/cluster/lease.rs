@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use redis::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::ack::AckGuard;
 use crate::backoff::Backoff;
-use crate::bus::redis::{Ctx, register_under};
+use crate::bus::redis::{Ctx, register_under, take_page};
 use crate::gateway::registry::Outgoing;
 use crate::ids::NodeId;
 use crate::keys::INBOX_GROUP;
@@ -28,7 +29,7 @@ enum Renewal {
 /// Create the inbox and add the node to `<p>:nodes`. Returns the local
 /// lease deadline.
 pub async fn join(ctx: &Ctx, id: &NodeId) -> Result<Instant, redis::RedisError> {
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.lease_conn.clone();
     let started = Instant::now();
     // `XGROUP CREATE … MKSTREAM` is how an empty stream is made.
     let created: Result<(), _> = redis::cmd("XGROUP")
@@ -53,7 +54,7 @@ pub async fn join(ctx: &Ctx, id: &NodeId) -> Result<Instant, redis::RedisError> 
 }
 
 async fn renew(ctx: &Ctx, id: &NodeId) -> Result<Renewal, redis::RedisError> {
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.lease_conn.clone();
     let (expiry, now): (i64, u64) = lua::eval_cmd(lua::RENEW, &[&ctx.keys.nodes()])
         .arg(id.as_str())
         .arg(ctx.ttl_ms())
@@ -71,7 +72,7 @@ async fn renew(ctx: &Ctx, id: &NodeId) -> Result<Renewal, redis::RedisError> {
 
 /// Refresh the cache of `<p>:nodes`.
 async fn refresh_nodes(ctx: &Ctx, redis_now: u64) -> Result<(), redis::RedisError> {
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.lease_conn.clone();
     let v: Value = redis::cmd("ZRANGE")
         .arg(ctx.keys.nodes())
         .arg(0)
@@ -106,21 +107,33 @@ async fn take_new_id(ctx: &Ctx) -> Result<(), redis::RedisError> {
     for h in &conns {
         // Same connection id, new node id: the field is overwritten, so the
         // old id's entry is removed in the same write.
-        match register_under(ctx, &new, h).await {
-            Ok(msgs) => {
-                for m in msgs {
-                    mailboxed += 1;
-                    h.push(Outgoing {
-                        text: m.frame(),
-                        msg: Some(m),
-                        guard: None,
-                    });
+        let mut page = register_under(ctx, &new, h)
+            .await
+            .inspect_err(|_| ctx.redis_error())?;
+        loop {
+            for m in page.msgs {
+                mailboxed += 1;
+                let out = Outgoing {
+                    text: m.frame(),
+                    msg: Some(m.clone()),
+                    guard: None,
+                };
+                if !h.push(out) {
+                    // Outbox full or closed: route it again rather than
+                    // lose it (it is no longer in the mailbox).
+                    let mut again = (*m).clone();
+                    again.hops += 1;
+                    let _ = ctx
+                        .reroute
+                        .send((Arc::new(again), Arc::new(AckGuard::noop())));
                 }
             }
-            Err(e) => {
-                ctx.redis_error();
-                return Err(e);
+            if !page.more {
+                break;
             }
+            page = take_page(ctx, &h.user)
+                .await
+                .inspect_err(|_| ctx.redis_error())?;
         }
         if ctx.membership.id() != new {
             break;

@@ -124,7 +124,7 @@ fn spawn_lock_renewer(ctx: Arc<Ctx>, node: NodeId, done: CancellationToken) -> C
                 _ = done.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
-            let mut conn = ctx.conn.clone();
+            let mut conn = ctx.lease_conn.clone();
             let r: Result<i64, _> = lua::eval_cmd(lua::LEASE_RENEW, &[&key])
                 .arg(holder.as_str())
                 .arg(ctx.ttl_ms())

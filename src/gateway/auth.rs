@@ -88,14 +88,21 @@ impl Auth {
         v.leeway = cfg.jwt_leeway_s;
         v.validate_exp = true;
         v.validate_nbf = true;
-        v.set_required_spec_claims(&["exp", "sub"]);
+        // A configured audience or issuer must be present, not just right
+        // when present (jsonwebtoken checks them only if the token has them).
+        let mut required = vec!["exp", "sub"];
         match &cfg.jwt_audience {
-            Some(a) => v.set_audience(&[a]),
+            Some(a) => {
+                v.set_audience(&[a]);
+                required.push("aud");
+            }
             None => v.validate_aud = false,
         }
         if let Some(i) = &cfg.jwt_issuer {
             v.set_issuer(&[i]);
+            required.push("iss");
         }
+        v.set_required_spec_claims(&required);
         Ok(Auth {
             key: Some((key, v)),
             dev: cfg.dev,

@@ -46,6 +46,8 @@ pub struct Shared {
     /// upgraded connections).
     pub sessions: TaskTracker,
     pub draining: AtomicBool,
+    /// `--max-connections` slots; a session holds one for its whole life.
+    pub slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -213,9 +215,11 @@ async fn ws(
     if s.is_draining() || !s.bus.is_ready() {
         return (StatusCode::SERVICE_UNAVAILABLE, "node not ready\n").into_response();
     }
-    if s.registry.len() >= s.cfg.max_connections {
+    // A slot is taken before the upgrade and held by the session, so
+    // concurrent upgrades cannot overshoot --max-connections.
+    let Ok(slot) = s.slots.clone().try_acquire_owned() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
-    }
+    };
     match s.bus.user_connections(&who.user).await {
         Ok(n) if n >= s.cfg.max_conns_per_user => {
             return (
@@ -237,7 +241,7 @@ async fn ws(
         .write_buffer_size(0)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| sessions.track_future(session::run(s, socket, who)))
+        .on_upgrade(move |socket| sessions.track_future(session::run(s, socket, who, slot)))
 }
 
 #[cfg(test)]

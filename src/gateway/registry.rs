@@ -55,6 +55,9 @@ pub struct ConnHandle {
     close: CancellationToken,
     close_code: AtomicU16,
     topics: Mutex<HashSet<Topic>>,
+    /// Set once the mailbox has been written. Before that a full outbox
+    /// means the mailbox is still going out, not that the client is slow.
+    ready: std::sync::atomic::AtomicBool,
 }
 
 impl ConnHandle {
@@ -68,6 +71,7 @@ impl ConnHandle {
                 close: CancellationToken::new(),
                 close_code: AtomicU16::new(1000),
                 topics: Mutex::new(HashSet::new()),
+                ready: std::sync::atomic::AtomicBool::new(false),
             }),
             rx,
         )
@@ -93,6 +97,14 @@ impl ConnHandle {
 
     pub fn close_code(&self) -> u16 {
         self.close_code.load(Ordering::SeqCst)
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
     }
 
     pub fn topic_count(&self) -> usize {
@@ -175,15 +187,17 @@ impl Registry {
         self.users.contains_key(user)
     }
 
-    /// Queue `out` for every connection of `user` here. A connection whose
-    /// outbox is full is closed (its queued messages get routed again).
+    /// Queue `out` for every connection of `user` here. A ready connection
+    /// whose outbox is full is closed (its queued messages get routed
+    /// again); one still writing its mailbox just misses this frame, which
+    /// the caller routes again (it ends in the mailbox being written).
     pub fn deliver_user(&self, user: &UserId, out: &Outgoing) -> Delivered {
         let mut d = Delivered::default();
         // Clone the handles out so no map lock is held while pushing.
         for h in self.user_conns(user) {
             if h.push(out.clone()) {
                 d.queued += 1;
-            } else {
+            } else if h.is_ready() {
                 h.close(CLOSE_SLOW);
                 d.overflowed += 1;
             }
@@ -280,6 +294,7 @@ mod tests {
         let (a, _ra) = ConnHandle::new(ConnId::random(), u.clone());
         r.insert(a.clone());
         let out = Outgoing::control(Utf8Bytes::from_static("x"));
+        a.set_ready();
         for _ in 0..OUTBOX {
             assert_eq!(r.deliver_user(&u, &out).queued, 1);
         }

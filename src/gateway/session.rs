@@ -29,8 +29,18 @@ pub const CLOSE_TRY_LATER: u16 = 1013;
 
 /// Frames written per flush when the outbox has a backlog.
 const WRITE_BATCH: usize = 64;
+/// Longest a batch may take to write before the client counts as stuck.
+const WRITE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest we wait to hand a close frame to a client (one whose socket is
+/// full gets it once it reads again, if it does within this time).
+const CLOSE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
-pub async fn run(shared: Arc<Shared>, socket: WebSocket, who: Principal) {
+pub async fn run(
+    shared: Arc<Shared>,
+    socket: WebSocket,
+    who: Principal,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
     let (h, rx) = ConnHandle::new(ConnId::random(), who.user.clone());
     shared.registry.insert(h.clone());
     shared.metrics.connections.inc();
@@ -54,25 +64,54 @@ async fn pump(
         Err(e) => {
             tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "register failed");
             finish(shared, h, rx).await;
-            let _ = sink
-                .send(close_frame(CLOSE_TRY_LATER, "node unavailable"))
-                .await;
+            send_close(&mut sink, CLOSE_TRY_LATER, "node unavailable").await;
             return Ok(());
         }
     };
     let node = shared.bus.node_id();
-    let mut r = async {
-        sink.feed(WsMessage::Text(message::welcome(&node, &h.conn, &h.user)))
-            .await?;
-        for m in &mailbox {
-            sink.feed(WsMessage::Text(m.frame())).await?;
-            delivered(shared, m.sent_ms);
+    let mut r = sink
+        .feed(WsMessage::Text(message::welcome(&node, &h.conn, &h.user)))
+        .await;
+    // The mailbox, page by page, before anything live (which waits in the
+    // outbox meanwhile).
+    let mut page = mailbox;
+    loop {
+        if r.is_ok() {
+            r = async {
+                for m in &page.msgs {
+                    sink.feed(WsMessage::Text(m.frame())).await?;
+                }
+                sink.flush().await
+            }
+            .await;
         }
-        sink.flush().await
+        if r.is_ok() {
+            for m in &page.msgs {
+                delivered(shared, m.sent_ms);
+            }
+        } else {
+            // Taken from the mailbox but maybe not written: route again.
+            for m in page.msgs.drain(..) {
+                shared.bus.hand_back(m, None);
+            }
+        }
+        if !page.more {
+            if h.is_ready() {
+                break;
+            }
+            // Messages that missed the full outbox meanwhile were routed
+            // to the mailbox: take one more page once ready.
+            h.set_ready();
+        }
+        page = match shared.bus.take_mailbox(&h.user).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "mailbox page failed");
+                break;
+            }
+        };
     }
-    .await;
-    drop(mailbox);
-
+    h.set_ready();
     let rate = shared.cfg.max_msgs_per_sec;
     let limiter: DefaultDirectRateLimiter = RateLimiter::direct(
         Quota::per_second(NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN))
@@ -86,24 +125,24 @@ async fn pump(
     while r.is_ok() {
         tokio::select! {
             biased;
-            _ = h.closed().cancelled() => {
-                let code = h.close_code();
-                let reason = match code {
-                    CLOSE_GOING_AWAY => "node going away",
-                    CLOSE_TRY_LATER => "too slow",
-                    _ => "closing",
-                };
-                let _ = sink.send(close_frame(code, reason)).await;
-                break;
-            }
+            _ = h.closed().cancelled() => break,
             n = rx.recv_many(&mut batch, WRITE_BATCH) => {
                 if n == 0 { break; }
-                r = async {
+                let write = async {
                     for out in &batch {
                         sink.feed(WsMessage::Text(out.text.clone())).await?;
                     }
                     sink.flush().await
-                }.await;
+                };
+                // A client that does not read blocks this write: a close
+                // request (its outbox overflowed) or the deadline ends it.
+                r = tokio::select! {
+                    r = tokio::time::timeout(WRITE_DEADLINE, write) => r.unwrap_or_else(|_| {
+                        h.close(CLOSE_TRY_LATER);
+                        Err(axum::Error::new("write deadline passed"))
+                    }),
+                    _ = h.closed().cancelled() => Err(axum::Error::new("closed while writing")),
+                };
                 if r.is_ok() {
                     for out in batch.drain(..) {
                         if let Some(m) = &out.msg {
@@ -112,7 +151,7 @@ async fn pump(
                         // Dropping `out` releases its guard: written.
                     }
                 } else {
-                    // Not written: hand them back with the rest.
+                    // Not (surely) written: hand them back with the rest.
                     for out in batch.drain(..) {
                         requeue(shared, out);
                     }
@@ -123,34 +162,46 @@ async fn pump(
                     None => break,
                     Some(Err(e)) => {
                         if is_too_big(&e) {
-                            let _ = sink.send(close_frame(CLOSE_TOO_BIG, "frame too big")).await;
+                            send_close(&mut sink, CLOSE_TOO_BIG, "frame too big").await;
                         }
                         break;
                     }
-                    Some(Ok(WsMessage::Text(t))) => t,
-                    Some(Ok(WsMessage::Binary(_))) => {
-                        r = sink.send(WsMessage::Text(message::error("bad_frame", "frames are JSON text", None))).await;
-                        continue;
-                    }
+                    Some(Ok(WsMessage::Text(t))) => Some(t),
+                    Some(Ok(WsMessage::Binary(_))) => None,
                     Some(Ok(WsMessage::Close(_))) => break,
                     Some(Ok(_)) => continue, // ping/pong: answered by the library
                 };
+                // Every data frame counts against the rate, whatever it holds.
                 if limiter.check().is_err() {
                     refusals += 1;
                     if refusals > max_refusals {
-                        let _ = sink.send(close_frame(CLOSE_POLICY, "rate limit exceeded")).await;
+                        send_close(&mut sink, CLOSE_POLICY, "rate limit exceeded").await;
                         break;
                     }
                     r = sink.send(WsMessage::Text(message::error("rate_limited", "too many messages", None))).await;
                     continue;
                 }
                 refusals = 0;
-                let reply = handle(shared, h, who, text.as_str()).await;
+                let reply = match text {
+                    Some(text) => handle(shared, h, who, text.as_str()).await,
+                    None => message::error("bad_frame", "frames are JSON text", None),
+                };
                 r = sink.send(WsMessage::Text(reply)).await;
             }
         }
     }
+    // Leave first — hand back what was not written, unregister — so
+    // nothing waits on a client that may never read its close frame.
     finish(shared, h, rx).await;
+    if h.closed().is_cancelled() {
+        let code = h.close_code();
+        let reason = match code {
+            CLOSE_GOING_AWAY => "node going away",
+            CLOSE_TRY_LATER => "too slow",
+            _ => "closing",
+        };
+        send_close(&mut sink, code, reason).await;
+    }
     r
 }
 
@@ -240,11 +291,17 @@ fn delivered(shared: &Shared, sent_ms: u64) {
     }
 }
 
-fn close_frame(code: u16, reason: &'static str) -> WsMessage {
-    WsMessage::Close(Some(CloseFrame {
+/// Send a close frame; a client that does not read may never take it, so
+/// give up after a moment (the socket is dropped either way).
+async fn send_close<S>(sink: &mut S, code: u16, reason: &'static str)
+where
+    S: futures::Sink<WsMessage> + Unpin,
+{
+    let frame = WsMessage::Close(Some(CloseFrame {
         code,
         reason: reason.into(),
-    }))
+    }));
+    let _ = tokio::time::timeout(CLOSE_DEADLINE, sink.send(frame)).await;
 }
 
 fn is_too_big(e: &axum::Error) -> bool {

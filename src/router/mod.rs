@@ -299,6 +299,7 @@ pub async fn reroute_worker(
         loop {
             match route(&ctx, msgs.clone(), &guard).await {
                 Ok(()) => {
+                    tracing::debug!(messages = n, "re-routed");
                     ctx.metrics.rerouted.inc_by(n);
                     break;
                 }

@@ -100,12 +100,13 @@ async fn lead(
     let lease_key = ctx.keys.router_lease(shard);
     let ttl = ctx.cfg.lease_ttl;
     let hb = ctx.cfg.heartbeat;
+    let mut lease_conn = ctx.lease_conn.clone();
     let mut conn = ctx.conn.clone();
     let started = Instant::now();
     let got: i64 = lua::eval_cmd(lua::LEASE_ACQUIRE, &[&lease_key])
         .arg(me.as_str())
         .arg(ttl.as_millis() as u64)
-        .query_async(&mut conn)
+        .query_async(&mut lease_conn)
         .await?;
     if got != 1 {
         return Ok(false);
@@ -173,7 +174,7 @@ async fn lead(
             let ok: i64 = lua::eval_cmd(lua::LEASE_RENEW, &[&lease_key])
                 .arg(me.as_str())
                 .arg(ttl.as_millis() as u64)
-                .query_async(&mut conn)
+                .query_async(&mut lease_conn)
                 .await?;
             if ok != 1 {
                 tracing::warn!(shard, node = %me, "router lease lost");
