@@ -28,15 +28,22 @@ cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 
 echo "== unit and integration tests"
-cargo test --all-targets 2>&1 | tee /tmp/wsc-test-$$.log | grep -E '^(test |     Running|test result|failures:|---- )|panicked' || true
-status=${PIPESTATUS[0]}
+log=$(mktemp)
+set +e
+cargo test --all-targets >"$log" 2>&1
+status=$?
+set -e
+grep -E '^(test |     Running|test result|failures:|---- )|panicked' "$log" || true
 if [ "$status" != 0 ]; then
-  cat /tmp/wsc-test-$$.log | tail -300
-  rm -f /tmp/wsc-test-$$.log
+  tail -300 "$log"
+  rm -f "$log"
   echo "test.sh: cargo test failed" >&2
   exit "$status"
 fi
-rm -f /tmp/wsc-test-$$.log
+rm -f "$log"
+
+echo "== benchmark tool smoke run (figures printed, never asserted as timings)"
+cargo run --quiet --bin wscluster-bench -- smoke
 
 if [ -x scripts/chart-check.sh ]; then
   echo "== helm chart"

@@ -31,6 +31,20 @@ pub enum NodeError {
     Serve(std::io::Error),
 }
 
+/// Bind with a deep accept backlog: when a node dies its clients reconnect
+/// to the survivors at once, and the default backlog (128) would drop
+/// their SYNs (retried only after a second).
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 pub struct Node {
     shared: Arc<Shared>,
     listener: TcpListener,
@@ -44,9 +58,7 @@ impl Node {
         let cfg = Arc::new(cfg);
         let auth = Auth::new(&cfg)?;
         let addr = cfg.listen_addr().map_err(NodeError::Listen)?;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| NodeError::Listen(format!("{addr}: {e}")))?;
+        let listener = bind(addr).map_err(|e| NodeError::Listen(format!("{addr}: {e}")))?;
         let addr = listener
             .local_addr()
             .map_err(|e| NodeError::Listen(e.to_string()))?;

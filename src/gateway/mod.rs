@@ -32,8 +32,9 @@ use auth::Auth;
 use registry::Registry;
 
 /// Read buffer per WebSocket: tungstenite's default (128 KiB) would cost
-/// ~137 KB per idle connection; 4 KiB costs ~6 KB.
-const READ_BUFFER: usize = 4096;
+/// ~137 KB per idle connection; 1 KiB costs ~3 KB. It is only the read
+/// chunk: larger frames (up to --max-frame-bytes) still arrive whole.
+const READ_BUFFER: usize = 1024;
 
 /// State shared by every handler and session of a node.
 pub struct Shared {

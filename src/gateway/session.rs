@@ -34,6 +34,8 @@ const WRITE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 /// Longest we wait to hand a close frame to a client (one whose socket is
 /// full gets it once it reads again, if it does within this time).
 const CLOSE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+/// Longest we wait for the client's side of the closing handshake.
+const CLOSE_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub async fn run(
     shared: Arc<Shared>,
@@ -64,7 +66,7 @@ async fn pump(
         Err(e) => {
             tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "register failed");
             finish(shared, h, rx).await;
-            send_close(&mut sink, CLOSE_TRY_LATER, "node unavailable").await;
+            close_ws(&mut sink, &mut stream, CLOSE_TRY_LATER, "node unavailable").await;
             return Ok(());
         }
     };
@@ -120,7 +122,8 @@ async fn pump(
     // Refused frames in a row before the connection is closed with 1008.
     let max_refusals = rate.saturating_mul(2).max(10);
     let mut refusals = 0u32;
-    let mut batch: Vec<Outgoing> = Vec::with_capacity(WRITE_BATCH);
+    // Grows on first use: an idle connection should cost as little as possible.
+    let mut batch: Vec<Outgoing> = Vec::new();
 
     while r.is_ok() {
         tokio::select! {
@@ -162,7 +165,7 @@ async fn pump(
                     None => break,
                     Some(Err(e)) => {
                         if is_too_big(&e) {
-                            send_close(&mut sink, CLOSE_TOO_BIG, "frame too big").await;
+                            close_ws(&mut sink, &mut stream, CLOSE_TOO_BIG, "frame too big").await;
                         }
                         break;
                     }
@@ -175,7 +178,7 @@ async fn pump(
                 if limiter.check().is_err() {
                     refusals += 1;
                     if refusals > max_refusals {
-                        send_close(&mut sink, CLOSE_POLICY, "rate limit exceeded").await;
+                        close_ws(&mut sink, &mut stream, CLOSE_POLICY, "rate limit exceeded").await;
                         break;
                     }
                     r = sink.send(WsMessage::Text(message::error("rate_limited", "too many messages", None))).await;
@@ -200,7 +203,7 @@ async fn pump(
             CLOSE_TRY_LATER => "too slow",
             _ => "closing",
         };
-        send_close(&mut sink, code, reason).await;
+        close_ws(&mut sink, &mut stream, code, reason).await;
     }
     r
 }
@@ -291,17 +294,32 @@ fn delivered(shared: &Shared, sent_ms: u64) {
     }
 }
 
-/// Send a close frame; a client that does not read may never take it, so
-/// give up after a moment (the socket is dropped either way).
-async fn send_close<S>(sink: &mut S, code: u16, reason: &'static str)
+/// The closing handshake: send a close frame (a client that does not read
+/// may never take it, so give up after a moment), then read until the
+/// client's close or a short deadline. Dropping a socket with unread input
+/// makes the kernel send a reset, and the client would lose the close code.
+async fn close_ws<S, R>(sink: &mut S, stream: &mut R, code: u16, reason: &'static str)
 where
     S: futures::Sink<WsMessage> + Unpin,
+    R: futures::Stream<Item = Result<WsMessage, axum::Error>> + Unpin,
 {
     let frame = WsMessage::Close(Some(CloseFrame {
         code,
         reason: reason.into(),
     }));
-    let _ = tokio::time::timeout(CLOSE_DEADLINE, sink.send(frame)).await;
+    if tokio::time::timeout(CLOSE_DEADLINE, sink.send(frame))
+        .await
+        .is_ok_and(|r| r.is_ok())
+    {
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
+            while let Some(Ok(m)) = stream.next().await {
+                if matches!(m, WsMessage::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
 }
 
 fn is_too_big(e: &axum::Error) -> bool {

@@ -34,6 +34,10 @@ pub struct ClusterOpts {
     /// `--lease-ttl-ms` for local nodes (default: the node's own, 5000).
     #[arg(long)]
     pub lease_ttl_ms: Option<u64>,
+    /// Send streams (`--send-shards` of the nodes): the producer adds each
+    /// message to shard CRC32(user or topic) mod K, as an app must.
+    #[arg(long, default_value_t = 1)]
+    pub send_shards: u32,
     /// Extra argument for local nodes (repeat for several).
     #[arg(long = "node-arg", allow_hyphen_values = true)]
     pub node_args: Vec<String>,
@@ -133,7 +137,6 @@ pub struct Node {
     /// `host:port` of its HTTP/WebSocket listener.
     pub addr: String,
     pub child: Option<Child>,
-    pub log: Option<PathBuf>,
 }
 
 impl Node {
@@ -159,6 +162,7 @@ impl Drop for Node {
 pub struct Cluster {
     pub redis_url: String,
     pub prefix: String,
+    pub send_shards: u32,
     pub nodes: Vec<Node>,
     pub redis: Option<RedisProc>,
     dir: Option<PathBuf>,
@@ -185,7 +189,9 @@ fn node_bin(opts: &ClusterOpts) -> Result<PathBuf> {
         return Ok(p.clone());
     }
     let exe = std::env::current_exe().context("current_exe")?;
-    let dir = exe.parent().ok_or_else(|| anyhow!("no directory for {}", exe.display()))?;
+    let dir = exe
+        .parent()
+        .ok_or_else(|| anyhow!("no directory for {}", exe.display()))?;
     let p = dir.join("wscluster");
     if !p.exists() {
         bail!(
@@ -211,12 +217,12 @@ impl Cluster {
                 .map(|u| Node {
                     addr: host_port(u),
                     child: None,
-                    log: None,
                 })
                 .collect();
             return Ok(Cluster {
                 redis_url,
                 prefix: opts.prefix.clone(),
+                send_shards: opts.send_shards.max(1),
                 nodes,
                 redis: None,
                 dir: None,
@@ -229,6 +235,7 @@ impl Cluster {
         let mut c = Cluster {
             redis_url: redis.url(),
             prefix: opts.prefix.clone(),
+            send_shards: opts.send_shards.max(1),
             nodes: Vec::new(),
             redis: Some(redis),
             dir: Some(dir.clone()),
@@ -255,6 +262,9 @@ impl Cluster {
         if let Some(t) = opts.lease_ttl_ms {
             args.extend(["--lease-ttl-ms".into(), t.to_string()]);
         }
+        if opts.send_shards > 1 {
+            args.extend(["--send-shards".into(), opts.send_shards.to_string()]);
+        }
         args.extend(opts.node_args.iter().cloned());
         let mut pending = Vec::new();
         for i in 0..n {
@@ -264,7 +274,6 @@ impl Cluster {
             let node = Node {
                 addr: String::new(),
                 child: Some(child),
-                log: Some(log_path.clone()),
             };
             c.nodes.push(node);
             let deadline = Instant::now() + Duration::from_secs(15);
@@ -290,6 +299,21 @@ impl Cluster {
                 .with_context(|| format!("node {i} at {} not ready", node.addr))?;
         }
         Ok(c)
+    }
+
+    /// The send stream for a user or topic (contract §5: shard n =
+    /// CRC32(name) mod K; shard 0 is `<p>:send`).
+    pub fn send_key(&self, name: &str) -> String {
+        let n = if self.send_shards <= 1 {
+            0
+        } else {
+            crc32fast::hash(name.as_bytes()) % self.send_shards
+        };
+        if n == 0 {
+            format!("{}:send", self.prefix)
+        } else {
+            format!("{}:send:{n}", self.prefix)
+        }
     }
 
     pub fn redis_client(&self) -> Result<redis::Client> {
@@ -467,12 +491,10 @@ pub async fn cluster_view(addr: &str) -> Result<serde_json::Value> {
 /// A gauge or counter from a node's `/metrics`.
 pub async fn metric(addr: &str, name: &str) -> Option<f64> {
     let (_, body) = http_get(addr, "/metrics").await.ok()?;
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            (k == name || k.starts_with(&format!("{name}{{"))).then(|| v.trim().parse().ok())?
-        })
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == name || k.starts_with(&format!("{name}{{"))).then(|| v.trim().parse().ok())?
+    })
 }
 
 /// Resident memory of a process, bytes (`VmRSS` in `/proc/<pid>/status`).
@@ -503,6 +525,25 @@ pub struct CpuSnap {
     pub redis: f64,
     pub nodes: f64,
     pub bench: f64,
+    /// Busy CPU seconds of the whole machine (all cores, `/proc/stat`).
+    pub machine: f64,
+}
+
+/// Busy CPU seconds of the whole machine so far (user, nice, system, irq,
+/// softirq, steal over all cores).
+fn machine_busy_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = s.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy = f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)? + f.get(7)?;
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let tck = if tck > 0 { tck as f64 } else { 100.0 };
+    Some(busy as f64 / tck)
 }
 
 impl CpuSnap {
@@ -511,6 +552,7 @@ impl CpuSnap {
             redis: c.redis_pid().and_then(cpu_seconds).unwrap_or(0.0),
             nodes: c.node_pids().into_iter().filter_map(cpu_seconds).sum(),
             bench: cpu_seconds(std::process::id() as i32).unwrap_or(0.0),
+            machine: machine_busy_seconds().unwrap_or(0.0),
         }
     }
 
@@ -522,10 +564,17 @@ impl CpuSnap {
                 "bench_pct": round1((later.bench - self.bench) / window.max(1e-9) * 100.0),
             });
         }
+        let pct = |a: f64, b: f64| round1((b - a) / window * 100.0);
+        let ours =
+            (later.redis - self.redis) + (later.nodes - self.nodes) + (later.bench - self.bench);
         serde_json::json!({
-            "redis_pct": round1((later.redis - self.redis) / window * 100.0),
-            "nodes_pct": round1((later.nodes - self.nodes) / window * 100.0),
-            "bench_pct": round1((later.bench - self.bench) / window * 100.0),
+            "redis_pct": pct(self.redis, later.redis),
+            "nodes_pct": pct(self.nodes, later.nodes),
+            "bench_pct": pct(self.bench, later.bench),
+            // Everything else on the machine (other processes, kernel
+            // threads): load this benchmark did not make.
+            "other_pct": round1(((later.machine - self.machine) - ours).max(0.0) / window * 100.0),
+            "machine_pct": pct(self.machine, later.machine),
         })
     }
 }

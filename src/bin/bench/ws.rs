@@ -133,6 +133,10 @@ pub struct Sink {
     pub dups: AtomicU64,
     pub misrouted: AtomicU64,
     pub unparsed: AtomicU64,
+    /// Connections the server closed (or that failed) while receiving, and
+    /// the last close code seen (0: none given).
+    pub closed: AtomicU64,
+    pub close_code: AtomicU32,
     pub first_rx_us: AtomicU64,
     pub last_rx_us: AtomicU64,
 }
@@ -152,6 +156,8 @@ impl Sink {
             dups: AtomicU64::new(0),
             misrouted: AtomicU64::new(0),
             unparsed: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
+            close_code: AtomicU32::new(0),
             first_rx_us: AtomicU64::new(u64::MAX),
             last_rx_us: AtomicU64::new(0),
         }
@@ -170,7 +176,8 @@ impl Sink {
             return true;
         };
         let body = &t[p..];
-        let (Some(ts), Some(seq)) = (num_after(body, "\"ts\":"), num_after(body, "\"seq\":")) else {
+        let (Some(ts), Some(seq)) = (num_after(body, "\"ts\":"), num_after(body, "\"seq\":"))
+        else {
             self.unparsed.fetch_add(1, Ordering::Relaxed);
             return true;
         };
@@ -254,10 +261,20 @@ pub async fn receive(
                     got_first = true;
                 }
             }
-            Ok(WsMessage::Close(_)) | Err(_) => return,
+            Ok(WsMessage::Close(f)) => {
+                sink.closed.fetch_add(1, Ordering::Relaxed);
+                let code = f.map(|f| u16::from(f.code)).unwrap_or(0);
+                sink.close_code.store(u32::from(code), Ordering::Relaxed);
+                return;
+            }
+            Err(_) => {
+                sink.closed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             Ok(_) => {}
         }
     }
+    sink.closed.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Latency summary, µs, and a percentile curve for plots:
@@ -267,14 +284,12 @@ pub fn latency_json(h: &Histogram<u64>) -> serde_json::Value {
         return serde_json::Value::Null;
     }
     let mut curve = Vec::new();
-    let mut k = 0.0f64;
-    while k <= 5.0 + 1e-9 {
-        let q = 1.0 - 10f64.powf(-k);
-        curve.push(serde_json::json!([
-            (k * 100.0).round() / 100.0,
-            h.value_at_quantile(q)
-        ]));
-        k += 0.1;
+    let mut prev = 0;
+    for i in 0..=50u32 {
+        let k = f64::from(i) / 10.0;
+        let v = h.value_at_quantile(1.0 - 10f64.powf(-k)).max(prev);
+        prev = v;
+        curve.push(serde_json::json!([k, v]));
     }
     curve.push(serde_json::json!([6.0, h.max()]));
     serde_json::json!({
