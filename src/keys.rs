@@ -5,7 +5,7 @@
 //! (`{<user>}`). The shared keys (`nodes`, `send`, `dead`, `topics`, router
 //! leases) are each used alone.
 
-use crate::ids::{NodeId, UserId};
+use crate::ids::{ConnId, NodeId, UserId};
 
 /// Key builder for one prefix.
 #[derive(Debug, Clone)]
@@ -67,6 +67,12 @@ impl Keys {
     /// Offline messages of a user.
     pub fn mailbox(&self, user: &UserId) -> String {
         format!("{}:mailbox:{{{}}}", self.prefix, user)
+    }
+
+    /// Mailbox messages taken by a connection and not yet written to its
+    /// socket: a reaper routes them again if the node dies meanwhile.
+    pub fn taking(&self, user: &UserId, conn: &ConnId) -> String {
+        format!("{}:taking:{{{}}}:{}", self.prefix, user, conn)
     }
 
     /// Dead letters.

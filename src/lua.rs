@@ -100,8 +100,9 @@ return 0
 
 /// The body shared by [`REGISTER`] and [`TAKE_MAILBOX`]: take one page of
 /// the mailbox (`KEYS[2]`; `ARGV[3]` = ttl ms, `ARGV[4]` = page size).
-/// Taken entries are deleted, the key goes when empty; expired entries are
-/// dropped. Returns `{more, entries}`.
+/// Taken entries move to the connection's taking stream (`KEYS[3]`) until
+/// it has written them; the mailbox key goes when empty; expired entries
+/// are dropped. Returns `{more, entries}`.
 macro_rules! take_page {
     () => {
         r#"
@@ -110,6 +111,11 @@ if #entries == 0 then return {0, {}} end
 local ids = {}
 for i, e in ipairs(entries) do ids[i] = e[1] end
 redis.call('XDEL', KEYS[2], unpack(ids))
+-- Keep a copy until the connection has written them (KEYS[3]).
+for _, e in ipairs(entries) do
+  redis.call('XADD', KEYS[3], '*', unpack(e[2]))
+end
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
 local more = 1
 if redis.call('XLEN', KEYS[2]) == 0 then
   redis.call('DEL', KEYS[2])
@@ -132,14 +138,16 @@ return {more, out}
 /// one step: any message routed after this finds the connection, and every
 /// message mailboxed before it is taken (once) here or by [`TAKE_MAILBOX`].
 /// Pages keep replies small: a huge reply would stall the shared connection.
-/// `KEYS` = user hash, mailbox; `ARGV` = conn id, node id, ttl ms, page size.
+/// `KEYS` = user hash, mailbox, taking; `ARGV` = conn id, node id, ttl ms,
+/// page size.
 pub const REGISTER: &str = concat!(
     "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])\n",
     take_page!()
 );
 
 /// Take the next page of a mailbox. `KEYS` = user hash (unused; it keeps
-/// the call in the user's slot), mailbox; `ARGV` = -, -, ttl ms, page size.
+/// the call in the user's slot), mailbox, taking; `ARGV` = -, -, ttl ms,
+/// page size.
 pub const TAKE_MAILBOX: &str = take_page!();
 
 /// Add to the mailbox only if the user has no live connection: "no live

@@ -230,6 +230,15 @@ async fn mailbox() {
     );
     let exists: bool = r.exists("wsc:mailbox:{offline}").unwrap();
     assert!(!exists, "mailbox removed once taken");
+    // Once written, the connection's taken copy is cleared too.
+    eventually("taken copy cleared", T, || {
+        let mut r = redis.conn();
+        async move {
+            let keys: Vec<String> = r.keys("wsc:taking:*").ok()?;
+            keys.is_empty().then_some(())
+        }
+    })
+    .await;
     c.close().await;
     // Never twice: a new connection gets nothing old, only what is new.
     let mut c2 = Client::dev(&nodes[2], "offline").await;

@@ -443,3 +443,38 @@ async fn drain_at_scale() {
         "exit within drain + 1 s: {exit_after:?}"
     );
 }
+
+/// Mailbox pages a connection took but had not written when its node died
+/// are routed again by the reaper (the mailbox is deleted when taken).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taken_mailbox_survives_a_kill() {
+    let (redis, mut nodes) = cluster(3).await;
+    let mut r = redis.conn();
+    let dead = nodes[0].node_id().await;
+    // As if node 0 had just taken this page for connection c-1 of "tk".
+    let _: () = r
+        .hset(format!("wsc:conns:{{{dead}}}"), "c-1", "tk")
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg("wsc:taking:{tk}:c-1")
+        .arg("*")
+        .arg("id")
+        .arg("7-7")
+        .arg("to")
+        .arg("tk")
+        .arg("payload")
+        .arg("\"taken\"")
+        .arg("hops")
+        .arg(0)
+        .arg("t")
+        .arg(0)
+        .query(&mut r)
+        .unwrap();
+    let mut c = Client::dev(&nodes[1], "tk").await;
+    nodes[0].kill9();
+    node_gone(&redis, &dead).await;
+    c.expect("taken message routed again", T, is_msg("7-7"))
+        .await;
+    let left: bool = r.exists("wsc:taking:{tk}:c-1").unwrap();
+    assert!(!left, "the taken copy is cleared");
+}

@@ -101,10 +101,13 @@ impl Bus for MemoryBus {
     fn start(self: Arc<Self>, _tracker: &TaskTracker, _stop: CancellationToken) {}
 
     async fn register(&self, conn: &ConnHandle) -> Result<Mailbox, BusError> {
-        self.take_mailbox(&conn.user).await
+        self.take_mailbox(conn).await
     }
 
-    async fn take_mailbox(&self, user: &UserId) -> Result<Mailbox, BusError> {
+    async fn mailbox_written(&self, _conn: &ConnHandle) {}
+
+    async fn take_mailbox(&self, conn: &ConnHandle) -> Result<Mailbox, BusError> {
+        let user = &conn.user;
         let mut st = self.state.lock().map_err(|_| BusError::Unavailable)?;
         let ttl = self.mailbox_ttl;
         Ok(Mailbox {

@@ -82,8 +82,12 @@ pub trait Bus: Send + Sync + 'static {
     /// with registering). Take the rest with [`Bus::take_mailbox`].
     async fn register(&self, conn: &ConnHandle) -> Result<Mailbox, BusError>;
 
-    /// The next page of a user's mailbox, taken.
-    async fn take_mailbox(&self, user: &UserId) -> Result<Mailbox, BusError>;
+    /// The next page of the mailbox of `conn`'s user, taken.
+    async fn take_mailbox(&self, conn: &ConnHandle) -> Result<Mailbox, BusError>;
+
+    /// The mailbox pages taken so far are written (or handed back): forget
+    /// them. Until then a reaper routes them again if this node dies.
+    async fn mailbox_written(&self, conn: &ConnHandle);
 
     /// Forget a connection that closed.
     async fn unregister(&self, conn: &ConnHandle);

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Value};
+use redis::{AsyncCommands, AsyncConnectionConfig, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -245,12 +245,24 @@ impl Bus for RedisBus {
         Err(BusError::Unavailable)
     }
 
-    async fn take_mailbox(&self, user: &UserId) -> Result<Mailbox, BusError> {
+    async fn take_mailbox(&self, h: &ConnHandle) -> Result<Mailbox, BusError> {
         let ctx = self.ctx()?;
-        take_page(ctx, user).await.map_err(|e| {
+        take_page(ctx, h).await.map_err(|e| {
             ctx.redis_error();
             e.into()
         })
+    }
+
+    async fn mailbox_written(&self, h: &ConnHandle) {
+        let Ok(ctx) = self.ctx() else { return };
+        let mut conn = ctx.conn.clone();
+        let r: Result<(), _> = conn.del(ctx.keys.taking(&h.user, &h.conn)).await;
+        if let Err(e) = r {
+            ctx.redis_error();
+            // Left behind, it only expires (or is routed again, as
+            // duplicates, if this node dies first).
+            tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "taken mailbox not cleared");
+        }
     }
 
     async fn unregister(&self, h: &ConnHandle) {
@@ -383,7 +395,11 @@ pub async fn register_under(
     lua::eval(
         &mut pipe,
         lua::REGISTER,
-        &[&ctx.keys.user(&h.user), &ctx.keys.mailbox(&h.user)],
+        &[
+            &ctx.keys.user(&h.user),
+            &ctx.keys.mailbox(&h.user),
+            &ctx.keys.taking(&h.user, &h.conn),
+        ],
     )
     .arg(h.conn.as_str())
     .arg(me.as_str())
@@ -394,12 +410,16 @@ pub async fn register_under(
     Ok(mailbox_page(&page))
 }
 
-/// Take the next page of `user`'s mailbox.
-pub async fn take_page(ctx: &Ctx, user: &UserId) -> Result<Mailbox, redis::RedisError> {
+/// Take the next page of the mailbox of connection `h`'s user.
+pub async fn take_page(ctx: &Ctx, h: &ConnHandle) -> Result<Mailbox, redis::RedisError> {
     let mut conn = ctx.conn.clone();
     let page: Value = lua::eval_cmd(
         lua::TAKE_MAILBOX,
-        &[&ctx.keys.user(user), &ctx.keys.mailbox(user)],
+        &[
+            &ctx.keys.user(&h.user),
+            &ctx.keys.mailbox(&h.user),
+            &ctx.keys.taking(&h.user, &h.conn),
+        ],
     )
     .arg("-")
     .arg("-")

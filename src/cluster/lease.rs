@@ -131,9 +131,7 @@ async fn take_new_id(ctx: &Ctx) -> Result<(), redis::RedisError> {
             if !page.more {
                 break;
             }
-            page = take_page(ctx, &h.user)
-                .await
-                .inspect_err(|_| ctx.redis_error())?;
+            page = take_page(ctx, h).await.inspect_err(|_| ctx.redis_error())?;
         }
         if ctx.membership.id() != new {
             break;

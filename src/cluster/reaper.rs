@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ack::AckGuard;
 use crate::bus::redis::Ctx;
-use crate::ids::{NodeId, UserId};
+use crate::ids::{ConnId, NodeId, UserId};
 use crate::lua;
 use crate::message::Message;
 use crate::router;
@@ -195,6 +195,43 @@ async fn reap_steps(
             .arg(&index)
             .query_async(&mut conn)
             .await?;
+        // Mailbox pages its connections had taken but maybe not written.
+        for chunk in conns.chunks(REAP_BATCH) {
+            let keys: Vec<String> = chunk
+                .iter()
+                .filter_map(|(c, u)| {
+                    let u = UserId::parse(u).ok()?;
+                    Some(ctx.keys.taking(&u, &ConnId::from_redis(c.clone())))
+                })
+                .collect();
+            if keys.is_empty() {
+                continue;
+            }
+            let mut pipe = redis::pipe();
+            for k in &keys {
+                pipe.cmd("XRANGE").arg(k).arg("-").arg("+");
+            }
+            let pages: Vec<Value> = pipe.query_async(&mut conn).await?;
+            let msgs: Vec<Arc<Message>> = pages
+                .iter()
+                .flat_map(stream::entries)
+                .filter_map(|e| router::entry::parse_internal(&e))
+                .map(|mut m| {
+                    m.hops += 1;
+                    Arc::new(m)
+                })
+                .collect();
+            if !msgs.is_empty() {
+                let (guard, written) = AckGuard::notify();
+                let guard = Arc::new(guard);
+                let n = msgs.len() as u64;
+                router::route(ctx, msgs, &guard).await?;
+                drop(guard);
+                let _ = written.await;
+                ctx.metrics.rerouted.inc_by(n);
+            }
+            let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
+        }
         if !conns.is_empty() {
             let mut pipe = redis::pipe();
             for (conn_id, user) in &conns {

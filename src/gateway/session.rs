@@ -97,6 +97,9 @@ async fn pump(
                 shared.bus.hand_back(m, None);
             }
         }
+        if !page.msgs.is_empty() || r.is_err() {
+            shared.bus.mailbox_written(h).await;
+        }
         if !page.more {
             if h.is_ready() {
                 break;
@@ -105,7 +108,7 @@ async fn pump(
             // to the mailbox: take one more page once ready.
             h.set_ready();
         }
-        page = match shared.bus.take_mailbox(&h.user).await {
+        page = match shared.bus.take_mailbox(h).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "mailbox page failed");
@@ -278,6 +281,8 @@ async fn finish(shared: &Arc<Shared>, h: &Arc<ConnHandle>, mut rx: mpsc::Receive
         requeue(shared, out);
     }
     shared.bus.unregister(h).await;
+    // Mailbox pages a re-registration queued are written or handed back.
+    shared.bus.mailbox_written(h).await;
 }
 
 fn requeue(shared: &Arc<Shared>, out: Outgoing) {
