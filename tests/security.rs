@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
@@ -284,79 +284,6 @@ fn openssl(dir: &Path, args: &[&str]) {
         "openssl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// A redis-server started by the test itself with extra arguments
-/// (password, TLS); killed on drop.
-struct OwnRedis {
-    child: Child,
-    dir: PathBuf,
-    port: u16,
-}
-
-impl OwnRedis {
-    /// `ready` is a URL the test process can PING it with.
-    fn start(
-        dir: &Path,
-        extra: &[String],
-        url_for: impl Fn(u16) -> (Vec<String>, String),
-    ) -> OwnRedis {
-        for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let (port_args, url) = url_for(port);
-            let log = dir.join(format!("redis-{port}.log"));
-            let child = Command::new("redis-server")
-                .args(&port_args)
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .args(["--dir", dir.to_str().unwrap()])
-                .args(["--logfile", log.to_str().unwrap()])
-                .args(extra)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server");
-            let mut r = OwnRedis {
-                child,
-                dir: dir.to_owned(),
-                port,
-            };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = r.child.try_wait() {
-                    break;
-                }
-                if redis::Client::open(url.as_str())
-                    .and_then(|c| c.get_connection())
-                    .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-                    .is_ok()
-                {
-                    return r;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = r.child.kill();
-            let _ = r.child.wait();
-            eprintln!(
-                "redis-server on {port} did not start: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        panic!("could not start redis-server with {extra:?}");
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("---- own redis (port {}) in {:?} ----", self.port, self.dir);
-        }
-    }
 }
 
 // ---------------------------------------------------------------- 1. tokens
@@ -1627,7 +1554,7 @@ const API_SECRET: &str = "api-key-Kp3m9w";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_password_and_no_secrets_in_logs() {
     let dir = tmp_dir("pw");
-    let redis = OwnRedis::start(&dir, &["--requirepass".into(), PW.into()], |p| {
+    let redis = Redis::start_with(&["--requirepass".into(), PW.into()], |p, _| {
         (
             vec!["--port".into(), p.to_string()],
             format!("redis://:{PW}@127.0.0.1:{p}/"),
@@ -1840,7 +1767,7 @@ async fn redis_tls() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let redis = OwnRedis::start(&dir, &extra, |port| {
+    let redis = Redis::start_with(&extra, |port, _| {
         (
             vec![
                 "--port".into(),

@@ -71,60 +71,84 @@ pub struct Redis {
     pub port: u16,
     child: Option<Child>,
     dir: PathBuf,
+    /// Extra server arguments (password, TLS), kept for restarts.
+    extra: Vec<String>,
+    /// Port arguments and the URL to reach it, for a given port.
+    url_for: fn(u16, &[String]) -> (Vec<String>, String),
+}
+
+fn plain(port: u16, _extra: &[String]) -> (Vec<String>, String) {
+    (
+        vec!["--port".into(), port.to_string()],
+        format!("redis://127.0.0.1:{port}/"),
+    )
 }
 
 impl Redis {
     pub fn start() -> Redis {
+        Self::start_with(&[], plain)
+    }
+
+    /// A redis-server with extra arguments; `url_for(port, extra)` gives
+    /// the port arguments and the URL this process reaches it with.
+    pub fn start_with(
+        extra: &[String],
+        url_for: fn(u16, &[String]) -> (Vec<String>, String),
+    ) -> Redis {
         let dir = tmpdir("redis");
         for _ in 0..5 {
-            let port = free_port();
-            if let Some(r) = Self::start_on(port, &dir) {
+            let mut r = Redis {
+                port: free_port(),
+                child: None,
+                dir: dir.clone(),
+                extra: extra.to_vec(),
+                url_for,
+            };
+            if r.spawn() {
                 return r;
             }
         }
-        panic!("could not start redis-server (is it installed?)");
+        panic!("could not start redis-server with {extra:?} (is it installed?)");
     }
 
-    fn start_on(port: u16, dir: &std::path::Path) -> Option<Redis> {
-        let log = dir.join("redis.log");
+    /// Start the server on `self.port`; false if it did not come up.
+    fn spawn(&mut self) -> bool {
+        let log = self.dir.join("redis.log");
+        let (port_args, _) = (self.url_for)(self.port, &self.extra);
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string()])
-            .args(["--bind", "127.0.0.1"])
-            .args(["--save", ""])
-            .args(["--appendonly", "no"])
-            .args(["--dir", dir.to_str()?])
-            .args(["--logfile", log.to_str()?])
+            .args(&port_args)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--dir", self.dir.to_str().unwrap_or(".")])
+            .args(["--logfile", log.to_str().unwrap_or("redis.log")])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/test.sh installs it)");
-        let mut r = Redis {
-            port,
-            child: Some(child),
-            dir: dir.to_owned(),
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if let Some(c) = r.child.as_mut()
+            if let Some(c) = self.child.as_mut()
                 && let Ok(Some(_)) = c.try_wait()
             {
-                return None; // port clash: try another
+                self.child = None;
+                return false; // port clash: try another
             }
-            if redis::Client::open(r.url())
+            if redis::Client::open(self.url())
                 .and_then(|c| c.get_connection())
                 .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
                 .is_ok()
             {
-                return Some(r);
+                return true;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        r.kill();
-        None
+        self.kill();
+        false
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        (self.url_for)(self.port, &self.extra).1
     }
 
     pub fn kill(&mut self) {
@@ -138,13 +162,7 @@ impl Redis {
     pub fn restart_empty(&mut self) {
         self.kill();
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(mut r) = Self::start_on(self.port, &self.dir) {
-                self.child = r.child.take();
-                // Same dir as ours: do not let its drop remove it.
-                std::mem::forget(r);
-                return;
-            }
+        while !self.spawn() {
             assert!(Instant::now() < deadline, "redis did not restart");
             std::thread::sleep(Duration::from_millis(100));
         }
