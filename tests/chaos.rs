@@ -195,19 +195,34 @@ async fn chaos_soak() {
 
     // Settle: everything routed and delivered; then every user reconnects
     // once to collect what waits in a mailbox.
-    eventually("streams drained", Duration::from_secs(30), || {
+    // Routing done: the send stream is empty.
+    eventually("send stream routed", Duration::from_secs(60), || {
         let mut r = redis.conn();
-        async move {
-            let send: usize = r.xlen("wsc:send").ok()?;
-            let ids: Vec<String> = r.zrange("wsc:nodes", 0, -1).ok()?;
-            let mut inboxes = 0;
-            for id in ids {
-                inboxes += r.xlen::<_, usize>(format!("wsc:inbox:{{{id}}}")).ok()?;
-            }
-            (send == 0 && inboxes == 0).then_some(())
-        }
+        async move { (r.xlen::<_, usize>("wsc:send").ok()? == 0).then_some(()) }
     })
     .await;
+    // Inboxes usually drain within a second or two; what is still there is
+    // reported (a diagnostic, not the check: whatever is undelivered must
+    // still show up below, or the soak fails on `lost`).
+    let settle = Instant::now();
+    let inboxes = loop {
+        let mut r = redis.conn();
+        let ids: Vec<String> = r.zrange("wsc:nodes", 0, -1).unwrap_or_default();
+        let mut left = Vec::new();
+        for id in ids {
+            let n: usize = r.xlen(format!("wsc:inbox:{{{id}}}")).unwrap_or(0);
+            if n > 0 {
+                left.push((id, n));
+            }
+        }
+        if left.is_empty() || settle.elapsed() > Duration::from_secs(20) {
+            break left;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    if !inboxes.is_empty() {
+        println!("chaos: inboxes not drained after 20 s: {inboxes:?}");
+    }
     stop_clients.cancel();
     for t in tasks {
         let _ = t.await;

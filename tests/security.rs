@@ -35,29 +35,6 @@ fn strict_args(redis_url: &str, extra: &[&str]) -> Vec<String> {
     timed_args(redis_url, "200", "1000", extra)
 }
 
-/// Node arguments without `--dev`, with the given heartbeat and lease TTL.
-fn timed_args(redis_url: &str, heartbeat_ms: &str, ttl_ms: &str, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "--redis-url",
-        redis_url,
-        "--heartbeat-ms",
-        heartbeat_ms,
-        "--lease-ttl-ms",
-        ttl_ms,
-        "--drain-ms",
-        "1000",
-        "--jwt-secret",
-        SECRET,
-        "--api-key",
-        API_KEY,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
-}
-
 async fn start_nodes(names_args: Vec<(&str, Vec<String>)>) -> Vec<NodeProc> {
     let nodes: Vec<NodeProc> = names_args
         .into_iter()

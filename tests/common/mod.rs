@@ -202,26 +202,37 @@ pub struct NodeProc {
     pub name: String,
 }
 
-/// Fast timings for tests.
-pub fn fast_args(redis: &Redis) -> Vec<String> {
-    [
+/// Node arguments without `--dev`, with the given heartbeat and lease TTL.
+pub fn timed_args(
+    redis_url: &str,
+    heartbeat_ms: &str,
+    ttl_ms: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut v: Vec<String> = [
         "--redis-url",
-        &redis.url(),
+        redis_url,
         "--heartbeat-ms",
-        "200",
+        heartbeat_ms,
         "--lease-ttl-ms",
-        "1000",
+        ttl_ms,
         "--drain-ms",
         "1000",
         "--jwt-secret",
         SECRET,
         "--api-key",
         API_KEY,
-        "--dev",
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect()
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Fast timings for tests (heartbeat 200 ms, lease 1 s), with `--dev`.
+pub fn fast_args(redis: &Redis) -> Vec<String> {
+    timed_args(&redis.url(), "200", "1000", &["--dev"])
 }
 
 impl NodeProc {
