@@ -478,3 +478,73 @@ async fn taken_mailbox_survives_a_kill() {
     let left: bool = r.exists("wsc:taking:{tk}:c-1").unwrap();
     assert!(!left, "the taken copy is cleared");
 }
+
+/// Entries a former router read but never routed (its lease lapsed while
+/// it was reading) are claimed by the current router once idle for a lease
+/// TTL, not only at takeover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_router_reads_are_claimed() {
+    let (redis, nodes) = cluster(3).await;
+    let mut r = redis.conn();
+    let mut c = Client::dev(&nodes[1], "orphan").await;
+    // Routing has started (the router group exists).
+    eventually("a router", T, || {
+        let mut r = redis.conn();
+        async move {
+            let v: redis::Value = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg("wsc:send")
+                .query(&mut r)
+                .ok()?;
+            format!("{v:?}").contains("router").then_some(())
+        }
+    })
+    .await;
+    // A ghost consumer of the router group reads the entries as a lapsed
+    // leader would, and never acks. MULTI/EXEC: the ghost surely gets them
+    // before the blocked leader wakes up.
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for i in 0..3 {
+        pipe.cmd("XADD")
+            .arg("wsc:send")
+            .arg("*")
+            .arg("to")
+            .arg("orphan")
+            .arg("payload")
+            .arg(i);
+    }
+    pipe.cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("router")
+        .arg("ghost")
+        .arg("COUNT")
+        .arg(100)
+        .arg("STREAMS")
+        .arg("wsc:send")
+        .arg(">")
+        .ignore();
+    let ids: Vec<String> = pipe.query(&mut r).unwrap();
+    let pending: Vec<redis::Value> = redis::cmd("XPENDING")
+        .arg("wsc:send")
+        .arg("router")
+        .query(&mut r)
+        .unwrap();
+    assert_eq!(pending[0], redis::Value::Int(3), "the ghost holds them");
+    // The leader claims them from the ghost once idle for a lease TTL.
+    for id in &ids {
+        c.expect("message read by the ghost", T, is_msg(id)).await;
+    }
+    eventually("nothing left pending", T, || {
+        let mut r = redis.conn();
+        async move {
+            let v: Vec<redis::Value> = redis::cmd("XPENDING")
+                .arg("wsc:send")
+                .arg("router")
+                .query(&mut r)
+                .ok()?;
+            (v.first() == Some(&redis::Value::Int(0))).then_some(())
+        }
+    })
+    .await;
+}

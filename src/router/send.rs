@@ -101,7 +101,6 @@ async fn lead(
     let ttl = ctx.cfg.lease_ttl;
     let hb = ctx.cfg.heartbeat;
     let mut lease_conn = ctx.lease_conn.clone();
-    let mut conn = ctx.conn.clone();
     let started = Instant::now();
     let got: i64 = lua::eval_cmd(lua::LEASE_ACQUIRE, &[&lease_key])
         .arg(me.as_str())
@@ -124,50 +123,21 @@ async fn lead(
 
     // Take over what predecessors (or our own earlier incarnation) left
     // pending, before anything new: their order comes first.
-    let mut cursor = "0-0".to_owned();
-    loop {
-        let v: Value = redis::cmd("XAUTOCLAIM")
-            .arg(&key)
-            .arg(ROUTER_GROUP)
-            .arg(me.as_str())
-            .arg(0)
-            .arg(&cursor)
-            .arg("COUNT")
-            .arg(BATCH)
-            .query_async(&mut conn)
-            .await?;
-        let Value::Array(parts) = v else { break };
-        let next = parts.first().and_then(stream::string).unwrap_or_default();
-        let claimed = parts.get(1).map(stream::entries).unwrap_or_default();
-        // Entries deleted while pending come back in the third part.
-        let deleted: Vec<String> = match parts.get(2) {
-            Some(Value::Array(ids)) => ids.iter().filter_map(stream::string).collect(),
-            _ => Vec::new(),
-        };
-        if !deleted.is_empty() {
-            let _ = ctx.acks.send(AckJob {
-                key: key.clone(),
-                group: true,
-                ids: deleted,
-            });
-        }
-        if !claimed.is_empty() {
-            if Instant::now() >= lease_until {
-                return Err(RouterError::LeaseLost);
-            }
-            route_batch(ctx, shard, &key, claimed).await?;
-        }
-        if next == "0-0" || next.is_empty() {
-            break;
-        }
-        cursor = next;
-    }
+    claim_pending(ctx, shard, &key, me, 0, lease_until).await?;
+    let mut claimed_at = Instant::now();
 
     let block_ms = (hb / 2).clamp(Duration::from_millis(5), Duration::from_millis(500));
     loop {
         if stop.is_cancelled() || ctx.leaving.is_cancelled() || ctx.membership.id() != *me {
             release(ctx, &lease_key, me).await;
             return Ok(true);
+        }
+        // A former leader may have read a batch just as its lease lapsed,
+        // after our takeover claim: entries idle longer than a lease can
+        // only be abandoned. Claim them too, every lease TTL.
+        if claimed_at.elapsed() >= ttl {
+            claim_pending(ctx, shard, &key, me, ttl.as_millis() as u64, lease_until).await?;
+            claimed_at = Instant::now();
         }
         if renewed_at.elapsed() >= hb {
             let started = Instant::now();
@@ -226,6 +196,58 @@ async fn lead(
         }
         route_batch(ctx, shard, &key, entries).await?;
     }
+}
+
+/// Claim (`XAUTOCLAIM`) and route every entry of the router group idle for
+/// at least `min_idle_ms`, whoever holds it.
+async fn claim_pending(
+    ctx: &Arc<Ctx>,
+    shard: u32,
+    key: &str,
+    me: &NodeId,
+    min_idle_ms: u64,
+    lease_until: Instant,
+) -> Result<(), RouterError> {
+    let mut conn = ctx.conn.clone();
+    let mut cursor = "0-0".to_owned();
+    loop {
+        let v: Value = redis::cmd("XAUTOCLAIM")
+            .arg(key)
+            .arg(ROUTER_GROUP)
+            .arg(me.as_str())
+            .arg(min_idle_ms)
+            .arg(&cursor)
+            .arg("COUNT")
+            .arg(BATCH)
+            .query_async(&mut conn)
+            .await?;
+        let Value::Array(parts) = v else { break };
+        let next = parts.first().and_then(stream::string).unwrap_or_default();
+        let claimed = parts.get(1).map(stream::entries).unwrap_or_default();
+        // Entries deleted while pending come back in the third part.
+        let deleted: Vec<String> = match parts.get(2) {
+            Some(Value::Array(ids)) => ids.iter().filter_map(stream::string).collect(),
+            _ => Vec::new(),
+        };
+        if !deleted.is_empty() {
+            let _ = ctx.acks.send(AckJob {
+                key: key.to_owned(),
+                group: true,
+                ids: deleted,
+            });
+        }
+        if !claimed.is_empty() {
+            if Instant::now() >= lease_until {
+                return Err(RouterError::LeaseLost);
+            }
+            route_batch(ctx, shard, key, claimed).await?;
+        }
+        if next == "0-0" || next.is_empty() {
+            break;
+        }
+        cursor = next;
+    }
+    Ok(())
 }
 
 async fn release(ctx: &Ctx, lease_key: &str, me: &NodeId) {
