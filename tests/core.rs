@@ -277,7 +277,19 @@ async fn mailbox_expiry() {
         async move { (r.xlen::<_, usize>("wsc:mailbox:{late}").ok()? == 1).then_some(()) }
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(1300)).await; // let it expire (the point of the test)
+    // Wait until, by Redis's clock, the entry is older than the TTL.
+    let added: u64 = {
+        let v: redis::streams::StreamRangeReply = r.xrange_all("wsc:mailbox:{late}").unwrap();
+        v.ids[0].id.split('-').next().unwrap().parse().unwrap()
+    };
+    eventually("mailbox entry past its ttl", T, || {
+        let mut r = redis.conn();
+        async move {
+            let (s, us): (u64, u64) = redis::cmd("TIME").query(&mut r).ok()?;
+            (s * 1000 + us / 1000 > added + 1000).then_some(())
+        }
+    })
+    .await;
     let mut c = Client::dev(&nodes[0], "late").await;
     assert!(
         c.next_frame(Duration::from_millis(500)).await.is_none(),

@@ -89,7 +89,7 @@ pub trait Bus: Send + Sync + 'static {
     /// them. Until then a reaper routes them again if this node dies.
     async fn mailbox_written(&self, conn: &ConnHandle);
 
-    /// Forget a connection that closed.
+    /// Forget a connection that closed (and any mailbox pages it took).
     async fn unregister(&self, conn: &ConnHandle);
 
     /// A message queued for a connection that closed before writing it:

@@ -272,6 +272,8 @@ impl Bus for RedisBus {
         pipe.hdel(ctx.keys.user(&h.user), h.conn.as_str()).ignore();
         pipe.hdel(ctx.keys.node_conns(&me), h.conn.as_str())
             .ignore();
+        // Taken mailbox pages are written or handed back by now.
+        pipe.del(ctx.keys.taking(&h.user, &h.conn)).ignore();
         let mut conn = ctx.conn.clone();
         if let Err(e) = pipe.query_async::<()>(&mut conn).await {
             ctx.redis_error();

@@ -280,9 +280,9 @@ async fn finish(shared: &Arc<Shared>, h: &Arc<ConnHandle>, mut rx: mpsc::Receive
     while let Ok(out) = rx.try_recv() {
         requeue(shared, out);
     }
+    // Also forgets mailbox pages a re-registration queued: by now they are
+    // written or handed back.
     shared.bus.unregister(h).await;
-    // Mailbox pages a re-registration queued are written or handed back.
-    shared.bus.mailbox_written(h).await;
 }
 
 fn requeue(shared: &Arc<Shared>, out: Outgoing) {
