@@ -28,8 +28,18 @@ pub enum ConfigError {
     PublicKey(String),
     #[error("--send-shards (WSC_SEND_SHARDS) must be between 1 and 1024")]
     Shards,
-    #[error("--redis-cluster (WSC_REDIS_CLUSTER) is not supported by this build yet")]
-    Cluster,
+    #[error(
+        "--redis-url (WSC_REDIS_URL) holds several comma-separated URLs: that is a Redis Cluster seed list, so set --redis-cluster (WSC_REDIS_CLUSTER=true)"
+    )]
+    SeedList,
+    #[error(
+        "--redis-cluster (WSC_REDIS_CLUSTER) needs --redis-url (WSC_REDIS_URL) with the seed nodes"
+    )]
+    ClusterNoUrl,
+    #[error(
+        "--prefix (WSC_PREFIX) must be non-empty and must not contain '{{' or '}}' (they are Redis Cluster hash tags)"
+    )]
+    Prefix,
     #[error("--{0} must be at least 1")]
     Zero(&'static str),
     #[error("--log-format (WSC_LOG_FORMAT) must be text or json")]
@@ -166,6 +176,8 @@ impl std::fmt::Debug for JwtKey {
 #[derive(Clone)]
 pub struct Config {
     pub redis_url: Option<String>,
+    /// `redis_url` is a comma list of Redis Cluster seed nodes.
+    pub redis_cluster: bool,
     pub listen: String,
     pub prefix: String,
     pub send_shards: u32,
@@ -196,6 +208,7 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("redis", &self.redis_url.as_deref().map(redact_url))
+            .field("redis_cluster", &self.redis_cluster)
             .field("listen", &self.listen)
             .field("prefix", &self.prefix)
             .field("send_shards", &self.send_shards)
@@ -208,32 +221,64 @@ impl std::fmt::Debug for Config {
 
 /// A Redis URL with its password replaced, for logs.
 pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
+    // A seed list is redacted URL by URL.
+    split_urls(url)
+        .iter()
+        .map(|one| match url::Url::parse(one) {
+            Ok(mut u) => {
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("***"));
+                }
+                u.to_string()
             }
-            u.to_string()
-        }
-        Err(_) => "<unparsable>".to_owned(),
+            Err(_) => "<unparsable>".to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The URLs of a `--redis-url` value: one, or a comma list of seeds.
+pub fn split_urls(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn check_redis_url(url: &str) -> Result<(), ConfigError> {
+    let parsed = url::Url::parse(url).map_err(|e| ConfigError::RedisUrl(e.to_string()))?;
+    if !matches!(parsed.scheme(), "redis" | "rediss") {
+        return Err(ConfigError::RedisUrl(format!(
+            "scheme must be redis:// or rediss://, not {}://",
+            parsed.scheme()
+        )));
     }
+    redis::Client::open(url).map_err(|e| ConfigError::RedisUrl(e.to_string()))?;
+    Ok(())
 }
 
 impl Config {
     /// Parse flags and environment, then validate.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
-        if let Some(url) = &args.redis_url {
-            if args.redis_cluster {
-                return Err(ConfigError::Cluster);
+        match &args.redis_url {
+            Some(url) => {
+                let urls = split_urls(url);
+                if urls.len() > 1 && !args.redis_cluster {
+                    return Err(ConfigError::SeedList);
+                }
+                if urls.is_empty() {
+                    return Err(ConfigError::RedisUrl("no URL given".into()));
+                }
+                for u in &urls {
+                    check_redis_url(u)?;
+                }
             }
-            let parsed = url::Url::parse(url).map_err(|e| ConfigError::RedisUrl(e.to_string()))?;
-            if !matches!(parsed.scheme(), "redis" | "rediss") {
-                return Err(ConfigError::RedisUrl(format!(
-                    "scheme must be redis:// or rediss://, not {}://",
-                    parsed.scheme()
-                )));
-            }
-            redis::Client::open(url.as_str()).map_err(|e| ConfigError::RedisUrl(e.to_string()))?;
+            None if args.redis_cluster => return Err(ConfigError::ClusterNoUrl),
+            None => {}
+        }
+        if args.prefix.is_empty() || args.prefix.contains(['{', '}']) {
+            return Err(ConfigError::Prefix);
         }
         if args.heartbeat_ms < 10 {
             return Err(ConfigError::Heartbeat);
@@ -305,6 +350,7 @@ impl Config {
         };
         Ok(Config {
             redis_url: args.redis_url,
+            redis_cluster: args.redis_cluster,
             listen: args.listen,
             prefix: args.prefix,
             send_shards: args.send_shards,
@@ -375,6 +421,29 @@ mod tests {
         assert!(e.contains("--redis-url"), "{e}");
         let e = parse(&["--dev", "--redis-url", "not a url"]).unwrap_err();
         assert!(e.contains("--redis-url"), "{e}");
+        let e = parse(&["--dev", "--redis-url", "redis://a:1,redis://b:2"]).unwrap_err();
+        assert!(e.contains("--redis-cluster"), "{e}");
+        let e = parse(&["--dev", "--redis-cluster"]).unwrap_err();
+        assert!(e.contains("--redis-url"), "{e}");
+        let e = parse(&[
+            "--dev",
+            "--redis-cluster",
+            "--redis-url",
+            "redis://a:1,http://b",
+        ])
+        .unwrap_err();
+        assert!(e.contains("--redis-url"), "{e}");
+        let e = parse(&["--dev", "--prefix", "a{b"]).unwrap_err();
+        assert!(e.contains("--prefix"), "{e}");
+        let c = parse(&[
+            "--dev",
+            "--redis-cluster",
+            "--redis-url",
+            "redis://a:1, redis://b:2",
+        ])
+        .unwrap();
+        assert!(c.redis_cluster);
+        assert_eq!(split_urls(c.redis_url.as_deref().unwrap()).len(), 2);
         let e = parse(&["--dev", "--log-format", "xml"]).unwrap_err();
         assert!(e.contains("--log-format"), "{e}");
     }
@@ -399,6 +468,10 @@ mod tests {
     #[test]
     fn redaction() {
         assert_eq!(redact_url("redis://:pw@h:1/"), "redis://:***@h:1/");
+        assert_eq!(
+            redact_url("redis://:pw@h:1/,redis://:pw@g:2/"),
+            "redis://:***@h:1/,redis://:***@g:2/"
+        );
         assert!(!format!("{:?}", JwtKey::Hs256(b"topsecret".to_vec())).contains("topsecret"));
     }
 }

@@ -118,6 +118,38 @@ mod tests {
         assert_eq!(k.node_conns(&n), "wsc:conns:{n1}");
     }
 
+    // Every script and transaction touches one slot (contract §5). The
+    // scripts get their keys from these groups; `lua::eval_cmd` and
+    // `Batch::eval` refuse keys that span slots at run time as well.
+    proptest::proptest! {
+        #[test]
+        fn script_key_groups_share_a_slot(
+            prefix in "[a-z0-9:_.-]{1,12}",
+            user in "[A-Za-z0-9_.@:+=-]{1,128}",
+            conn in "[A-Za-z0-9-]{1,40}",
+        ) {
+            use crate::bus::conn::one_slot;
+            let k = Keys::new(&prefix);
+            let u = UserId::parse(&user).unwrap();
+            let c = ConnId::from_redis(conn);
+            let n = NodeId::random();
+            // REGISTER / TAKE_MAILBOX, MAILBOX, UNREGISTER_IF.
+            proptest::prop_assert!(one_slot(&[&k.user(&u), &k.mailbox(&u), &k.taking(&u, &c)]));
+            // DELETE_IF_DRAINED, and the reap lock in the node's slot.
+            proptest::prop_assert!(one_slot(&[&k.inbox(&n), &k.node_conns(&n), &k.reap_lock(&n)]));
+        }
+    }
+
+    #[test]
+    fn a_script_spanning_slots_is_refused() {
+        let k = Keys::new("wsc");
+        let a = UserId::parse("alice").unwrap();
+        let b = UserId::parse("bob").unwrap();
+        let e = crate::lua::eval_cmd(crate::lua::MAILBOX, &[&k.user(&a), &k.mailbox(&b)]);
+        assert!(e.is_err());
+        assert!(crate::lua::eval_cmd(crate::lua::MAILBOX, &[&k.user(&a), &k.mailbox(&a)]).is_ok());
+    }
+
     #[test]
     fn shards() {
         assert_eq!(shard_of("anything", 1), 0);

@@ -205,18 +205,43 @@ redis.call('DEL', KEYS[1], KEYS[2])
 return 1
 "#;
 
-/// Add `EVAL script nkeys keys... args...` to a pipeline.
-pub fn eval<'a>(
-    pipe: &'a mut redis::Pipeline,
-    script: &str,
-    keys: &[&str],
-) -> &'a mut redis::Pipeline {
-    pipe.cmd("EVAL").arg(script).arg(keys.len()).arg(keys)
-}
-
-/// An `EVAL` command to send alone.
-pub fn eval_cmd(script: &str, keys: &[&str]) -> redis::Cmd {
+/// An `EVAL` command to send alone (in a pipeline: [`Batch::eval`]).
+/// Refused if its keys span hash slots, on a single Redis too, so no such
+/// call can pass the tests and then fail on Redis Cluster.
+///
+/// [`Batch::eval`]: crate::bus::conn::Batch::eval
+pub fn eval_cmd(script: &str, keys: &[&str]) -> Result<redis::Cmd, redis::RedisError> {
+    if !crate::bus::conn::one_slot(keys) {
+        return Err(crate::bus::conn::cross_slot(keys));
+    }
     let mut c = redis::cmd("EVAL");
     c.arg(script).arg(keys.len()).arg(keys);
-    c
+    Ok(c)
+}
+
+/// Release a named lease (router, reap lock) if `holder` holds it. 1 if
+/// released.
+pub async fn release_lease(
+    conn: &mut crate::bus::conn::Conn,
+    key: &str,
+    holder: &str,
+) -> Result<i64, redis::RedisError> {
+    eval_cmd(LEASE_RELEASE, &[key])?
+        .arg(holder)
+        .query_async(conn)
+        .await
+}
+
+/// Renew a named lease if `holder` holds it. 1 if renewed.
+pub async fn renew_lease(
+    conn: &mut crate::bus::conn::Conn,
+    key: &str,
+    holder: &str,
+    ttl_ms: u64,
+) -> Result<i64, redis::RedisError> {
+    eval_cmd(LEASE_RENEW, &[key])?
+        .arg(holder)
+        .arg(ttl_ms)
+        .query_async(conn)
+        .await
 }

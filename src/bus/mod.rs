@@ -7,6 +7,7 @@
 //! the cluster view; deliveries come back through the shared
 //! [`Registry`](crate::gateway::registry::Registry).
 
+pub mod conn;
 pub mod memory;
 pub mod redis;
 

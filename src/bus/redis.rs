@@ -13,12 +13,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncCommands, AsyncConnectionConfig, Value};
+use redis::{AsyncCommands, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::conn::{Batch, Conn, Connector};
 use super::{Bus, BusError, ClusterView, Mailbox, NodeView, Publish};
 use crate::ack::AckGuard;
 use crate::backoff::Backoff;
@@ -37,13 +37,14 @@ use crate::stream;
 pub struct Ctx {
     pub cfg: Arc<Config>,
     pub keys: Keys,
-    pub client: redis::Client,
+    /// Makes connections: single Redis or Redis Cluster.
+    pub connector: Connector,
     /// Multiplexed, auto-reconnecting connection for every non-blocking
     /// command. Blocking reads get connections of their own.
-    pub conn: ConnectionManager,
+    pub conn: Conn,
     /// A connection of its own for leases (node, router, reap lock): a
     /// renewal must never queue behind a large pipeline or reply.
-    pub lease_conn: ConnectionManager,
+    pub lease_conn: Conn,
     pub membership: Membership,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
@@ -64,16 +65,9 @@ impl Ctx {
         self.cfg.lease_ttl.as_millis() as u64
     }
 
-    /// A connection for blocking reads: no response timeout (a `BLOCK`
-    /// longer than redis-rs's default 500 ms would time out), and not the
-    /// multiplexed one, which a blocking command would stall.
-    pub async fn blocking_conn(&self) -> Result<MultiplexedConnection, redis::RedisError> {
-        let cfg = AsyncConnectionConfig::new()
-            .set_response_timeout(None)
-            .set_connection_timeout(Some(Duration::from_secs(2)));
-        self.client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await
+    /// A connection for blocking reads (see [`Connector::blocking`]).
+    pub async fn blocking_conn(&self) -> Result<Conn, redis::RedisError> {
+        self.connector.blocking().await
     }
 
     pub fn shards_routed(&self) -> Vec<u32> {
@@ -115,22 +109,15 @@ impl RedisBus {
     }
 
     /// Connect, retrying with backoff; `None` if stopped first.
-    async fn connect(
-        &self,
-        stop: &CancellationToken,
-    ) -> Option<(redis::Client, ConnectionManager, ConnectionManager)> {
+    async fn connect(&self, stop: &CancellationToken) -> Option<(Connector, Conn, Conn)> {
         let url = self.cfg.redis_url.clone().unwrap_or_default();
         let mut backoff = Backoff::redis();
         loop {
             let attempt = async {
-                let client = redis::Client::open(url.as_str())?;
-                let mcfg = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(2)))
-                    .set_response_timeout(Some(Duration::from_secs(5)))
-                    .set_number_of_retries(1);
-                let conn = ConnectionManager::new_with_config(client.clone(), mcfg.clone()).await?;
-                let lease_conn = ConnectionManager::new_with_config(client.clone(), mcfg).await?;
-                Ok::<_, redis::RedisError>((client, conn, lease_conn))
+                let connector = Connector::new(&self.cfg)?;
+                let conn = connector.shared().await?;
+                let lease_conn = connector.shared().await?;
+                Ok::<_, redis::RedisError>((connector, conn, lease_conn))
             };
             match attempt.await {
                 Ok(c) => return Some(c),
@@ -164,7 +151,7 @@ impl Bus for RedisBus {
     fn start(self: Arc<Self>, tracker: &TaskTracker, stop: CancellationToken) {
         let tracker2 = tracker.clone();
         tracker.spawn(async move {
-            let Some((client, conn, lease_conn)) = self.connect(&stop).await else {
+            let Some((connector, conn, lease_conn)) = self.connect(&stop).await else {
                 return;
             };
             let (reroute_tx, reroute_rx) = mpsc::unbounded_channel();
@@ -175,7 +162,7 @@ impl Bus for RedisBus {
             let ctx = Arc::new(Ctx {
                 cfg: self.cfg.clone(),
                 keys: Keys::new(&self.cfg.prefix),
-                client,
+                connector,
                 conn,
                 lease_conn,
                 membership,
@@ -268,14 +255,17 @@ impl Bus for RedisBus {
     async fn unregister(&self, h: &ConnHandle) {
         let Ok(ctx) = self.ctx() else { return };
         let me = ctx.membership.id();
-        let mut pipe = redis::pipe();
-        pipe.hdel(ctx.keys.user(&h.user), h.conn.as_str()).ignore();
-        pipe.hdel(ctx.keys.node_conns(&me), h.conn.as_str())
-            .ignore();
+        let mut batch = Batch::new();
+        batch
+            .cmd_ignored("HDEL", &ctx.keys.user(&h.user))
+            .arg(h.conn.as_str());
+        batch
+            .cmd_ignored("HDEL", &ctx.keys.node_conns(&me))
+            .arg(h.conn.as_str());
         // Taken mailbox pages are written or handed back by now.
-        pipe.del(ctx.keys.taking(&h.user, &h.conn)).ignore();
+        batch.cmd_ignored("DEL", &ctx.keys.taking(&h.user, &h.conn));
         let mut conn = ctx.conn.clone();
-        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+        if let Err(e) = batch.run(&mut conn).await {
             ctx.redis_error();
             // The reaper removes it when this node goes; a stale field is
             // skipped by routing meanwhile.
@@ -343,15 +333,19 @@ impl Bus for RedisBus {
             .arg("WITHSCORES")
             .query_async(&mut conn)
             .await?;
-        let mut pipe = redis::pipe();
+        let mut batch = Batch::new();
         for (id, _) in &nodes {
-            pipe.hlen(ctx.keys.node_conns(&NodeId::from_redis(id.clone())));
+            batch.cmd(
+                "HLEN",
+                &ctx.keys.node_conns(&NodeId::from_redis(id.clone())),
+            );
         }
-        let counts: Vec<u64> = if nodes.is_empty() {
-            Vec::new()
-        } else {
-            pipe.query_async(&mut conn).await?
-        };
+        let counts: Vec<u64> = batch
+            .run(&mut conn)
+            .await?
+            .iter()
+            .map(|v| stream::int(v).unwrap_or(0).max(0) as u64)
+            .collect();
         let shards = ctx.shards_routed();
         Ok(ClusterView {
             node: ctx.membership.id().to_string(),
@@ -385,31 +379,41 @@ const MAILBOX_PAGE: usize = 100;
 
 /// Register `h` under node id `me` and take the first page of the user's
 /// mailbox, in one script in the user's slot. The per-node index entry goes
-/// first, so a reaper always finds what the user hash may name.
+/// first, so a reaper always finds what the user hash may name (on Redis
+/// Cluster the two are in different slots: two steps, in that order).
 pub async fn register_under(
     ctx: &Ctx,
     me: &NodeId,
     h: &ConnHandle,
 ) -> Result<Mailbox, redis::RedisError> {
-    let mut pipe = redis::pipe();
-    pipe.hset(ctx.keys.node_conns(me), h.conn.as_str(), h.user.as_str())
-        .ignore();
-    lua::eval(
-        &mut pipe,
-        lua::REGISTER,
-        &[
-            &ctx.keys.user(&h.user),
-            &ctx.keys.mailbox(&h.user),
-            &ctx.keys.taking(&h.user, &h.conn),
-        ],
-    )
-    .arg(h.conn.as_str())
-    .arg(me.as_str())
-    .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
-    .arg(MAILBOX_PAGE);
     let mut conn = ctx.conn.clone();
-    let (page,): (Value,) = pipe.query_async(&mut conn).await?;
-    Ok(mailbox_page(&page))
+    let mut index = Batch::new();
+    index
+        .cmd_ignored("HSET", &ctx.keys.node_conns(me))
+        .arg(h.conn.as_str())
+        .arg(h.user.as_str());
+    let mut batch = if conn.is_cluster() {
+        index.run(&mut conn).await?;
+        Batch::new()
+    } else {
+        index
+    };
+    batch
+        .eval(
+            lua::REGISTER,
+            &[
+                &ctx.keys.user(&h.user),
+                &ctx.keys.mailbox(&h.user),
+                &ctx.keys.taking(&h.user, &h.conn),
+            ],
+            true,
+        )
+        .arg(h.conn.as_str())
+        .arg(me.as_str())
+        .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
+        .arg(MAILBOX_PAGE);
+    let page = batch.run(&mut conn).await?;
+    Ok(page.first().map(mailbox_page).unwrap_or_default())
 }
 
 /// Take the next page of the mailbox of connection `h`'s user.
@@ -422,7 +426,7 @@ pub async fn take_page(ctx: &Ctx, h: &ConnHandle) -> Result<Mailbox, redis::Redi
             &ctx.keys.mailbox(&h.user),
             &ctx.keys.taking(&h.user, &h.conn),
         ],
-    )
+    )?
     .arg("-")
     .arg("-")
     .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)

@@ -45,7 +45,7 @@ pub async fn join(ctx: &Ctx, id: &NodeId) -> Result<Instant, redis::RedisError> 
     {
         return Err(e);
     }
-    let (_exp, _now): (u64, u64) = lua::eval_cmd(lua::JOIN, &[&ctx.keys.nodes()])
+    let (_exp, _now): (u64, u64) = lua::eval_cmd(lua::JOIN, &[&ctx.keys.nodes()])?
         .arg(id.as_str())
         .arg(ctx.ttl_ms())
         .query_async(&mut conn)
@@ -55,7 +55,7 @@ pub async fn join(ctx: &Ctx, id: &NodeId) -> Result<Instant, redis::RedisError> 
 
 async fn renew(ctx: &Ctx, id: &NodeId) -> Result<Renewal, redis::RedisError> {
     let mut conn = ctx.lease_conn.clone();
-    let (expiry, now): (i64, u64) = lua::eval_cmd(lua::RENEW, &[&ctx.keys.nodes()])
+    let (expiry, now): (i64, u64) = lua::eval_cmd(lua::RENEW, &[&ctx.keys.nodes()])?
         .arg(id.as_str())
         .arg(ctx.ttl_ms())
         .query_async(&mut conn)

@@ -18,6 +18,7 @@ use redis::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::ack::AckGuard;
+use crate::bus::conn::Batch;
 use crate::bus::redis::Ctx;
 use crate::ids::{ConnId, NodeId, UserId};
 use crate::lua;
@@ -77,14 +78,14 @@ async fn try_reap(ctx: &Arc<Ctx>, dead: &NodeId, me: &NodeId) -> Result<bool, Re
     let mut conn = ctx.conn.clone();
     // Our view of `<p>:nodes` may be stale: confirm by Redis `TIME` before
     // touching a node's work. An expired lease can never come back.
-    let expired: i64 = lua::eval_cmd(lua::IS_EXPIRED, &[&ctx.keys.nodes()])
+    let expired: i64 = lua::eval_cmd(lua::IS_EXPIRED, &[&ctx.keys.nodes()])?
         .arg(dead.as_str())
         .query_async(&mut conn)
         .await?;
     if expired != 1 {
         return Ok(false);
     }
-    let got: i64 = lua::eval_cmd(lua::LEASE_ACQUIRE, &[&ctx.keys.reap_lock(dead)])
+    let got: i64 = lua::eval_cmd(lua::LEASE_ACQUIRE, &[&ctx.keys.reap_lock(dead)])?
         .arg(me.as_str())
         .arg(ctx.ttl_ms())
         .query_async(&mut conn)
@@ -103,10 +104,8 @@ async fn reap_locked(ctx: &Arc<Ctx>, dead: &NodeId, holder: &NodeId) -> Result<(
     let result = reap_steps(ctx, dead, &lock_lost).await;
     done.cancel();
     let mut conn = ctx.conn.clone();
-    let _: Result<i64, _> = lua::eval_cmd(lua::LEASE_RELEASE, &[&ctx.keys.reap_lock(dead)])
-        .arg(holder.as_str())
-        .query_async(&mut conn)
-        .await;
+    // Best effort: an unreleased lock expires within a TTL.
+    let _ = lua::release_lease(&mut conn, &ctx.keys.reap_lock(dead), holder.as_str()).await;
     result
 }
 
@@ -125,11 +124,7 @@ fn spawn_lock_renewer(ctx: Arc<Ctx>, node: NodeId, done: CancellationToken) -> C
                 _ = tokio::time::sleep(every) => {}
             }
             let mut conn = ctx.lease_conn.clone();
-            let r: Result<i64, _> = lua::eval_cmd(lua::LEASE_RENEW, &[&key])
-                .arg(holder.as_str())
-                .arg(ctx.ttl_ms())
-                .query_async(&mut conn)
-                .await;
+            let r = lua::renew_lease(&mut conn, &key, holder.as_str(), ctx.ttl_ms()).await;
             if !matches!(r, Ok(1)) {
                 lost2.cancel();
                 return;
@@ -207,11 +202,11 @@ async fn reap_steps(
             if keys.is_empty() {
                 continue;
             }
-            let mut pipe = redis::pipe();
+            let mut batch = Batch::new();
             for k in &keys {
-                pipe.cmd("XRANGE").arg(k).arg("-").arg("+");
+                batch.cmd("XRANGE", k).arg("-").arg("+");
             }
-            let pages: Vec<Value> = pipe.query_async(&mut conn).await?;
+            let pages: Vec<Value> = batch.run(&mut conn).await?;
             let msgs: Vec<Arc<Message>> = pages
                 .iter()
                 .flat_map(stream::entries)
@@ -230,23 +225,28 @@ async fn reap_steps(
                 let _ = written.await;
                 ctx.metrics.rerouted.inc_by(n);
             }
-            let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
+            // One `DEL` per key: they are in their users' slots.
+            let mut batch = Batch::new();
+            for k in &keys {
+                batch.cmd_ignored("DEL", k);
+            }
+            batch.run(&mut conn).await?;
         }
         if !conns.is_empty() {
-            let mut pipe = redis::pipe();
+            let mut batch = Batch::new();
             for (conn_id, user) in &conns {
                 let Ok(user) = UserId::parse(user) else {
                     continue;
                 };
-                lua::eval(&mut pipe, lua::UNREGISTER_IF, &[&ctx.keys.user(&user)])
+                batch
+                    .eval(lua::UNREGISTER_IF, &[&ctx.keys.user(&user)], false)
                     .arg(conn_id)
-                    .arg(dead.as_str())
-                    .ignore();
+                    .arg(dead.as_str());
             }
-            pipe.query_async::<()>(&mut conn).await?;
+            batch.run(&mut conn).await?;
         }
         // 3. Delete the inbox and index, only if drained; else go again.
-        let deleted: i64 = lua::eval_cmd(lua::DELETE_IF_DRAINED, &[&inbox, &index])
+        let deleted: i64 = lua::eval_cmd(lua::DELETE_IF_DRAINED, &[&inbox, &index])?
             .query_async(&mut conn)
             .await?;
         if deleted == 1 {
@@ -254,7 +254,7 @@ async fn reap_steps(
         }
     }
     // 4. Last, leave `<p>:nodes`.
-    let _: i64 = lua::eval_cmd(lua::REMOVE_IF_EXPIRED, &[&ctx.keys.nodes()])
+    let _: i64 = lua::eval_cmd(lua::REMOVE_IF_EXPIRED, &[&ctx.keys.nodes()])?
         .arg(dead.as_str())
         .query_async(&mut conn)
         .await?;
@@ -270,7 +270,7 @@ pub async fn leave_begin(ctx: &Arc<Ctx>) {
     ctx.leaving.cancel();
     let mut conn = ctx.conn.clone();
     let r: Result<(), redis::RedisError> = async {
-        let _: i64 = lua::eval_cmd(lua::LEASE_ACQUIRE, &[&ctx.keys.reap_lock(&me)])
+        let _: i64 = lua::eval_cmd(lua::LEASE_ACQUIRE, &[&ctx.keys.reap_lock(&me)])?
             .arg(me.as_str())
             .arg(ctx.ttl_ms())
             .query_async(&mut conn)
@@ -278,15 +278,12 @@ pub async fn leave_begin(ctx: &Arc<Ctx>) {
         // Renewed for the whole drain; a node that dies midway lets it
         // lapse within a lease TTL and a survivor finishes the reap.
         spawn_lock_renewer(ctx.clone(), me.clone(), ctx.readers_stop.clone());
-        let _: u64 = lua::eval_cmd(lua::EXPIRE_NOW, &[&ctx.keys.nodes()])
+        let _: u64 = lua::eval_cmd(lua::EXPIRE_NOW, &[&ctx.keys.nodes()])?
             .arg(me.as_str())
             .query_async(&mut conn)
             .await?;
         for shard in 0..ctx.cfg.send_shards {
-            let _: i64 = lua::eval_cmd(lua::LEASE_RELEASE, &[&ctx.keys.router_lease(shard)])
-                .arg(me.as_str())
-                .query_async(&mut conn)
-                .await?;
+            lua::release_lease(&mut conn, &ctx.keys.router_lease(shard), me.as_str()).await?;
         }
         Ok(())
     }

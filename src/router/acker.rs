@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::bus::conn::Batch;
 use crate::bus::redis::Ctx;
 use crate::keys::ROUTER_GROUP;
 
@@ -37,22 +38,21 @@ pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<AckJob>, stop: C
         if n == 0 {
             return;
         }
-        let mut pipe = redis::pipe();
+        let mut batch = Batch::new();
         for j in jobs.drain(..) {
             if j.ids.is_empty() {
                 continue;
             }
             if j.group {
-                pipe.cmd("XACK")
-                    .arg(&j.key)
+                batch
+                    .cmd_ignored("XACK", &j.key)
                     .arg(ROUTER_GROUP)
-                    .arg(&j.ids)
-                    .ignore();
+                    .arg(&j.ids);
             }
-            pipe.cmd("XDEL").arg(&j.key).arg(&j.ids).ignore();
+            batch.cmd_ignored("XDEL", &j.key).arg(&j.ids);
         }
         let mut conn = ctx.conn.clone();
-        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+        if let Err(e) = batch.run(&mut conn).await {
             ctx.redis_error();
             // Not retried: the entries stay and are routed again later
             // (duplicates with the same id, never loss).

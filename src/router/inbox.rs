@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Value;
-use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
 use super::acker::AckJob;
 use super::entry;
 use crate::ack::AckGuard;
 use crate::backoff::Backoff;
+use crate::bus::conn::Conn;
 use crate::bus::redis::Ctx;
 use crate::gateway::registry::Outgoing;
 use crate::ids::NodeId;
@@ -32,7 +32,7 @@ fn block_ms(ctx: &Ctx) -> u64 {
 
 async fn xread(
     ctx: &Ctx,
-    conn: &mut Option<MultiplexedConnection>,
+    conn: &mut Option<Conn>,
     key: &str,
     last: &str,
 ) -> Result<Vec<stream::RawEntry>, redis::RedisError> {

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ack::AckGuard;
 use crate::backoff::Backoff;
+use crate::bus::conn::{Batch, Conn};
 use crate::bus::redis::Ctx;
 use crate::cluster::NodeStatus;
 use crate::gateway::registry::Outgoing;
@@ -71,18 +72,18 @@ pub async fn route(
         .into_iter()
         .partition(|m| matches!(m.target, Target::Topic(_)));
     if !topics.is_empty() {
-        let mut pipe = redis::pipe();
+        let key = ctx.keys.topics();
+        let mut batch = Batch::new();
         for m in &topics {
-            pipe.cmd("XADD")
-                .arg(ctx.keys.topics())
+            batch
+                .cmd_ignored("XADD", &key)
                 .arg("MAXLEN")
                 .arg("~")
                 .arg(TOPIC_STREAM_MAX)
                 .arg("*")
-                .arg(entry::topic_fields(m))
-                .ignore();
+                .arg(entry::topic_fields(m));
         }
-        pipe.query_async::<()>(&mut conn).await?;
+        batch.run(&mut conn).await?;
     }
     // Each round routes what the previous one could not (a node found gone,
     // a user who just connected, a connection that just closed); the last
@@ -99,7 +100,7 @@ pub async fn route(
 
 async fn route_round(
     ctx: &Ctx,
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut Conn,
     pending: Vec<Arc<Message>>,
     guard: &Arc<AckGuard>,
     force_mailbox: bool,
@@ -120,11 +121,11 @@ async fn route_round(
     let lookups: Vec<Vec<(String, String)>> = if force_mailbox || users.is_empty() {
         vec![Vec::new(); users.len()]
     } else {
-        let mut pipe = redis::pipe();
+        let mut batch = Batch::new();
         for u in &users {
-            pipe.hgetall(ctx.keys.user(u));
+            batch.cmd("HGETALL", &ctx.keys.user(u));
         }
-        pipe.query_async(conn).await?
+        redis::from_redis_value(Value::Array(batch.run(conn).await?))?
     };
     // 2. Ask Redis about nodes this node has not seen yet, and about those
     //    it believes expired (its view may be stale; skipping a live node
@@ -153,7 +154,7 @@ async fn route_round(
     }
     // 3. Classify each user's connections; stale fields are removed.
     let mut routes: Vec<UserRoute> = Vec::with_capacity(users.len());
-    let mut pipe = redis::pipe();
+    let mut batch = Batch::new();
     for (u, fields) in users.iter().zip(&lookups) {
         let mut r = UserRoute::default();
         for (conn_id, node) in fields {
@@ -173,7 +174,7 @@ async fn route_round(
                     }
                 }
                 NodeStatus::Gone => {
-                    pipe.hdel(ctx.keys.user(u), conn_id).ignore();
+                    batch.cmd_ignored("HDEL", &ctx.keys.user(u)).arg(conn_id);
                     r.not_live.push(node.clone());
                 }
                 NodeStatus::Expired | NodeStatus::Unknown => r.not_live.push(node.clone()),
@@ -188,13 +189,13 @@ async fn route_round(
         let r = &routes[index[u]];
         if force_mailbox || m.hops > MAX_HOPS || (!r.local && r.remote.is_empty()) {
             let force = force_mailbox || m.hops > MAX_HOPS;
-            mailbox_cmd(ctx, &mut pipe, m, u, force, &r.not_live);
+            mailbox_cmd(ctx, &mut batch, m, u, force, &r.not_live);
             ops.push(Op::Mailbox(i));
             continue;
         }
         for node in &r.remote {
-            pipe.cmd("XADD")
-                .arg(ctx.keys.inbox(node))
+            batch
+                .cmd("XADD", &ctx.keys.inbox(node))
                 .arg("NOMKSTREAM")
                 .arg("*")
                 .arg(entry::fields(m));
@@ -204,12 +205,8 @@ async fn route_round(
             ops.push(Op::Local(i));
         }
     }
-    // All-local batches need no Redis at all (an empty pipeline is refused).
-    let replies: Vec<Value> = if pipe.is_empty() {
-        Vec::new()
-    } else {
-        pipe.query_async(conn).await?
-    };
+    // All-local batches need no Redis at all.
+    let replies: Vec<Value> = batch.run(conn).await?;
     // 5. Read the results; collect what must go round again.
     let mut ok = vec![false; pending.len()];
     let mut replies = replies.into_iter();
@@ -257,23 +254,24 @@ async fn route_round(
 
 fn mailbox_cmd(
     ctx: &Ctx,
-    pipe: &mut redis::Pipeline,
+    batch: &mut Batch,
     m: &Message,
     u: &UserId,
     force: bool,
     not_live: &[String],
 ) {
-    lua::eval(
-        pipe,
-        lua::MAILBOX,
-        &[&ctx.keys.user(u), &ctx.keys.mailbox(u)],
-    )
-    .arg(if force { "1" } else { "0" })
-    .arg(ctx.cfg.mailbox_max)
-    .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
-    .arg(not_live.len())
-    .arg(not_live)
-    .arg(entry::fields(m));
+    batch
+        .eval(
+            lua::MAILBOX,
+            &[&ctx.keys.user(u), &ctx.keys.mailbox(u)],
+            true,
+        )
+        .arg(if force { "1" } else { "0" })
+        .arg(ctx.cfg.mailbox_max)
+        .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
+        .arg(not_live.len())
+        .arg(not_live)
+        .arg(entry::fields(m));
 }
 
 /// Routes messages that reached this node after their user left it (and

@@ -7,6 +7,9 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use redis::Value;
+
+use crate::bus::conn::Batch;
 use crate::bus::redis::Ctx;
 
 pub struct PublishReq {
@@ -28,12 +31,16 @@ pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::Receiver<PublishReq>, stop: Cancel
         if n == 0 {
             return;
         }
-        let mut pipe = redis::pipe();
+        let mut adds = Batch::new();
         for r in &batch {
-            pipe.cmd("XADD").arg(&r.key).arg("*").arg(&r.fields);
+            adds.cmd("XADD", &r.key).arg("*").arg(&r.fields);
         }
         let mut conn = ctx.conn.clone();
-        match pipe.query_async::<Vec<String>>(&mut conn).await {
+        let ids = adds
+            .run(&mut conn)
+            .await
+            .and_then(|v| Ok(redis::from_redis_value::<Vec<String>>(Value::Array(v))?));
+        match ids {
             Ok(ids) => {
                 for (r, id) in batch.drain(..).zip(ids) {
                     let _ = r.reply.send(Ok(id));

@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use redis::Value;
-use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
 use super::acker::AckJob;
 use super::entry::{self, DeadReason};
 use crate::ack::AckGuard;
 use crate::backoff::Backoff;
+use crate::bus::conn::{Batch, Conn};
 use crate::bus::redis::Ctx;
 use crate::ids::NodeId;
 use crate::keys::ROUTER_GROUP;
@@ -42,7 +42,7 @@ enum RouterError {
 pub async fn run(ctx: Arc<Ctx>, shard: u32, stop: CancellationToken) {
     let hb = ctx.cfg.heartbeat;
     let mut backoff = Backoff::redis();
-    let mut blocking: Option<MultiplexedConnection> = None;
+    let mut blocking: Option<Conn> = None;
     loop {
         let jitter = rand::rng().random_range(Duration::ZERO..=hb / 4);
         tokio::select! {
@@ -94,7 +94,7 @@ async fn lead(
     ctx: &Arc<Ctx>,
     shard: u32,
     me: &NodeId,
-    blocking: &mut Option<MultiplexedConnection>,
+    blocking: &mut Option<Conn>,
     stop: &CancellationToken,
 ) -> Result<bool, RouterError> {
     let lease_key = ctx.keys.router_lease(shard);
@@ -102,7 +102,7 @@ async fn lead(
     let hb = ctx.cfg.heartbeat;
     let mut lease_conn = ctx.lease_conn.clone();
     let started = Instant::now();
-    let got: i64 = lua::eval_cmd(lua::LEASE_ACQUIRE, &[&lease_key])
+    let got: i64 = lua::eval_cmd(lua::LEASE_ACQUIRE, &[&lease_key])?
         .arg(me.as_str())
         .arg(ttl.as_millis() as u64)
         .query_async(&mut lease_conn)
@@ -141,11 +141,13 @@ async fn lead(
         }
         if renewed_at.elapsed() >= hb {
             let started = Instant::now();
-            let ok: i64 = lua::eval_cmd(lua::LEASE_RENEW, &[&lease_key])
-                .arg(me.as_str())
-                .arg(ttl.as_millis() as u64)
-                .query_async(&mut lease_conn)
-                .await?;
+            let ok = lua::renew_lease(
+                &mut lease_conn,
+                &lease_key,
+                me.as_str(),
+                ttl.as_millis() as u64,
+            )
+            .await?;
             if ok != 1 {
                 tracing::warn!(shard, node = %me, "router lease lost");
                 return Ok(true);
@@ -252,10 +254,8 @@ async fn claim_pending(
 
 async fn release(ctx: &Ctx, lease_key: &str, me: &NodeId) {
     let mut conn = ctx.conn.clone();
-    let _: Result<i64, _> = lua::eval_cmd(lua::LEASE_RELEASE, &[lease_key])
-        .arg(me.as_str())
-        .query_async(&mut conn)
-        .await;
+    // Best effort: an unreleased lease expires within a TTL.
+    let _ = lua::release_lease(&mut conn, lease_key, me.as_str()).await;
 }
 
 /// Create the router group at the start of the stream (entries added while
@@ -300,10 +300,11 @@ async fn route_batch(
     }
     let mut conn = ctx.conn.clone();
     if !dead.is_empty() {
-        let mut pipe = redis::pipe();
+        let dead_key = ctx.keys.dead();
+        let mut batch = Batch::new();
         for (e, reason) in &dead {
-            pipe.cmd("XADD")
-                .arg(ctx.keys.dead())
+            batch
+                .cmd_ignored("XADD", &dead_key)
                 .arg("MAXLEN")
                 .arg("~")
                 .arg(DEAD_MAX)
@@ -315,10 +316,9 @@ async fn route_batch(
                 .arg("id")
                 .arg(&e.id)
                 .arg("entry")
-                .arg(e.fields_json())
-                .ignore();
+                .arg(e.fields_json());
         }
-        pipe.query_async::<()>(&mut conn).await?;
+        batch.run(&mut conn).await?;
         ctx.metrics.dead.inc_by(dead.len() as u64);
         for (e, reason) in &dead {
             tracing::warn!(stream = key, id = %e.id, reason = reason.code(), "dead letter");
