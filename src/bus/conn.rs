@@ -77,10 +77,12 @@ impl ConnectionLike for Conn {
 }
 
 /// Makes connections: to one Redis, or to a Redis Cluster from its seeds.
+// One per node, made once: the size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum Connector {
     Single(redis::Client),
-    Cluster(Box<ClusterClient>),
+    Cluster(ClusterClient),
 }
 
 impl Connector {
@@ -102,7 +104,7 @@ impl Connector {
                 .min_retry_wait(50)
                 .max_retry_wait(1000)
                 .build()?;
-            Ok(Connector::Cluster(Box::new(client)))
+            Ok(Connector::Cluster(client))
         } else {
             Ok(Connector::Single(redis::Client::open(url)?))
         }
