@@ -12,10 +12,6 @@ use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(10);
 
-fn is_msg(id: &str) -> impl Fn(&Value) -> bool + '_ {
-    move |v| v["type"] == "message" && v["id"] == id
-}
-
 /// 1. Self-assigned ids and leases; /cluster lists every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_and_lease() {
@@ -382,7 +378,7 @@ async fn topics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_and_single_router() {
     let (redis, nodes) = cluster(3).await;
-    let mut r = redis.conn();
+    let mut r = redis.conn_for("wsc:send");
     let mut c = Client::dev(&nodes[2], "ordered").await;
     let mut pipe = redis::pipe();
     for i in 0..2000 {

@@ -12,10 +12,6 @@ use serde_json::Value;
 
 const T: Duration = Duration::from_secs(10);
 
-fn is_msg(id: &str) -> impl Fn(&Value) -> bool + '_ {
-    move |v| v["type"] == "message" && v["id"] == id
-}
-
 async fn node_gone(redis: &Redis, id: &str) {
     let key = format!("wsc:inbox:{{{id}}}");
     let index = format!("wsc:conns:{{{id}}}");
@@ -156,7 +152,7 @@ async fn reroute_bound_and_moving_user() {
     let mut r = redis.conn();
     let n0 = nodes[0].node_id().await;
     let mut m = Client::dev(&nodes[1], "mover").await;
-    let put = |r: &mut redis::Connection, id: &str, hops: u32| {
+    let put = |r: &mut TestConn, id: &str, hops: u32| {
         let _: String = redis::cmd("XADD")
             .arg(format!("wsc:inbox:{{{n0}}}"))
             .arg("*")
@@ -485,7 +481,7 @@ async fn taken_mailbox_survives_a_kill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_router_reads_are_claimed() {
     let (redis, nodes) = cluster(3).await;
-    let mut r = redis.conn();
+    let mut r = redis.conn_for("wsc:send");
     let mut c = Client::dev(&nodes[1], "orphan").await;
     // Routing has started (the router group exists).
     eventually("a router", T, || {

@@ -980,7 +980,7 @@ async fn limit_topics_per_conn() {
 }
 
 /// `XADD` `n` messages of about 2 KB to `user`, pipelined; their ids.
-fn flood(r: &mut redis::Connection, user: &str, n: usize) -> Vec<String> {
+fn flood(r: &mut TestConn, user: &str, n: usize) -> Vec<String> {
     let pad = "p".repeat(2000);
     let mut ids: Vec<String> = Vec::with_capacity(n);
     for chunk in 0..n.div_ceil(1000) {
@@ -1196,7 +1196,7 @@ async fn oversized_payload_dead_lettered() {
     let big = json!({"x": "y".repeat(5000)}).to_string();
     let just_over = format!("\"{}\"", "z".repeat(999)); // 1001 bytes
     let at_limit = format!("\"{}\"", "z".repeat(998)); // 1000 bytes
-    let add = |r: &mut redis::Connection, k: &str, t: &str, p: &str| -> String {
+    let add = |r: &mut TestConn, k: &str, t: &str, p: &str| -> String {
         redis::cmd("XADD")
             .arg("wsc:send")
             .arg("*")

@@ -1,4 +1,4 @@
-//! Test harness: a real `redis-server` per test, real nodes (child
+//! Test harness: a real `redis-server` (or Redis Cluster) per test, real nodes (child
 //! processes of the built binary), real WebSocket clients, and an
 //! `eventually` helper that polls with a deadline.
 #![allow(dead_code)]
@@ -65,10 +65,21 @@ fn rand_u64() -> u64 {
     h.finish()
 }
 
+/// True when the suite runs against Redis Cluster: `WSC_TEST_REDIS_CLUSTER=1`
+/// makes [`Redis::start`] start a 3-primary [`RedisCluster`] instead, so the
+/// same tests cover both deployments (`scripts/test.sh` runs the core and
+/// failure tests both ways).
+pub fn on_redis_cluster() -> bool {
+    std::env::var("WSC_TEST_REDIS_CLUSTER").is_ok_and(|v| v == "1" || v == "true")
+}
+
 /// A `redis-server` on a free port, no persistence; killed on drop, its log
-/// printed if the test failed.
+/// printed if the test failed. Or, under [`on_redis_cluster`], a Redis
+/// Cluster behind the same interface.
 pub struct Redis {
     pub port: u16,
+    /// Set when this is a Redis Cluster (see [`on_redis_cluster`]).
+    cluster: Option<RedisCluster>,
     child: Option<Child>,
     dir: PathBuf,
     /// Extra server arguments (password, TLS), kept for restarts.
@@ -86,6 +97,17 @@ fn plain(port: u16, _extra: &[String]) -> (Vec<String>, String) {
 
 impl Redis {
     pub fn start() -> Redis {
+        if on_redis_cluster() {
+            let c = RedisCluster::start(3, 0);
+            return Redis {
+                port: c.ports()[0],
+                cluster: Some(c),
+                child: None,
+                dir: tmpdir("redis"),
+                extra: Vec::new(),
+                url_for: plain,
+            };
+        }
         Self::start_with(&[], plain)
     }
 
@@ -99,6 +121,7 @@ impl Redis {
         for _ in 0..5 {
             let mut r = Redis {
                 port: free_port(),
+                cluster: None,
                 child: None,
                 dir: dir.clone(),
                 extra: extra.to_vec(),
@@ -147,11 +170,16 @@ impl Redis {
         false
     }
 
+    /// The URL nodes get (`--redis-url`): a seed list on a cluster.
     pub fn url(&self) -> String {
-        (self.url_for)(self.port, &self.extra).1
+        match &self.cluster {
+            Some(c) => c.seeds(),
+            None => (self.url_for)(self.port, &self.extra).1,
+        }
     }
 
     pub fn kill(&mut self) {
+        assert!(self.cluster.is_none(), "kill: not for a Redis Cluster");
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -168,28 +196,580 @@ impl Redis {
         }
     }
 
-    pub fn conn(&self) -> redis::Connection {
-        redis::Client::open(self.url())
-            .and_then(|c| c.get_connection())
-            .expect("redis connection")
+    pub fn conn(&self) -> TestConn {
+        match &self.cluster {
+            Some(c) => TestConn::Cluster(c.conn()),
+            None => TestConn::Single(
+                redis::Client::open(self.url())
+                    .and_then(|c| c.get_connection())
+                    .expect("redis connection"),
+            ),
+        }
+    }
+
+    /// A plain connection that takes pipelines (and `MULTI`) on `key`: on
+    /// a cluster, to the primary serving its slot.
+    pub fn conn_for(&self, key: &str) -> TestConn {
+        match &self.cluster {
+            Some(c) => TestConn::Single(c.node_conn(c.primary_port_for_key(key))),
+            None => self.conn(),
+        }
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+        match &self.cluster {
+            Some(c) => c.log(),
+            None => std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default(),
+        }
     }
 }
 
 impl Drop for Redis {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        // A cluster prints its own logs.
+        if std::thread::panicking() && self.cluster.is_none() {
             eprintln!(
                 "---- redis-server log (port {}) ----\n{}",
                 self.port,
                 self.log()
             );
         }
-        self.kill();
+        if self.cluster.is_none() {
+            self.kill();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A test's own connection: to one Redis or to a Redis Cluster (routed by
+/// key, so single-key commands work the same on both).
+#[allow(clippy::large_enum_variant)] // a few per test
+pub enum TestConn {
+    Single(redis::Connection),
+    Cluster(redis::cluster::ClusterConnection),
+}
+
+impl redis::ConnectionLike for TestConn {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> redis::RedisResult<redis::Value> {
+        match self {
+            TestConn::Single(c) => c.req_packed_command(cmd),
+            TestConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+    fn req_packed_commands(
+        &mut self,
+        cmd: &[u8],
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisResult<Vec<redis::Value>> {
+        match self {
+            TestConn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            TestConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+    fn req_command(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value> {
+        // The cluster routes by the command's key, not its packed bytes.
+        match self {
+            TestConn::Single(c) => c.req_command(cmd),
+            TestConn::Cluster(c) => c.req_command(cmd),
+        }
+    }
+    fn get_db(&self) -> i64 {
+        match self {
+            TestConn::Single(c) => c.get_db(),
+            TestConn::Cluster(c) => c.get_db(),
+        }
+    }
+    fn supports_pipelining(&self) -> bool {
+        match self {
+            TestConn::Single(c) => c.supports_pipelining(),
+            TestConn::Cluster(c) => c.supports_pipelining(),
+        }
+    }
+    fn check_connection(&mut self) -> bool {
+        match self {
+            TestConn::Single(c) => c.check_connection(),
+            TestConn::Cluster(c) => c.check_connection(),
+        }
+    }
+    fn is_open(&self) -> bool {
+        match self {
+            TestConn::Single(c) => c.is_open(),
+            TestConn::Cluster(c) => c.is_open(),
+        }
+    }
+}
+
+/// Poll `f` until it returns `Ok`, or panic after `timeout` with the last
+/// reason it gave (the blocking twin of [`eventually`]).
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let why = match f() {
+            Ok(v) => return v,
+            Err(why) => why,
+        };
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}; last: {why}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One `redis-server --cluster-enabled yes` process of a [`RedisCluster`].
+struct ClusterProc {
+    port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+    /// SIGKILLed by the test (kept dead).
+    killed: bool,
+}
+
+impl ClusterProc {
+    /// Start a cluster-enabled server in its own dir under `root`, answering
+    /// PING; None if it did not come up (port clash: the caller retries).
+    fn spawn(root: &std::path::Path, taken: &[u16]) -> Option<ClusterProc> {
+        let port = free_port();
+        // The cluster bus gets its own free port (`--cluster-port`, Redis 7)
+        // instead of port+10000, which may be taken or out of range.
+        let bus = free_port();
+        if port == bus || taken.contains(&port) || taken.contains(&bus) {
+            return None;
+        }
+        let dir = root.join(format!("node-{port}"));
+        std::fs::create_dir_all(&dir).expect("node dir");
+        let mut p = ClusterProc {
+            port,
+            child: None,
+            dir,
+            killed: false,
+        };
+        let conf = p.dir.join(format!("nodes-{port}.conf"));
+        let log = p.dir.join("redis.log");
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--cluster-port",
+                &bus.to_string(),
+            ])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+            .args(["--cluster-allow-replica-migration", "no"])
+            // Replicas sync at once, not after the 5 s diskless-sync delay.
+            .args(["--repl-diskless-sync-delay", "0"])
+            .args([
+                "--cluster-config-file",
+                conf.to_str().unwrap_or("nodes.conf"),
+            ])
+            .args(["--dir", p.dir.to_str().unwrap_or(".")])
+            .args(["--logfile", log.to_str().unwrap_or("redis.log")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)");
+        p.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Some(c) = p.child.as_mut()
+                && let Ok(Some(_)) = c.try_wait()
+            {
+                p.child = None;
+                return None; // port clash: try others
+            }
+            if p.conn()
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                .is_ok()
+            {
+                return Some(p);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p.kill();
+        None
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A plain (non-cluster) connection to this process.
+    fn conn(&self) -> redis::RedisResult<redis::Connection> {
+        let c =
+            redis::Client::open(self.url())?.get_connection_with_timeout(Duration::from_secs(1))?;
+        c.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(c)
+    }
+
+    /// The reply of a text command (`CLUSTER INFO`, `INFO replication`).
+    fn text(&self, cmd: &[&str]) -> Result<String, String> {
+        let mut c = self.conn().map_err(|e| format!("{}: {e}", self.port))?;
+        let mut q = redis::cmd(cmd[0]);
+        for a in &cmd[1..] {
+            q.arg(*a);
+        }
+        q.query::<String>(&mut c)
+            .map_err(|e| format!("{} {cmd:?}: {e}", self.port))
+    }
+
+    /// This process's view of the cluster (`CLUSTER NODES`).
+    fn view(&self) -> Result<Vec<NodeLine>, String> {
+        Ok(self
+            .text(&["CLUSTER", "NODES"])?
+            .lines()
+            .filter_map(NodeLine::parse)
+            .collect())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+    }
+}
+
+/// One line of `CLUSTER NODES`.
+#[derive(Debug)]
+struct NodeLine {
+    port: u16,
+    flags: Vec<String>,
+    /// Slot ranges (inclusive) this node serves as primary.
+    slots: Vec<(u16, u16)>,
+}
+
+impl NodeLine {
+    /// `<id> <ip:port@bus> <flags> <master> <ping> <pong> <epoch> <link> <slot>...`
+    fn parse(line: &str) -> Option<NodeLine> {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let addr = f.get(1)?.split('@').next()?;
+        let port = addr.rsplit(':').next()?.parse().ok()?;
+        let slots = f
+            .iter()
+            .skip(8)
+            .filter(|s| !s.starts_with('[')) // migrating/importing
+            .filter_map(|s| match s.split_once('-') {
+                Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                None => s.parse().ok().map(|a| (a, a)),
+            })
+            .collect();
+        Some(NodeLine {
+            port,
+            flags: f.get(2)?.split(',').map(str::to_owned).collect(),
+            slots,
+        })
+    }
+
+    fn has(&self, flag: &str) -> bool {
+        self.flags.iter().any(|f| f == flag)
+    }
+
+    fn serves(&self, slot: u16) -> bool {
+        self.has("master") && self.slots.iter().any(|&(a, b)| (a..=b).contains(&slot))
+    }
+}
+
+/// A Redis Cluster of real `redis-server` processes on free ports (no
+/// persistence, node timeout 1 s), created with `redis-cli --cluster create`
+/// and converged; SIGKILLed on drop, their logs printed if the test failed.
+pub struct RedisCluster {
+    procs: Vec<ClusterProc>,
+    root: PathBuf,
+    primaries: usize,
+    replicas_per_primary: usize,
+    /// Slot ranges each killed primary served when it was killed.
+    served: std::collections::HashMap<u16, Vec<(u16, u16)>>,
+}
+
+impl RedisCluster {
+    /// `primaries` (at least 3) primaries with `replicas_per_primary`
+    /// replicas each, all slots assigned and every node agreeing.
+    pub fn start(primaries: usize, replicas_per_primary: usize) -> RedisCluster {
+        assert!(
+            primaries >= 3,
+            "redis-cli --cluster create needs 3 primaries"
+        );
+        let mut c = RedisCluster {
+            procs: Vec::new(),
+            root: tmpdir("redis-cluster"),
+            primaries,
+            replicas_per_primary,
+            served: Default::default(),
+        };
+        // From here a panic drops `c`: processes killed, logs printed.
+        for _ in 0..primaries * (1 + replicas_per_primary) {
+            let taken: Vec<u16> = c.procs.iter().map(|p| p.port).collect();
+            let p = (0..5)
+                .find_map(|_| ClusterProc::spawn(&c.root, &taken))
+                .expect("could not start a cluster-enabled redis-server");
+            c.procs.push(p);
+        }
+        c.create();
+        let n = c.procs.len();
+        wait_until("redis cluster converged", Duration::from_secs(20), || {
+            c.converged(n)
+        });
+        c
+    }
+
+    /// `redis-cli --cluster create`, its output kept in `cli.log`.
+    fn create(&self) {
+        let out = self.root.join("cli.log");
+        let file = std::fs::File::create(&out).expect("cli log");
+        let mut cli = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(self.procs.iter().map(|p| format!("127.0.0.1:{}", p.port)))
+            .args(["--cluster-replicas", &self.replicas_per_primary.to_string()])
+            .arg("--cluster-yes")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("cli log"))
+            .stderr(file)
+            .spawn()
+            .expect("redis-cli must be installed with redis-server");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Ok(Some(st)) = cli.try_wait() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = cli.kill();
+                let _ = cli.wait();
+                panic!("redis-cli --cluster create hung:\n{}", self.cli_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            status.success(),
+            "redis-cli --cluster create failed ({status}):\n{}",
+            self.cli_log()
+        );
+    }
+
+    fn cli_log(&self) -> String {
+        strip_ansi(&std::fs::read_to_string(self.root.join("cli.log")).unwrap_or_default())
+    }
+
+    fn live(&self) -> impl Iterator<Item = &ClusterProc> {
+        self.procs.iter().filter(|p| !p.killed)
+    }
+
+    fn proc(&self, port: u16) -> &ClusterProc {
+        self.procs
+            .iter()
+            .find(|p| p.port == port)
+            .unwrap_or_else(|| panic!("no cluster process on port {port}"))
+    }
+
+    /// Every process: state ok, all slots ok, every process known and
+    /// healthy, the expected number of primaries and replicas, and each
+    /// replica's link to its primary up.
+    fn converged(&self, n: usize) -> Result<(), String> {
+        for p in self.live() {
+            let info = p.text(&["CLUSTER", "INFO"])?;
+            for want in ["cluster_state:ok", "cluster_slots_ok:16384"] {
+                if !info.lines().any(|l| l.trim() == want) {
+                    return Err(format!("{}: no {want}", p.port));
+                }
+            }
+            let view = p.view()?;
+            let bad: Vec<&NodeLine> = view
+                .iter()
+                .filter(|l| {
+                    ["handshake", "noaddr", "fail", "fail?"]
+                        .iter()
+                        .any(|f| l.has(f))
+                })
+                .collect();
+            if view.len() != n || !bad.is_empty() {
+                return Err(format!(
+                    "{} sees {} nodes, unhealthy {bad:?}",
+                    p.port,
+                    view.len()
+                ));
+            }
+            if let Some(q) = self
+                .procs
+                .iter()
+                .find(|q| !view.iter().any(|l| l.port == q.port))
+            {
+                return Err(format!("{} does not know {}", p.port, q.port));
+            }
+            let masters = view
+                .iter()
+                .filter(|l| l.has("master") && !l.slots.is_empty())
+                .count();
+            let slaves = view.iter().filter(|l| l.has("slave")).count();
+            if masters != self.primaries || slaves != self.primaries * self.replicas_per_primary {
+                return Err(format!(
+                    "{} sees {masters} primaries, {slaves} replicas",
+                    p.port
+                ));
+            }
+            let repl = p.text(&["INFO", "replication"])?;
+            if repl.lines().any(|l| l.trim() == "role:slave")
+                && !repl.lines().any(|l| l.trim() == "master_link_status:up")
+            {
+                return Err(format!("{}: replica link not up", p.port));
+            }
+        }
+        Ok(())
+    }
+
+    /// `redis://127.0.0.1:<port>` of every process (also killed ones),
+    /// comma-separated: a node's `--redis-url` with `--redis-cluster`.
+    pub fn seeds(&self) -> String {
+        self.urls().join(",")
+    }
+
+    /// The URL of every process (also killed ones).
+    pub fn urls(&self) -> Vec<String> {
+        self.procs.iter().map(ClusterProc::url).collect()
+    }
+
+    /// The ports of every process (also killed ones), in creation order.
+    pub fn ports(&self) -> Vec<u16> {
+        self.procs.iter().map(|p| p.port).collect()
+    }
+
+    /// A cluster client seeded with every process.
+    pub fn client(&self) -> redis::cluster::ClusterClient {
+        redis::cluster::ClusterClient::new(self.urls()).expect("cluster client")
+    }
+
+    /// A fresh (blocking) cluster connection.
+    pub fn conn(&self) -> redis::cluster::ClusterConnection {
+        self.client().get_connection().expect("cluster connection")
+    }
+
+    /// A plain connection to one process (e.g. to inspect its keys).
+    pub fn node_conn(&self, port: u16) -> redis::Connection {
+        self.proc(port)
+            .conn()
+            .unwrap_or_else(|e| panic!("connection to {port}: {e}"))
+    }
+
+    /// The hash slot of `key` (`CLUSTER KEYSLOT`).
+    pub fn keyslot(&self, key: &str) -> u16 {
+        let p = self.live().next().expect("a live cluster process");
+        let mut c = p.conn().expect("connection");
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut c)
+            .expect("CLUSTER KEYSLOT")
+    }
+
+    /// The port of the process serving `key`'s slot as primary: a live one
+    /// that says so itself; failing that (failover not done yet), the one
+    /// the live processes name.
+    pub fn primary_port_for_key(&self, key: &str) -> u16 {
+        let slot = self.keyslot(key);
+        let views: Vec<(u16, Result<Vec<NodeLine>, String>)> =
+            self.live().map(|p| (p.port, p.view())).collect();
+        let own = views.iter().find_map(|(port, v)| {
+            let me = v.as_ref().ok()?.iter().find(|l| l.has("myself"))?;
+            me.serves(slot).then_some(*port)
+        });
+        let named = || {
+            views
+                .iter()
+                .find_map(|(_, v)| Some(v.as_ref().ok()?.iter().find(|l| l.serves(slot))?.port))
+        };
+        own.or_else(named)
+            .unwrap_or_else(|| panic!("no primary for slot {slot} ({key}): {views:?}"))
+    }
+
+    /// SIGKILL the process on `port` and keep it dead (its log is still
+    /// printed if the test fails).
+    pub fn kill_port(&mut self, port: u16) {
+        let p = self.proc(port);
+        let slots = p
+            .view()
+            .ok()
+            .and_then(|v| v.into_iter().find(|l| l.has("myself") && l.has("master")))
+            .map(|l| l.slots)
+            .unwrap_or_default();
+        self.served.insert(port, slots);
+        let p = self
+            .procs
+            .iter_mut()
+            .find(|p| p.port == port)
+            .expect("cluster process");
+        p.kill();
+        p.killed = true;
+    }
+
+    /// Wait until the slots `dead_port` served are served by a live process
+    /// (which says so itself, as do all live processes) and every live
+    /// process reports `cluster_state:ok`; how long that took.
+    pub fn wait_failover(&self, dead_port: u16, timeout: Duration) -> Duration {
+        let t0 = Instant::now();
+        let slots = self.served.get(&dead_port).cloned().unwrap_or_else(|| {
+            self.live()
+                .find_map(|p| p.view().ok())
+                .and_then(|v| v.into_iter().find(|l| l.port == dead_port))
+                .map(|l| l.slots)
+                .unwrap_or_default()
+        });
+        let live: Vec<u16> = self.live().map(|p| p.port).collect();
+        wait_until(
+            &format!("failover of 127.0.0.1:{dead_port} ({slots:?})"),
+            timeout,
+            || {
+                for p in self.live() {
+                    let info = p.text(&["CLUSTER", "INFO"])?;
+                    if !info.lines().any(|l| l.trim() == "cluster_state:ok") {
+                        return Err(format!("{}: cluster_state not ok", p.port));
+                    }
+                    let view = p.view()?;
+                    for &(a, _) in &slots {
+                        let owner = view.iter().find(|l| l.serves(a)).map(|l| l.port);
+                        match owner {
+                            Some(o) if o != dead_port && live.contains(&o) => {
+                                let me = self.proc(o).view()?;
+                                if !me.iter().any(|l| l.has("myself") && l.serves(a)) {
+                                    return Err(format!("{o} does not serve slot {a} yet"));
+                                }
+                            }
+                            _ => return Err(format!("{} says slot {a} is on {owner:?}", p.port)),
+                        }
+                    }
+                }
+                Ok(())
+            },
+        );
+        t0.elapsed()
+    }
+
+    /// Every process's log (and redis-cli's), with headers.
+    pub fn log(&self) -> String {
+        let mut s = format!("---- redis-cli --cluster create ----\n{}", self.cli_log());
+        for p in &self.procs {
+            let dead = if p.killed { " (killed)" } else { "" };
+            s.push_str(&format!(
+                "---- redis-server cluster node 127.0.0.1:{}{dead} ----\n{}",
+                p.port,
+                p.log()
+            ));
+        }
+        s
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.log());
+        }
+        for p in &mut self.procs {
+            p.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
     }
 }
 
@@ -209,6 +789,13 @@ pub fn timed_args(
     ttl_ms: &str,
     extra: &[&str],
 ) -> Vec<String> {
+    // A comma list is a Redis Cluster seed list (the node insists on the
+    // flag for one).
+    let cluster: &[&str] = if redis_url.contains(',') {
+        &["--redis-cluster"]
+    } else {
+        &[]
+    };
     let mut v: Vec<String> = [
         "--redis-url",
         redis_url,
@@ -224,6 +811,7 @@ pub fn timed_args(
         API_KEY,
     ]
     .iter()
+    .chain(cluster)
     .map(|s| s.to_string())
     .collect();
     v.extend(extra.iter().map(|s| s.to_string()));
@@ -632,8 +1220,13 @@ impl Client {
     }
 }
 
+/// Matches the `message` frame with entry id `id`.
+pub fn is_msg(id: &str) -> impl Fn(&Value) -> bool + '_ {
+    move |v| v["type"] == "message" && v["id"] == id
+}
+
 /// `XADD <p>:send * to <user> payload <json>`.
-pub fn xadd_to(r: &mut redis::Connection, user: &str, payload: &str) -> String {
+pub fn xadd_to(r: &mut impl redis::ConnectionLike, user: &str, payload: &str) -> String {
     redis::cmd("XADD")
         .arg("wsc:send")
         .arg("*")
