@@ -24,9 +24,14 @@ use crate::config::{Config, split_urls};
 
 /// How long to wait for a TCP connection to a Redis node.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long to wait for a reply on shared connections (blocking reads have
-/// none: their `BLOCK` sets the wait).
+/// How long to wait for a reply on shared connections.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a blocking read may wait for its reply: well over the longest
+/// `BLOCK` the readers use (1 s), so only a Redis that stopped answering
+/// (frozen, or cut off without a reset) trips it, and the reader reconnects.
+const BLOCKING_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest `BLOCK` a reader may ask for on a blocking connection.
+pub const MAX_BLOCK: Duration = Duration::from_secs(1);
 
 /// A connection to a single Redis or to a Redis Cluster.
 #[derive(Clone)]
@@ -134,14 +139,14 @@ impl Connector {
         }
     }
 
-    /// A connection for blocking reads: no response timeout (a `BLOCK`
-    /// longer than the default would time out), and not a shared one,
-    /// which a blocking command would stall.
+    /// A connection for blocking reads (`BLOCK` up to [`MAX_BLOCK`]): a
+    /// response timeout far above that, and not a shared connection, which
+    /// a blocking command would stall.
     pub async fn blocking(&self) -> RedisResult<Conn> {
         match self {
             Connector::Single(client) => {
                 let cfg = AsyncConnectionConfig::new()
-                    .set_response_timeout(None)
+                    .set_response_timeout(Some(BLOCKING_RESPONSE_TIMEOUT))
                     .set_connection_timeout(Some(CONNECT_TIMEOUT));
                 Ok(Conn::Direct(
                     client
@@ -150,8 +155,9 @@ impl Connector {
                 ))
             }
             Connector::Cluster(client) => {
-                // `ClusterConfig::new()` leaves the response timeout unset.
-                let cfg = ClusterConfig::new().set_connection_timeout(CONNECT_TIMEOUT);
+                let cfg = ClusterConfig::new()
+                    .set_connection_timeout(CONNECT_TIMEOUT)
+                    .set_response_timeout(BLOCKING_RESPONSE_TIMEOUT);
                 Ok(Conn::Cluster(
                     client.get_async_connection_with_config(cfg).await?,
                 ))

@@ -26,7 +26,7 @@ const BATCH: usize = 512;
 
 fn block_ms(ctx: &Ctx) -> u64 {
     (ctx.cfg.heartbeat / 2)
-        .clamp(Duration::from_millis(5), Duration::from_millis(1000))
+        .clamp(Duration::from_millis(5), crate::bus::conn::MAX_BLOCK)
         .as_millis() as u64
 }
 

@@ -126,7 +126,7 @@ async fn lead(
     claim_pending(ctx, shard, &key, me, 0, lease_until).await?;
     let mut claimed_at = Instant::now();
 
-    let block_ms = (hb / 2).clamp(Duration::from_millis(5), Duration::from_millis(500));
+    let block_ms = (hb / 2).clamp(Duration::from_millis(5), crate::bus::conn::MAX_BLOCK / 2);
     loop {
         if stop.is_cancelled() || ctx.leaving.is_cancelled() || ctx.membership.id() != *me {
             release(ctx, &lease_key, me).await;

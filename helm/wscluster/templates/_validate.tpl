@@ -28,6 +28,9 @@ and `helm install` all refuse bad values with one clear line.
 {{- if eq (include "wscluster.redisMode" .) "" }}
 {{- fail "no Redis: set redis.url (or redis.existingSecret), or redis.enabled=true for a trial Redis" }}
 {{- end }}
+{{- if and .Values.redis.cluster (eq (include "wscluster.redisMode" .) "trial") }}
+{{- fail "redis.cluster=true needs redis.url (or redis.existingSecret) with the Redis Cluster seed nodes: the trial Redis is a single Redis" }}
+{{- end }}
 {{- if and .Values.redis.url .Values.redis.existingSecret }}
 {{- fail "set only one of redis.url and redis.existingSecret" }}
 {{- end }}
