@@ -8,6 +8,8 @@
 mod common;
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -209,4 +211,334 @@ async fn primary_failover_routing_recovers() {
     eprintln!(
         "primary_failover_routing_recovers: redis failover {took:?}; every message delivered {recovered:?} after the kill"
     );
+}
+
+/// Users of [`slot_migration_under_traffic`] and the messages added for them
+/// (message `seq` goes to user `seq % MIG_USERS`).
+const MIG_USERS: usize = 6;
+const MIG_TOTAL: usize = 900;
+
+/// What a client of [`slot_migration_under_traffic`] received: `(seq, id)`
+/// of every `message` frame, in order, the seqs still missing, and when it
+/// had them all.
+type Received = (Vec<(usize, String)>, Vec<usize>, Option<Instant>);
+
+/// Read `message` frames until every seq in `want` arrived and `stop` is
+/// set (later frames are duplicates, still recorded), or until `timeout`.
+async fn collect_seqs(
+    mut c: Client,
+    want: Vec<usize>,
+    timeout: Duration,
+    stop: Arc<AtomicBool>,
+) -> Received {
+    let mut missing: HashSet<usize> = want.into_iter().collect();
+    let mut got = Vec::new();
+    let mut complete = None;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if missing.is_empty() {
+            complete.get_or_insert_with(Instant::now);
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let asked = Instant::now();
+        match c.next_frame(left.min(Duration::from_millis(100))).await {
+            Some(v) if v["type"] == "message" => {
+                let Some(seq) = v["payload"]["seq"].as_u64() else {
+                    continue; // not one of ours
+                };
+                let seq = seq as usize;
+                missing.remove(&seq);
+                got.push((seq, v["id"].as_str().unwrap_or_default().to_owned()));
+            }
+            Some(_) => {}
+            // Closed (not a timeout): nothing more will come.
+            None if asked.elapsed() < Duration::from_millis(50) => break,
+            None => {}
+        }
+    }
+    let mut missing: Vec<usize> = missing.into_iter().collect();
+    missing.sort_unstable();
+    c.close().await;
+    (got, missing, complete)
+}
+
+/// Live resharding under traffic. Three wscluster nodes on 3 primaries, six
+/// users spread over them, and an app adding a burst of one message per user every 20 ms. While
+/// it does, four slots move to another primary the way `redis-cli
+/// --cluster reshard` moves them (`SETSLOT IMPORTING/MIGRATING`, `MIGRATE`,
+/// `SETSLOT NODE`), each staying in the migrating state for ~170 ms: the
+/// send stream's (with its consumer group), one user's (connections hash,
+/// mailbox), the lease set's (`wsc:nodes`) and a node inbox's. The nodes
+/// meet `ASK` (and `TRYAGAIN`) while a slot migrates and `MOVED` after;
+/// every message still reaches its user with the id the app got
+/// (duplicates are allowed, and counted), none is dead-lettered, the send
+/// stream drains (every entry acknowledged and deleted) and every node is
+/// ready at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slot_migration_under_traffic() {
+    let t_start = Instant::now();
+    let rc = RedisCluster::start(3, 0);
+    let t_cluster = t_start.elapsed();
+    let args = timed_args(&rc.seeds(), "200", "1000", &["--dev"]);
+    let nodes: Vec<NodeProc> = (0..3)
+        .map(|i| NodeProc::start(&format!("n{i}"), &args))
+        .collect();
+    for n in &nodes {
+        n.wait_ready().await;
+    }
+    let users: Vec<String> = (0..MIG_USERS).map(|i| format!("mig{i}")).collect();
+    let mut clients = Vec::new();
+    for (i, u) in users.iter().enumerate() {
+        clients.push(Client::dev(&nodes[i % nodes.len()], u).await);
+    }
+    // Routing works before anything moves.
+    for (u, c) in users.iter().zip(clients.iter_mut()) {
+        let id = xadd_retrying(&rc, u, "\"before\"");
+        c.expect(
+            "message before the migration",
+            Duration::from_secs(10),
+            is_msg(&id),
+        )
+        .await;
+    }
+    let t_ready = t_start.elapsed();
+
+    // A node that does not route: its inbox carries the messages for its
+    // users (the router's own users get theirs directly).
+    let mut inbox_key = None;
+    for n in &nodes {
+        let v = n.cluster().await;
+        if v["router"] == false {
+            inbox_key = Some(format!(
+                "wsc:inbox:{{{}}}",
+                v["node"].as_str().unwrap_or_default()
+            ));
+            break;
+        }
+    }
+    let inbox_key = inbox_key.expect("a node that does not route");
+
+    // Each client reads until it has every message meant for it (and on,
+    // counting duplicates, until the send stream drained).
+    let stop_reading = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let want: Vec<usize> = (0..MIG_TOTAL).filter(|s| s % MIG_USERS == i).collect();
+            tokio::spawn(collect_seqs(
+                c,
+                want,
+                Duration::from_secs(30),
+                stop_reading.clone(),
+            ))
+        })
+        .collect();
+
+    // The app: a burst of XADDs every 20 ms, on its own cluster connection (the
+    // redis crate follows MOVED/ASK); an error costs a fresh connection and
+    // a retry.
+    let urls = rc.urls();
+    let app_users = users.clone();
+    let app = std::thread::spawn(move || {
+        let client = redis::cluster::ClusterClient::new(urls).expect("cluster client");
+        let mut conn: Option<redis::cluster::ClusterConnection> = None;
+        let mut ids = Vec::with_capacity(MIG_TOTAL);
+        let mut errors = Vec::new();
+        let t0 = Instant::now();
+        for seq in 0..MIG_TOTAL {
+            let user = &app_users[seq % MIG_USERS];
+            let payload = json!({ "seq": seq }).to_string();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let id = loop {
+                let r = match conn.as_mut() {
+                    Some(c) => Ok(c),
+                    None => client.get_connection().map(|c| conn.insert(c)),
+                }
+                .and_then(|c| {
+                    redis::cmd("XADD")
+                        .arg("wsc:send")
+                        .arg("*")
+                        .arg("to")
+                        .arg(user)
+                        .arg("payload")
+                        .arg(&payload)
+                        .query::<String>(c)
+                });
+                match r {
+                    Ok(id) => break id,
+                    Err(e) => {
+                        errors.push(format!("seq {seq} at {:?}: {e}", t0.elapsed()));
+                        assert!(Instant::now() < deadline, "XADD seq {seq}: {errors:?}");
+                        conn = None;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            };
+            ids.push(id);
+            // Bursts of one message per user, so a router batch holds
+            // several commands for one inbox (one slot): the pipelines that
+            // a migrating slot breaks.
+            if seq % MIG_USERS == MIG_USERS - 1 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        (ids, errors, t0.elapsed())
+    });
+
+    // Meanwhile, move four slots, each to the next primary: the send
+    // stream's, a user's, the lease set's and a node inbox's.
+    let user_key = format!("wsc:user:{{{}}}", users[0]);
+    let migrations = tokio::task::block_in_place(|| {
+        std::thread::sleep(Duration::from_millis(500));
+        rc.reset_stats();
+        let primaries = rc.primary_ports();
+        let mut done = Vec::new();
+        for key in ["wsc:send", &user_key, "wsc:nodes", &inbox_key] {
+            let from = rc.primary_port_for_key(key);
+            let i = primaries
+                .iter()
+                .position(|&p| p == from)
+                .expect("owner is a primary");
+            let to = primaries[(i + 1) % primaries.len()];
+            let m = rc.migrate_slot_of(key, to, Duration::from_millis(80));
+            assert_eq!(rc.primary_port_for_key(key), to, "{key} moved");
+            eprintln!("migrated {key}: {m:?}");
+            done.push((key.to_owned(), m));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        done
+    });
+    let t_migrated = t_start.elapsed();
+    let (app_ids, app_errors, app_took) =
+        tokio::task::block_in_place(|| app.join().expect("app thread"));
+    let t_added = t_start.elapsed();
+
+    let mut conn = rc.conn();
+    // The send stream drains (every entry acknowledged and deleted); if it
+    // does not, what is left and whether it is still pending.
+    let (drained, left) = tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n: i64 = conn.xlen("wsc:send").unwrap_or(-1);
+            if n == 0 {
+                return (t_start.elapsed(), None);
+            }
+            if Instant::now() > deadline {
+                let ids: Vec<String> = conn
+                    .xrange_all::<_, redis::streams::StreamRangeReply>("wsc:send")
+                    .map(|r| r.ids.into_iter().map(|e| e.id).collect())
+                    .unwrap_or_default();
+                let groups: redis::Value = redis::cmd("XINFO")
+                    .arg("GROUPS")
+                    .arg("wsc:send")
+                    .query(&mut conn)
+                    .unwrap_or(redis::Value::Nil);
+                let pending: redis::Value = redis::cmd("XPENDING")
+                    .arg("wsc:send")
+                    .arg("router")
+                    .query(&mut conn)
+                    .unwrap_or(redis::Value::Nil);
+                let seqs: Vec<usize> = ids.iter().filter_map(|id| ids_pos(&app_ids, id)).collect();
+                return (
+                    t_start.elapsed(),
+                    Some(format!(
+                        "XLEN wsc:send = {n}: ids {ids:?} (seqs {seqs:?}); \
+                         XINFO GROUPS {groups:?}; XPENDING {pending:?}"
+                    )),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+
+    // Every message reached its user, with the id the app got.
+    stop_reading.store(true, Ordering::SeqCst);
+    let mut failures = Vec::new();
+    let mut t_delivered = Duration::ZERO;
+    let (mut duplicates, mut reordered) = (0, 0);
+    for (i, r) in readers.into_iter().enumerate() {
+        let (got, missing, complete) = r.await.expect("reader task");
+        if let Some(t) = complete {
+            t_delivered = t_delivered.max(t.duration_since(t_start));
+        }
+        let user = &users[i];
+        if !missing.is_empty() {
+            failures.push(format!("{user}: {} missing: {missing:?}", missing.len()));
+        }
+        let mut seen = HashSet::new();
+        let mut last = None;
+        for (seq, id) in &got {
+            if id != &app_ids[*seq] {
+                failures.push(format!(
+                    "{user}: seq {seq} as {id}, added as {}",
+                    app_ids[*seq]
+                ));
+            }
+            if !seen.insert(id.clone()) {
+                duplicates += 1;
+                continue;
+            }
+            if last.is_some_and(|l| *seq < l) {
+                reordered += 1;
+            }
+            last = Some(*seq);
+        }
+    }
+
+    for n in &nodes {
+        n.wait_ready().await;
+    }
+    let t_end = t_start.elapsed();
+    let dead: i64 = conn.xlen("wsc:dead").expect("XLEN wsc:dead");
+    let stats = rc.error_stats();
+    let calls = rc.failed_calls();
+
+    // What the nodes logged about it.
+    for n in &nodes {
+        let log = n.log();
+        let bad: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .collect();
+        eprintln!("---- node {}: {} WARN/ERROR lines ----", n.name, bad.len());
+        for l in bad {
+            eprintln!("{l}");
+        }
+    }
+    eprintln!(
+        "slot_migration_under_traffic: cluster up {t_cluster:?}, nodes ready {t_ready:?}; \
+         migrations done {t_migrated:?}; app added {MIG_TOTAL} in {app_took:?} \
+         (done {t_added:?}, {} XADD errors {app_errors:?}); all delivered {t_delivered:?}; \
+         send drained {drained:?}; nodes ready {t_end:?}",
+        app_errors.len()
+    );
+    for (key, m) in &migrations {
+        eprintln!(
+            "  {key}: slot {} {} -> {}, {} keys in {} rounds, migrating {:?}, agreed after {:?}",
+            m.slot, m.from, m.to, m.keys, m.rounds, m.migrating, m.took
+        );
+    }
+    eprintln!(
+        "  redirects/errors during the migrations (INFO errorstats): {stats:?}; \
+         duplicates {duplicates}; reordered {reordered}; dead letters {dead}"
+    );
+    eprintln!("  failed/rejected calls (INFO commandstats): {calls:?}");
+    assert!(
+        failures.is_empty(),
+        "lost or mismatched messages: {failures:#?}"
+    );
+    assert_eq!(dead, 0, "entries in wsc:dead");
+    assert!(left.is_none(), "wsc:send not drained: {left:?}");
+}
+
+/// The position of `id` in `ids`.
+fn ids_pos(ids: &[String], id: &str) -> Option<usize> {
+    ids.iter().position(|i| i == id)
 }

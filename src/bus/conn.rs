@@ -262,7 +262,9 @@ impl Batch {
             return Ok(Vec::new());
         }
         if !conn.is_cluster() {
-            return pipeline(self.entries).query_async(conn).await;
+            return pipeline(self.entries.into_iter().map(|e| (e.cmd, e.keep)))
+                .query_async(conn)
+                .await;
         }
         // Split by slot, keeping each slot's commands in order.
         let mut groups: Vec<Vec<Entry>> = Vec::new();
@@ -278,12 +280,7 @@ impl Batch {
         }
         let runs = groups.into_iter().map(|g| {
             let mut c = conn.clone();
-            async move {
-                pipeline(g)
-                    .query_async::<Vec<Value>>(&mut c)
-                    .await
-                    .map(Vec::into_iter)
-            }
+            async move { run_slot(g, &mut c).await.map(Vec::into_iter) }
         });
         let mut replies = futures::future::try_join_all(runs).await?;
         let mut out = Vec::new();
@@ -296,11 +293,40 @@ impl Batch {
     }
 }
 
-fn pipeline(entries: Vec<Entry>) -> redis::Pipeline {
-    let mut pipe = redis::Pipeline::with_capacity(entries.len());
+/// Run one slot's commands on a cluster connection; the kept replies.
+///
+/// A pipeline that meets a slot being migrated is not safe to retry: on
+/// `ASK` redis-rs resends the whole pipeline after a single `ASKING`, which
+/// covers only its first command, so the first runs again and the rest
+/// bounce back until the retries run out. Then the slot's commands are sent
+/// again one by one, in order (redis-rs follows redirects correctly for a
+/// single command). What had run is run again: routing is at-least-once,
+/// and clients drop duplicates by message id.
+async fn run_slot(entries: Vec<Entry>, conn: &mut Conn) -> RedisResult<Vec<Value>> {
+    if entries.len() > 1 {
+        let pipe = pipeline(entries.iter().map(|e| (e.cmd.clone(), e.keep)));
+        match pipe.query_async::<Vec<Value>>(conn).await {
+            Err(e) if e.is_cluster_error() => {
+                tracing::debug!(error = %e, commands = entries.len(), "slot moving: pipeline sent again command by command");
+            }
+            done => return done,
+        }
+    }
+    let mut out = Vec::new();
     for e in entries {
-        pipe.add_command(e.cmd);
-        if !e.keep {
+        let v: Value = e.cmd.query_async(conn).await?;
+        if e.keep {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+fn pipeline(entries: impl IntoIterator<Item = (Cmd, bool)>) -> redis::Pipeline {
+    let mut pipe = redis::Pipeline::new();
+    for (cmd, keep) in entries {
+        pipe.add_command(cmd);
+        if !keep {
             pipe.ignore();
         }
     }

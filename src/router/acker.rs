@@ -43,13 +43,17 @@ pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<AckJob>, stop: C
             if j.ids.is_empty() {
                 continue;
             }
+            // XDEL first: if only it runs (a failure between the two), the
+            // entries are deleted but still pending, and the router's
+            // `XAUTOCLAIM` reports them as deleted and acknowledges them. The
+            // other way round, acknowledged entries would stay for good.
+            batch.cmd_ignored("XDEL", &j.key).arg(&j.ids);
             if j.group {
                 batch
                     .cmd_ignored("XACK", &j.key)
                     .arg(ROUTER_GROUP)
                     .arg(&j.ids);
             }
-            batch.cmd_ignored("XDEL", &j.key).arg(&j.ids);
         }
         let mut conn = ctx.conn.clone();
         if let Err(e) = batch.run(&mut conn).await {

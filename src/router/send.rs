@@ -159,7 +159,7 @@ async fn lead(
             Some(c) => c,
             None => blocking.insert(ctx.blocking_conn().await?),
         };
-        let v: Value = redis::cmd("XREADGROUP")
+        let v: Result<Value, redis::RedisError> = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(ROUTER_GROUP)
             .arg(me.as_str())
@@ -171,24 +171,23 @@ async fn lead(
             .arg(&key)
             .arg(">")
             .query_async(bconn)
-            .await
-            .or_else(|e| {
-                // The group vanished (Redis restarted empty): recreate it
-                // on the next round.
-                if e.code() == Some("NOGROUP") {
-                    Ok(Value::Nil)
-                } else {
-                    Err(e)
-                }
-            })?;
+            .await;
+        let v = match v {
+            Ok(v) => v,
+            // The group vanished (Redis restarted empty, or the stream was
+            // deleted): create it again. (A `BLOCK` that timed out is a nil
+            // reply, not this.)
+            Err(e) if e.code() == Some("NOGROUP") => {
+                ensure_group(ctx, &key).await?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let entries: Vec<RawEntry> = stream::read_reply(&v)
             .into_iter()
             .flat_map(|(_, e)| e)
             .collect();
         if entries.is_empty() {
-            if matches!(v, Value::Nil) {
-                ensure_group(ctx, &key).await?;
-            }
             continue;
         }
         if Instant::now() >= lease_until {

@@ -746,6 +746,205 @@ impl RedisCluster {
         t0.elapsed()
     }
 
+    /// The node id of the process on `port` (`CLUSTER MYID`).
+    pub fn node_id(&self, port: u16) -> String {
+        self.proc(port)
+            .text(&["CLUSTER", "MYID"])
+            .unwrap_or_else(|e| panic!("CLUSTER MYID: {e}"))
+    }
+
+    /// The ports of the live processes that serve slots as primaries (each
+    /// says so itself), in creation order.
+    pub fn primary_ports(&self) -> Vec<u16> {
+        self.live()
+            .filter(|p| {
+                p.view().ok().is_some_and(|v| {
+                    v.iter()
+                        .any(|l| l.has("myself") && l.has("master") && !l.slots.is_empty())
+                })
+            })
+            .map(|p| p.port)
+            .collect()
+    }
+
+    /// Run `cmd` on the process on `port`; panics with `what` on an error.
+    fn admin<T: redis::FromRedisValue>(&self, port: u16, what: &str, cmd: &redis::Cmd) -> T {
+        let mut c = self
+            .proc(port)
+            .conn()
+            .unwrap_or_else(|e| panic!("{what}: connection to {port}: {e}"));
+        cmd.query(&mut c)
+            .unwrap_or_else(|e| panic!("{what} on 127.0.0.1:{port}: {e}"))
+    }
+
+    /// Move the hash slot of `key` from its primary to the primary on
+    /// `to_port` while clients keep using it, the way `redis-cli --cluster
+    /// reshard` does: `SETSLOT IMPORTING` on the target, `SETSLOT MIGRATING`
+    /// on the source, then rounds of `GETKEYSINSLOT <slot> 10` + `MIGRATE`
+    /// on the source until it has no key of the slot left, then
+    /// `SETSLOT NODE` on the target, the source and every other primary;
+    /// finally waits until every live process names the target as the
+    /// slot's owner and none shows it migrating or importing.
+    ///
+    /// `pause_each` is slept before the first `MIGRATE`, after each round
+    /// and before `SETSLOT NODE`, so clients meet the migrating state:
+    /// `ASK` for keys already moved (or new ones), `TRYAGAIN` for a
+    /// multi-key command whose keys are split between the two.
+    pub fn migrate_slot_of(&self, key: &str, to_port: u16, pause_each: Duration) -> SlotMigration {
+        let t0 = Instant::now();
+        let slot = self.keyslot(key);
+        let from = self.primary_port_for_key(key);
+        assert_ne!(from, to_port, "slot {slot} ({key}) is already on {to_port}");
+        let primaries = self.primary_ports();
+        assert!(
+            primaries.contains(&to_port),
+            "127.0.0.1:{to_port} is not a primary: {primaries:?}"
+        );
+        let src_id = self.node_id(from);
+        let dst_id = self.node_id(to_port);
+        let setslot = |state: &str, id: &str| {
+            let mut c = redis::cmd("CLUSTER");
+            c.arg("SETSLOT").arg(slot).arg(state).arg(id);
+            c
+        };
+        let () = self.admin(to_port, "SETSLOT IMPORTING", &setslot("IMPORTING", &src_id));
+        let () = self.admin(from, "SETSLOT MIGRATING", &setslot("MIGRATING", &dst_id));
+        let migrating_since = Instant::now();
+        std::thread::sleep(pause_each);
+        let (mut keys, mut rounds) = (0, 0);
+        loop {
+            let batch: Vec<Vec<u8>> = self.admin(
+                from,
+                "GETKEYSINSLOT",
+                redis::cmd("CLUSTER").arg("GETKEYSINSLOT").arg(slot).arg(10),
+            );
+            if batch.is_empty() {
+                break;
+            }
+            // No REPLACE: a key on both sides would be a bug of the
+            // procedure (clients only create keys on the target via ASK
+            // once the source has none of them).
+            let _: redis::Value = self.admin(
+                from,
+                "MIGRATE",
+                redis::cmd("MIGRATE")
+                    .arg("127.0.0.1")
+                    .arg(to_port)
+                    .arg("")
+                    .arg(0)
+                    .arg(5000)
+                    .arg("KEYS")
+                    .arg(&batch),
+            );
+            keys += batch.len();
+            rounds += 1;
+            std::thread::sleep(pause_each);
+        }
+        let () = self.admin(to_port, "SETSLOT NODE (target)", &setslot("NODE", &dst_id));
+        let () = self.admin(from, "SETSLOT NODE (source)", &setslot("NODE", &dst_id));
+        for &p in primaries.iter().filter(|&&p| p != from && p != to_port) {
+            let () = self.admin(p, "SETSLOT NODE", &setslot("NODE", &dst_id));
+        }
+        let migrating = migrating_since.elapsed();
+        let marks = [format!("[{slot}->-"), format!("[{slot}-<-")];
+        wait_until(
+            &format!("every process: slot {slot} on 127.0.0.1:{to_port}"),
+            Duration::from_secs(10),
+            || {
+                for p in self.live() {
+                    let text = p.text(&["CLUSTER", "NODES"])?;
+                    if let Some(m) = marks.iter().find(|m| text.contains(m.as_str())) {
+                        return Err(format!("{} still shows {m}…", p.port));
+                    }
+                    let owners: Vec<u16> = text
+                        .lines()
+                        .filter_map(NodeLine::parse)
+                        .filter(|l| l.serves(slot))
+                        .map(|l| l.port)
+                        .collect();
+                    if owners != [to_port] {
+                        return Err(format!("{} says slot {slot} is on {owners:?}", p.port));
+                    }
+                }
+                Ok(())
+            },
+        );
+        SlotMigration {
+            slot,
+            from,
+            to: to_port,
+            keys,
+            rounds,
+            migrating,
+            took: t0.elapsed(),
+        }
+    }
+
+    /// Error replies by kind summed over the live processes (`INFO
+    /// errorstats`: `ASK`, `MOVED`, `TRYAGAIN`, …).
+    pub fn error_stats(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        for p in self.live() {
+            let Ok(info) = p.text(&["INFO", "errorstats"]) else {
+                continue;
+            };
+            for line in info.lines() {
+                // errorstat_ASK:count=3
+                let Some((kind, rest)) = line.trim().split_once(':') else {
+                    continue;
+                };
+                let Some(kind) = kind.strip_prefix("errorstat_") else {
+                    continue;
+                };
+                let n: u64 = rest
+                    .strip_prefix("count=")
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                *out.entry(kind.to_owned()).or_insert(0) += n;
+            }
+        }
+        out
+    }
+
+    /// Commands that failed or were rejected (redirected), summed over the
+    /// live processes (`INFO commandstats`): name → (failed, rejected).
+    pub fn failed_calls(&self) -> std::collections::BTreeMap<String, (u64, u64)> {
+        let mut out = std::collections::BTreeMap::new();
+        for p in self.live() {
+            let Ok(info) = p.text(&["INFO", "commandstats"]) else {
+                continue;
+            };
+            for line in info.lines() {
+                // cmdstat_xack:calls=1,usec=…,rejected_calls=0,failed_calls=0
+                let Some((name, rest)) = line.trim().split_once(':') else {
+                    continue;
+                };
+                let Some(name) = name.strip_prefix("cmdstat_") else {
+                    continue;
+                };
+                let field = |f: &str| -> u64 {
+                    rest.split(',')
+                        .find_map(|kv| kv.strip_prefix(f)?.strip_prefix('=')?.parse().ok())
+                        .unwrap_or(0)
+                };
+                let (failed, rejected) = (field("failed_calls"), field("rejected_calls"));
+                if failed + rejected > 0 {
+                    let e = out.entry(name.to_owned()).or_insert((0, 0));
+                    e.0 += failed;
+                    e.1 += rejected;
+                }
+            }
+        }
+        out
+    }
+
+    /// `CONFIG RESETSTAT` on every live process (zeroes `error_stats`).
+    pub fn reset_stats(&self) {
+        for p in self.live() {
+            let _ = p.text(&["CONFIG", "RESETSTAT"]);
+        }
+    }
+
     /// Every process's log (and redis-cli's), with headers.
     pub fn log(&self) -> String {
         let mut s = format!("---- redis-cli --cluster create ----\n{}", self.cli_log());
@@ -759,6 +958,21 @@ impl RedisCluster {
         }
         s
     }
+}
+
+/// What [`RedisCluster::migrate_slot_of`] did.
+#[derive(Debug, Clone)]
+pub struct SlotMigration {
+    pub slot: u16,
+    pub from: u16,
+    pub to: u16,
+    /// Keys moved with `MIGRATE`, in `rounds` rounds.
+    pub keys: usize,
+    pub rounds: usize,
+    /// From `SETSLOT MIGRATING` until `SETSLOT NODE` on every primary.
+    pub migrating: Duration,
+    /// Until every process agreed on the new owner.
+    pub took: Duration,
 }
 
 impl Drop for RedisCluster {
