@@ -3,13 +3,15 @@
 //!
 //! The node talks to Redis through [`Conn`] only, so the same code serves
 //! both deployments (`--redis-cluster` picks one at start). What differs is
-//! pipelining: a single Redis takes any pipeline, while redis-rs sends a
-//! cluster pipeline to one slot's node and refuses one that spans slots.
-//! [`Batch`] therefore splits itself by hash slot on a cluster (order is
-//! kept within a slot, which is all the routing needs: one user's, or one
-//! inbox's, commands share a slot) and runs the parts concurrently.
+//! pipelining: a single Redis takes any pipeline, while on a cluster each
+//! primary takes only commands for its own slots. [`Batch`] therefore
+//! splits itself by primary on a cluster (see [`super::slots`]) and sends
+//! the parts concurrently. Order is kept within a part, which is all the
+//! routing needs: one user's, one inbox's or one send shard's commands
+//! share a slot.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{
@@ -17,9 +19,10 @@ use redis::aio::{
 };
 use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::Slot;
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use redis::{AsyncConnectionConfig, Cmd, ErrorKind, RedisError, RedisFuture, RedisResult, Value};
 
+use super::slots::{SlotCache, SlotMap, slot_of};
 use crate::config::{Config, split_urls};
 
 /// How long to wait for a TCP connection to a Redis node.
@@ -40,8 +43,20 @@ pub enum Conn {
     Managed(ConnectionManager),
     /// Single Redis, for a blocking reader (reconnected by its owner).
     Direct(MultiplexedConnection),
-    /// Redis Cluster: follows `MOVED`/`ASK` and failovers, refreshes slots.
-    Cluster(ClusterConnection),
+    /// Redis Cluster.
+    Cluster(ClusterConn),
+}
+
+/// A Redis Cluster connection.
+#[derive(Clone)]
+pub struct ClusterConn {
+    /// Single commands: follows `MOVED`/`ASK` and failovers, retrying.
+    conn: ClusterConnection,
+    /// Whole-primary pipelines of a [`Batch`], not retried by redis-rs (a
+    /// retried pipeline would run its commands again after a redirect; the
+    /// batch handles that itself). None on blocking connections.
+    pipes: Option<ClusterConnection>,
+    slots: Arc<SlotCache>,
 }
 
 impl Conn {
@@ -55,7 +70,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Managed(c) => c.req_packed_command(cmd),
             Conn::Direct(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.conn.req_packed_command(cmd),
         }
     }
 
@@ -68,7 +83,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Managed(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Direct(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.conn.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -76,7 +91,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Managed(c) => c.get_db(),
             Conn::Direct(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Cluster(c) => c.conn.get_db(),
         }
     }
 }
@@ -87,7 +102,11 @@ impl ConnectionLike for Conn {
 #[derive(Clone)]
 pub enum Connector {
     Single(redis::Client),
-    Cluster(ClusterClient),
+    Cluster {
+        client: ClusterClient,
+        /// The same cluster, no retries: for a batch's pipelines.
+        once: ClusterClient,
+    },
 }
 
 impl Connector {
@@ -102,14 +121,16 @@ impl Connector {
     /// From a URL, or with `cluster` a comma list of seed URLs.
     pub fn open(url: &str, cluster: bool) -> RedisResult<Connector> {
         if cluster {
-            let client = ClusterClientBuilder::new(split_urls(url))
+            let seeds = split_urls(url);
+            let client = ClusterClientBuilder::new(seeds.clone())
                 // Retries cover MOVED/ASK and a failover; the response
                 // timeout bounds the whole attempt.
                 .retries(8)
                 .min_retry_wait(50)
                 .max_retry_wait(1000)
                 .build()?;
-            Ok(Connector::Cluster(client))
+            let once = ClusterClientBuilder::new(seeds).retries(0).build()?;
+            Ok(Connector::Cluster { client, once })
         } else {
             Ok(Connector::Single(redis::Client::open(url)?))
         }
@@ -128,13 +149,17 @@ impl Connector {
                     ConnectionManager::new_with_config(client.clone(), cfg).await?,
                 ))
             }
-            Connector::Cluster(client) => {
-                let cfg = ClusterConfig::new()
-                    .set_connection_timeout(CONNECT_TIMEOUT)
-                    .set_response_timeout(RESPONSE_TIMEOUT);
-                Ok(Conn::Cluster(
-                    client.get_async_connection_with_config(cfg).await?,
-                ))
+            Connector::Cluster { client, once } => {
+                let cfg = || {
+                    ClusterConfig::new()
+                        .set_connection_timeout(CONNECT_TIMEOUT)
+                        .set_response_timeout(RESPONSE_TIMEOUT)
+                };
+                Ok(Conn::Cluster(ClusterConn {
+                    conn: client.get_async_connection_with_config(cfg()).await?,
+                    pipes: Some(once.get_async_connection_with_config(cfg()).await?),
+                    slots: Arc::default(),
+                }))
             }
         }
     }
@@ -154,13 +179,15 @@ impl Connector {
                         .await?,
                 ))
             }
-            Connector::Cluster(client) => {
+            Connector::Cluster { client, .. } => {
                 let cfg = ClusterConfig::new()
                     .set_connection_timeout(CONNECT_TIMEOUT)
                     .set_response_timeout(BLOCKING_RESPONSE_TIMEOUT);
-                Ok(Conn::Cluster(
-                    client.get_async_connection_with_config(cfg).await?,
-                ))
+                Ok(Conn::Cluster(ClusterConn {
+                    conn: client.get_async_connection_with_config(cfg).await?,
+                    pipes: None,
+                    slots: Arc::default(),
+                }))
             }
         }
     }
@@ -178,7 +205,7 @@ pub fn cross_slot(keys: &[&str]) -> RedisError {
 
 /// True if every key hashes to the same Redis Cluster slot.
 pub fn one_slot(keys: &[&str]) -> bool {
-    let mut slots = keys.iter().map(Slot::for_key);
+    let mut slots = keys.iter().map(|k| slot_of(k.as_bytes()));
     match slots.next() {
         Some(first) => slots.all(|s| s == first),
         None => true,
@@ -186,7 +213,7 @@ pub fn one_slot(keys: &[&str]) -> bool {
 }
 
 struct Entry {
-    slot: Slot,
+    slot: u16,
     cmd: Cmd,
     keep: bool,
 }
@@ -195,8 +222,8 @@ struct Entry {
 ///
 /// Each command names its first key up front: that is the key Redis
 /// Cluster routes by. On a single Redis the batch is one pipeline; on a
-/// cluster it is one pipeline per slot, sent concurrently, with the replies
-/// put back in the order the commands were added.
+/// cluster it is one pipeline per primary, sent concurrently, with the
+/// replies put back in the order the commands were added.
 #[derive(Default)]
 pub struct Batch {
     entries: Vec<Entry>,
@@ -217,7 +244,7 @@ impl Batch {
         let mut cmd = redis::cmd(name);
         cmd.arg(key);
         self.entries.push(Entry {
-            slot: Slot::for_key(key),
+            slot: slot_of(key.as_bytes()),
             cmd,
             keep,
         });
@@ -245,7 +272,7 @@ impl Batch {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(script).arg(keys.len()).arg(keys);
         self.entries.push(Entry {
-            slot: Slot::for_key(keys.first().copied().unwrap_or_default()),
+            slot: slot_of(keys.first().copied().unwrap_or_default().as_bytes()),
             cmd,
             keep,
         });
@@ -266,60 +293,139 @@ impl Batch {
                 .query_async(conn)
                 .await;
         }
-        // Split by slot, keeping each slot's commands in order.
-        let mut groups: Vec<Vec<Entry>> = Vec::new();
-        let mut group_of: HashMap<Slot, usize> = HashMap::new();
-        let mut order: Vec<(usize, bool)> = Vec::with_capacity(self.entries.len());
-        for e in self.entries {
-            let g = *group_of.entry(e.slot).or_insert_with(|| {
-                groups.push(Vec::new());
-                groups.len() - 1
-            });
-            order.push((g, e.keep));
-            groups[g].push(e);
-        }
-        let runs = groups.into_iter().map(|g| {
-            let mut c = conn.clone();
-            async move { run_slot(g, &mut c).await.map(Vec::into_iter) }
-        });
-        let mut replies = futures::future::try_join_all(runs).await?;
-        let mut out = Vec::new();
-        for (g, keep) in order {
-            if keep {
-                out.push(replies[g].next().unwrap_or(Value::Nil));
-            }
-        }
-        Ok(out)
+        let Conn::Cluster(cc) = conn else {
+            return Ok(Vec::new()); // not reached: checked above
+        };
+        run_cluster(self.entries, cc).await
     }
 }
 
-/// Run one slot's commands on a cluster connection; the kept replies.
+/// Run a batch on a cluster: one part per primary (or per slot while the
+/// slot map is unknown), each in order, all concurrently.
+async fn run_cluster(entries: Vec<Entry>, cc: &mut ClusterConn) -> RedisResult<Vec<Value>> {
+    let map = match (&cc.pipes, cc.slots.get()) {
+        (None, _) => None,
+        (Some(_), Some(m)) => Some(m),
+        (Some(_), None) => match fetch_slot_map(&mut cc.conn).await {
+            Ok(m) => {
+                cc.slots.set(m);
+                cc.slots.get()
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "no slot map: batch sent per slot");
+                None
+            }
+        },
+    };
+    // Part key: the primary's index, or `SLOTS + slot` when not known.
+    let mut parts: Vec<(bool, Vec<Entry>)> = Vec::new();
+    let mut part_of: HashMap<u32, usize> = HashMap::new();
+    let mut order: Vec<(usize, bool)> = Vec::with_capacity(entries.len());
+    for e in entries {
+        let owner = map.as_ref().and_then(|m| m.owner(e.slot));
+        let key = owner.map_or(SLOTS_U32 + u32::from(e.slot), u32::from);
+        let p = *part_of.entry(key).or_insert_with(|| {
+            parts.push((owner.is_some(), Vec::new()));
+            parts.len() - 1
+        });
+        order.push((p, e.keep));
+        parts[p].1.push(e);
+    }
+    let runs = parts.into_iter().map(|(whole_primary, part)| {
+        let mut c = cc.clone();
+        async move {
+            run_part(part, &mut c, whole_primary)
+                .await
+                .map(Vec::into_iter)
+        }
+    });
+    let mut replies = futures::future::try_join_all(runs).await?;
+    let mut out = Vec::new();
+    for (p, keep) in order {
+        if keep {
+            out.push(replies[p].next().unwrap_or(Value::Nil));
+        }
+    }
+    Ok(out)
+}
+
+const SLOTS_U32: u32 = super::slots::SLOTS as u32;
+
+async fn fetch_slot_map(conn: &mut ClusterConnection) -> RedisResult<SlotMap> {
+    let v: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+    SlotMap::parse(&v)
+        .ok_or_else(|| RedisError::from((ErrorKind::Parse, "unreadable CLUSTER SLOTS reply")))
+}
+
+/// Run one part of a cluster batch, in order; the kept replies.
+/// `whole_primary`: the part holds the commands of one primary's slots, as
+/// the slot map says; otherwise of one slot.
 ///
-/// A pipeline that meets a slot being migrated is not safe to retry: on
-/// `ASK` redis-rs resends the whole pipeline after a single `ASKING`, which
-/// covers only its first command, so the first runs again and the rest
-/// bounce back until the retries run out. Then the slot's commands are sent
-/// again one by one, in order (redis-rs follows redirects correctly for a
-/// single command). What had run is run again: routing is at-least-once,
-/// and clients drop duplicates by message id.
-async fn run_slot(entries: Vec<Entry>, conn: &mut Conn) -> RedisResult<Vec<Value>> {
+/// A part is first sent as one pipeline. If that meets a redirect (the slot
+/// map is stale, or a slot is migrating) the part is sent again command by
+/// command, in order, on the retrying connection, which follows `MOVED` and
+/// `ASK` for single commands. Pipelines are not left to redis-rs's retries:
+/// on `ASK` it resends the whole pipeline after one `ASKING`, which covers
+/// only the first command, so the first runs again and the rest bounce until
+/// the retries run out. What had run is run again: routing is
+/// at-least-once, and clients drop duplicates by message id.
+async fn run_part(
+    entries: Vec<Entry>,
+    cc: &mut ClusterConn,
+    whole_primary: bool,
+) -> RedisResult<Vec<Value>> {
     if entries.len() > 1 {
         let pipe = pipeline(entries.iter().map(|e| (e.cmd.clone(), e.keep)));
-        match pipe.query_async::<Vec<Value>>(conn).await {
-            Err(e) if e.is_cluster_error() => {
-                tracing::debug!(error = %e, commands = entries.len(), "slot moving: pipeline sent again command by command");
+        let sent = match (&mut cc.pipes, whole_primary) {
+            (Some(pipes), true) => {
+                let route = SingleNodeRoutingInfo::SpecificNode(Route::new(
+                    entries[0].slot,
+                    SlotAddr::Master,
+                ));
+                pipes
+                    .route_pipeline(pipe, 0, entries.len(), route)
+                    .await
+                    .and_then(|values| replies_of(values, &entries))
+            }
+            _ => pipe.query_async::<Vec<Value>>(&mut cc.conn).await,
+        };
+        match sent {
+            Err(e) if e.is_cluster_error() || (whole_primary && !is_command_error(&e)) => {
+                cc.slots.invalidate();
+                tracing::debug!(error = %e, commands = entries.len(), "redirected: batch part sent again command by command");
             }
             done => return done,
         }
     }
     let mut out = Vec::new();
     for e in entries {
-        let v: Value = e.cmd.query_async(conn).await?;
+        let v: Value = e.cmd.query_async(&mut cc.conn).await?;
         if e.keep {
             out.push(v);
         }
     }
     Ok(out)
+}
+
+/// The kept replies of a routed pipeline's raw replies; the first error
+/// reply as an error.
+fn replies_of(values: Vec<Value>, entries: &[Entry]) -> RedisResult<Vec<Value>> {
+    let mut out = Vec::with_capacity(values.len());
+    for (v, e) in values.into_iter().zip(entries) {
+        if let Value::ServerError(err) = v {
+            return Err(err.into());
+        }
+        if e.keep {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// An error a command itself caused (a script error, a wrong type): sending
+/// it again would only repeat it.
+fn is_command_error(e: &RedisError) -> bool {
+    matches!(e.kind(), ErrorKind::Server(_)) && !e.is_cluster_error()
 }
 
 fn pipeline(entries: impl IntoIterator<Item = (Cmd, bool)>) -> redis::Pipeline {

@@ -10,6 +10,7 @@
 pub mod conn;
 pub mod memory;
 pub mod redis;
+pub mod slots;
 
 use std::sync::Arc;
 
