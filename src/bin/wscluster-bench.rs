@@ -487,6 +487,15 @@ fn print_closed(sink: &Sink) {
     }
 }
 
+/// ", on Redis Cluster (N primaries)" for a run on a Redis Cluster.
+fn redis_label(c: &Cluster) -> String {
+    match (c.redis_cluster, c.redis_primaries()) {
+        (true, Some(p)) => format!(", on Redis Cluster ({p} primaries)"),
+        (true, None) => ", on Redis Cluster".into(),
+        _ => String::new(),
+    }
+}
+
 fn rate_label(rate: f64) -> String {
     if rate > 0.0 {
         format!("{} msg/s", rate as u64)
@@ -508,7 +517,7 @@ async fn s1(copts: &ClusterOpts, a: &S1Args) -> Result<Value> {
         _ => a.messages,
     };
     println!(
-        "S1 targeted delivery: {n} node(s), {} users, {messages} messages of ~{} B at {}{}",
+        "S1 targeted delivery: {n} node(s), {} users, {messages} messages of ~{} B at {}{}{}",
         a.users,
         a.payload_bytes,
         rate_label(a.rate),
@@ -516,7 +525,8 @@ async fn s1(copts: &ClusterOpts, a: &S1Args) -> Result<Value> {
             format!(", {} send shards", c.send_shards)
         } else {
             String::new()
-        }
+        },
+        redis_label(&c)
     );
     let started = Instant::now();
     let conns = all_ok(connect_all(&addrs, &users, |i| i % n, |_| None, None, 128).await)?;
@@ -539,7 +549,7 @@ async fn s1(copts: &ClusterOpts, a: &S1Args) -> Result<Value> {
     };
     let sent = Arc::new(AtomicU64::new(0));
     let cpu0 = CpuSnap::take(&c);
-    let prod = tokio::spawn(produce::run(c.redis_client()?, plan, sent.clone()));
+    let prod = tokio::spawn(produce::run(c.connector()?, plan, sent.clone()));
     let pb = bar(messages, "delivered");
     await_deliveries(
         &sink,
@@ -579,6 +589,8 @@ async fn s1(copts: &ClusterOpts, a: &S1Args) -> Result<Value> {
     Ok(json!({
         "nodes": n,
         "send_shards": c.send_shards,
+        "redis_cluster": c.redis_cluster,
+        "redis_primaries": c.redis_primaries(),
         "users": a.users,
         "messages": messages,
         "rate": if a.rate > 0.0 { json!(a.rate) } else { Value::Null },
@@ -753,7 +765,7 @@ async fn s3(copts: &ClusterOpts, a: &S3Args) -> Result<Value> {
     let traffic_s = a.kill_after_s + (ttl + hb * 2).as_secs_f64() + a.after_s;
     let messages = (a.rate * traffic_s).round() as u64;
     println!(
-        "S3 failover: {n} nodes, {} users, {} msg/s for {traffic_s:.1} s; SIGKILL node {victim} ({}{}) after {:.1} s; heartbeat {} ms, lease TTL {} ms",
+        "S3 failover: {n} nodes, {} users, {} msg/s for {traffic_s:.1} s; SIGKILL node {victim} ({}{}) after {:.1} s; heartbeat {} ms, lease TTL {} ms{}",
         a.users,
         a.rate,
         &victim_id,
@@ -764,7 +776,8 @@ async fn s3(copts: &ClusterOpts, a: &S3Args) -> Result<Value> {
         },
         a.kill_after_s,
         hb.as_millis(),
-        ttl.as_millis()
+        ttl.as_millis(),
+        redis_label(&c)
     );
     let conns = all_ok(connect_all(&addrs, &users, |i| i % n, |_| None, None, 128).await)?;
     let sink = Arc::new(Sink::new(messages, true));
@@ -824,7 +837,7 @@ async fn s3(copts: &ClusterOpts, a: &S3Args) -> Result<Value> {
         dest: Dest::Users(users.clone()),
     };
     let sent = Arc::new(AtomicU64::new(0));
-    let prod = tokio::spawn(produce::run(c.redis_client()?, plan, sent.clone()));
+    let prod = tokio::spawn(produce::run(c.connector()?, plan, sent.clone()));
     let pb = bar(messages, "delivered");
     // The kill.
     tokio::time::sleep(Duration::from_secs_f64(a.kill_after_s)).await;
@@ -833,9 +846,11 @@ async fn s3(copts: &ClusterOpts, a: &S3Args) -> Result<Value> {
     let kill_at = Instant::now();
     pb.println(format!("  killed node {victim} ({victim_id})"));
     // Watch its member and inbox go.
-    let mut r = c.redis_client()?.get_multiplexed_async_connection().await?;
-    let nodes_key = format!("{}:nodes", c.prefix);
-    let inbox_key = format!("{}:inbox:{{{victim_id}}}", c.prefix);
+    let mut r = c.connector()?.shared().await?;
+    let nodes_key = c.keys().nodes();
+    let inbox_key = c
+        .keys()
+        .inbox(&wscluster::ids::NodeId::from_redis(victim_id.clone()));
     let (mut member_gone, mut inbox_gone) = (None, None);
     let watch_deadline = kill_at + ttl * 3 + Duration::from_secs(10);
     while (member_gone.is_none() || inbox_gone.is_none()) && Instant::now() < watch_deadline {
@@ -915,6 +930,7 @@ async fn s3(copts: &ClusterOpts, a: &S3Args) -> Result<Value> {
     println!("  other users:              {}", latency_line(&ho));
     Ok(json!({
         "nodes": n,
+        "redis_primaries": c.redis_primaries(),
         "users": a.users,
         "rate": a.rate,
         "heartbeat_ms": hb.as_millis() as u64,
@@ -958,9 +974,10 @@ async fn s4(copts: &ClusterOpts, a: &S4Args) -> Result<Value> {
         a.messages
     };
     println!(
-        "S4 topic fan-out: {n} node(s), {} subscribers of one topic, {messages} publishes at {}",
+        "S4 topic fan-out: {n} node(s), {} subscribers of one topic, {messages} publishes at {}{}",
         a.subscribers,
-        rate_label(a.rate)
+        rate_label(a.rate),
+        redis_label(&c)
     );
     let conns = all_ok(
         connect_all(
@@ -991,7 +1008,7 @@ async fn s4(copts: &ClusterOpts, a: &S4Args) -> Result<Value> {
     let sent = Arc::new(AtomicU64::new(0));
     let k = a.subscribers as u64;
     let cpu0 = CpuSnap::take(&c);
-    let prod = tokio::spawn(produce::run(c.redis_client()?, plan, sent.clone()));
+    let prod = tokio::spawn(produce::run(c.connector()?, plan, sent.clone()));
     let pb = bar(messages * k, "delivered");
     await_deliveries(
         &sink,
@@ -1030,6 +1047,7 @@ async fn s4(copts: &ClusterOpts, a: &S4Args) -> Result<Value> {
     println!("  cpu (% of one core): {cpu}");
     Ok(json!({
         "nodes": n,
+        "redis_primaries": c.redis_primaries(),
         "subscribers": a.subscribers,
         "rate": if a.rate > 0.0 { json!(a.rate) } else { Value::Null },
         "published": p.sent,

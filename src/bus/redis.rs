@@ -53,6 +53,8 @@ pub struct Ctx {
     pub publisher: mpsc::Sender<PublishReq>,
     /// Send shards this node routes now.
     pub routing: Mutex<BTreeSet<u32>>,
+    /// When this node last handed a shard over to spread the routers.
+    pub handed_off_at: Mutex<Option<std::time::Instant>>,
     /// Cancelled when the node starts to leave: routers and the reaper stop.
     pub leaving: CancellationToken,
     /// Cancelled when a leaving node starts to reap itself: its readers
@@ -68,6 +70,13 @@ impl Ctx {
     /// A connection for blocking reads (see [`Connector::blocking`]).
     pub async fn blocking_conn(&self) -> Result<Conn, redis::RedisError> {
         self.connector.blocking().await
+    }
+
+    /// The shards a node should route, spreading them over the live
+    /// nodes: ceil(shards / live nodes).
+    pub fn fair_share(&self) -> usize {
+        let live = self.membership.live.live_count().max(1);
+        (self.cfg.send_shards as usize).div_ceil(live)
     }
 
     pub fn shards_routed(&self) -> Vec<u32> {
@@ -172,6 +181,7 @@ impl Bus for RedisBus {
                 acks: ack_tx,
                 publisher: pub_tx,
                 routing: Mutex::new(BTreeSet::new()),
+                handed_off_at: Mutex::new(None),
                 leaving: CancellationToken::new(),
                 readers_stop: CancellationToken::new(),
             });

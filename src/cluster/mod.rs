@@ -205,6 +205,13 @@ impl LiveNodes {
             .collect()
     }
 
+    /// How many nodes hold an unexpired lease, by the estimated Redis clock.
+    pub fn live_count(&self) -> usize {
+        let Ok(s) = self.snap.read() else { return 0 };
+        let now = s.now();
+        s.expiry.values().filter(|e| **e > now).count()
+    }
+
     /// Every known node with its lease expiry.
     pub fn all(&self) -> Vec<(String, u64)> {
         self.snap
@@ -228,5 +235,6 @@ mod tests {
         l.mark_gone("c");
         assert_eq!(l.status("c"), NodeStatus::Gone);
         assert_eq!(l.expired(), vec![NodeId::from_redis("b".into())]);
+        assert_eq!(l.live_count(), 1);
     }
 }

@@ -58,6 +58,17 @@ pub async fn run(ctx: Arc<Ctx>, shard: u32, stop: CancellationToken) {
             }
             continue;
         }
+        // Spread the shards over the nodes: a node that routes its fair
+        // share already lets the others try first (they try within a
+        // quarter heartbeat) and tries itself two heartbeats later, so a
+        // shard nobody else takes is still routed.
+        if ctx.shards_routed().len() >= ctx.fair_share() {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ctx.leaving.cancelled() => return,
+                _ = tokio::time::sleep(2 * hb) => {}
+            }
+        }
         let me = ctx.membership.id();
         match lead(&ctx, shard, &me, &mut blocking, &stop).await {
             Ok(true) => backoff.reset(),
@@ -154,6 +165,11 @@ async fn lead(
             }
             lease_until = started + ttl - hb;
             renewed_at = started;
+            if should_hand_off(ctx, shard) {
+                tracing::info!(shard, node = %me, "handing the send shard over (more than a fair share)");
+                release(ctx, &lease_key, me).await;
+                return Ok(true);
+            }
         }
         let bconn = match blocking {
             Some(c) => c,
@@ -197,6 +213,26 @@ async fn lead(
         }
         route_batch(ctx, shard, &key, entries).await?;
     }
+}
+
+/// True if this node routes more than its fair share of shards and `shard`
+/// is the one to give up (its highest), at most once per lease TTL per node
+/// so views that briefly disagree cannot make shards flap. What the
+/// successor claims from the pending list is routed again: duplicates with
+/// the same id, never loss.
+fn should_hand_off(ctx: &Ctx, shard: u32) -> bool {
+    let routed = ctx.shards_routed();
+    if routed.len() <= ctx.fair_share() || routed.last() != Some(&shard) {
+        return false;
+    }
+    let Ok(mut at) = ctx.handed_off_at.lock() else {
+        return false;
+    };
+    if at.is_some_and(|t| t.elapsed() < ctx.cfg.lease_ttl) {
+        return false;
+    }
+    *at = Some(Instant::now());
+    true
 }
 
 /// Claim (`XAUTOCLAIM`) and route every entry of the router group idle for

@@ -1,6 +1,8 @@
 //! The cluster under test: either an existing one (`--ws-urls`,
-//! `--redis-url`) or a local one this program starts and stops — a
-//! `redis-server` on a free port and N nodes of the built `wscluster` binary.
+//! `--redis-url`, `--redis-cluster`) or a local one this program starts and
+//! stops — a `redis-server` on a free port (or, with
+//! `--redis-cluster-primaries N`, a Redis Cluster of N of them) and N nodes
+//! of the built `wscluster` binary.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
@@ -11,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wscluster::bus::conn::Connector;
 
 /// Where the cluster comes from and how local nodes are started.
 #[derive(clap::Args, Clone, Debug)]
@@ -19,9 +22,18 @@ pub struct ClusterOpts {
     /// (`ws://host:port`, `http://host:port` or `host:port`). Needs `--redis-url`.
     #[arg(long, value_delimiter = ',')]
     pub ws_urls: Vec<String>,
-    /// The Redis of an existing cluster (with `--ws-urls`).
+    /// The Redis of an existing cluster (with `--ws-urls`): a URL, or with
+    /// `--redis-cluster` a comma list of Redis Cluster seeds.
     #[arg(long)]
     pub redis_url: Option<String>,
+    /// The existing cluster's `--redis-url` is a Redis Cluster (seed list).
+    #[arg(long)]
+    pub redis_cluster: bool,
+    /// Start the local cluster on a Redis Cluster of N primaries (no
+    /// replicas, all on this machine) instead of one `redis-server`;
+    /// 0: one `redis-server`.
+    #[arg(long, default_value_t = 0)]
+    pub redis_cluster_primaries: usize,
     /// Redis key prefix of the cluster (passed to local nodes too).
     #[arg(long, default_value = "wsc")]
     pub prefix: String,
@@ -72,23 +84,53 @@ fn tmpdir() -> Result<PathBuf> {
     Ok(d)
 }
 
-/// A `redis-server` child on a free port, no persistence.
+/// A `redis-server` child on a free port, no persistence: a plain one, or
+/// one cluster-enabled node of a local Redis Cluster ([`start_redis_cluster`]).
 pub struct RedisProc {
     pub port: u16,
     child: Child,
 }
 
 impl RedisProc {
+    /// A plain `redis-server` (its files and `redis.log` in `dir`).
     pub fn start(dir: &Path) -> Result<RedisProc> {
-        for _ in 0..5 {
-            let port = free_port()?;
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string()])
+        RedisProc::launch(dir, false)
+    }
+
+    /// A cluster-enabled `redis-server` holding no slots yet: its own
+    /// `--dir`, `nodes-<port>.conf` and `redis-<port>.log` in `dir`.
+    fn start_cluster_node(dir: &Path) -> Result<RedisProc> {
+        RedisProc::launch(dir, true)
+    }
+
+    fn launch(dir: &Path, cluster: bool) -> Result<RedisProc> {
+        for _ in 0..8 {
+            let port = if cluster {
+                free_cluster_port()?
+            } else {
+                free_port()?
+            };
+            let mut cmd = Command::new("redis-server");
+            cmd.args(["--port", &port.to_string()])
                 .args(["--bind", "127.0.0.1"])
                 .args(["--save", ""])
-                .args(["--appendonly", "no"])
-                .args(["--dir", &dir.to_string_lossy()])
-                .args(["--logfile", &dir.join("redis.log").to_string_lossy()])
+                .args(["--appendonly", "no"]);
+            if cluster {
+                let own = dir.join(format!("redis-{port}"));
+                std::fs::create_dir_all(&own)
+                    .with_context(|| format!("create {}", own.display()))?;
+                let conf = dir.join(format!("nodes-{port}.conf"));
+                let log = dir.join(format!("redis-{port}.log"));
+                cmd.args(["--cluster-enabled", "yes"])
+                    .args(["--cluster-config-file", &conf.to_string_lossy()])
+                    .args(["--cluster-node-timeout", "2000"])
+                    .args(["--dir", &own.to_string_lossy()])
+                    .args(["--logfile", &log.to_string_lossy()]);
+            } else {
+                cmd.args(["--dir", &dir.to_string_lossy()])
+                    .args(["--logfile", &dir.join("redis.log").to_string_lossy()]);
+            }
+            let child = cmd
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -100,11 +142,7 @@ impl RedisProc {
                 if let Ok(Some(_)) = r.child.try_wait() {
                     break; // port clash: try another
                 }
-                let ok = redis::Client::open(r.url())
-                    .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
-                    .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-                    .is_ok();
-                if ok {
+                if r.query(&redis::cmd("PING")).is_ok() {
                     return Ok(r);
                 }
                 if Instant::now() > deadline {
@@ -123,6 +161,13 @@ impl RedisProc {
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }
+
+    /// A command on this very process (not routed), as text.
+    fn query(&self, cmd: &redis::Cmd) -> redis::RedisResult<String> {
+        let mut c = redis::Client::open(self.url())?
+            .get_connection_with_timeout(Duration::from_millis(200))?;
+        cmd.query(&mut c)
+    }
 }
 
 impl Drop for RedisProc {
@@ -130,6 +175,84 @@ impl Drop for RedisProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A free port for a cluster node: its bus port (+10000) must be free too,
+/// and so at most 65535.
+fn free_cluster_port() -> Result<u16> {
+    for _ in 0..100 {
+        let p = free_port()?;
+        if p <= 55_535 && TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            return Ok(p);
+        }
+    }
+    bail!("no free port pair (p, p + 10000) for a Redis Cluster node")
+}
+
+/// A local Redis Cluster: `n` cluster-enabled `redis-server`s, no replicas,
+/// the 16384 slots split evenly, every one reporting `cluster_state:ok`.
+/// Joined by `redis-cli --cluster create` (which wants 3 primaries at
+/// least; below that the slots are assigned and the nodes met by hand).
+pub fn start_redis_cluster(dir: &Path, n: usize) -> Result<Vec<RedisProc>> {
+    let procs = (0..n.max(1))
+        .map(|_| RedisProc::start_cluster_node(dir))
+        .collect::<Result<Vec<_>>>()?;
+    if procs.len() >= 3 {
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(procs.iter().map(|r| format!("127.0.0.1:{}", r.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .context("run redis-cli --cluster create (redis-tools package)")?;
+        if !out.status.success() {
+            bail!(
+                "redis-cli --cluster create failed ({}):\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    } else {
+        let k = procs.len();
+        for (i, r) in procs.iter().enumerate() {
+            let (lo, hi) = (16_384 * i / k, 16_384 * (i + 1) / k - 1);
+            r.query(redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(lo).arg(hi))
+                .with_context(|| format!("CLUSTER ADDSLOTSRANGE on port {}", r.port))?;
+        }
+        for r in &procs[1..] {
+            procs[0]
+                .query(
+                    redis::cmd("CLUSTER")
+                        .arg("MEET")
+                        .arg("127.0.0.1")
+                        .arg(r.port),
+                )
+                .with_context(|| format!("CLUSTER MEET port {}", r.port))?;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for r in &procs {
+        loop {
+            let info = r.query(redis::cmd("CLUSTER").arg("INFO"));
+            if info
+                .as_deref()
+                .is_ok_and(|i| i.contains("cluster_state:ok"))
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "Redis Cluster node on port {} not ok within 30 s: {info:?} (logs in {})",
+                    r.port,
+                    dir.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(procs)
 }
 
 /// A node of the cluster: its address, and its process if local.
@@ -160,11 +283,15 @@ impl Drop for Node {
 }
 
 pub struct Cluster {
+    /// A URL, or on a Redis Cluster a comma list of seed URLs.
     pub redis_url: String,
+    pub redis_cluster: bool,
     pub prefix: String,
     pub send_shards: u32,
     pub nodes: Vec<Node>,
-    pub redis: Option<RedisProc>,
+    /// The local Redis processes: one `redis-server`, or the primaries of
+    /// a local Redis Cluster; none for an existing cluster.
+    pub redis: Vec<RedisProc>,
     dir: Option<PathBuf>,
     keep_logs: bool,
 }
@@ -173,7 +300,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         // Nodes first, then Redis.
         self.nodes.clear();
-        self.redis = None;
+        self.redis.clear();
         if let Some(d) = &self.dir {
             if self.keep_logs {
                 eprintln!("logs kept in {}", d.display());
@@ -211,6 +338,17 @@ impl Cluster {
                 .redis_url
                 .clone()
                 .ok_or_else(|| anyhow!("--ws-urls needs --redis-url"))?;
+            if opts.redis_cluster_primaries > 0 {
+                bail!(
+                    "--redis-cluster-primaries starts a local Redis Cluster: with --ws-urls, \
+                     pass the existing one's seeds as --redis-url and set --redis-cluster"
+                );
+            }
+            if redis_url.contains(',') && !opts.redis_cluster {
+                bail!(
+                    "--redis-url holds several URLs: a Redis Cluster seed list needs --redis-cluster"
+                );
+            }
             let nodes = opts
                 .ws_urls
                 .iter()
@@ -221,23 +359,37 @@ impl Cluster {
                 .collect();
             return Ok(Cluster {
                 redis_url,
+                redis_cluster: opts.redis_cluster,
                 prefix: opts.prefix.clone(),
                 send_shards: opts.send_shards.max(1),
                 nodes,
-                redis: None,
+                redis: Vec::new(),
                 dir: None,
                 keep_logs: false,
             });
         }
+        if opts.redis_cluster {
+            bail!(
+                "--redis-cluster describes an existing cluster's --redis-url (with --ws-urls); \
+                 for a local Redis Cluster use --redis-cluster-primaries N"
+            );
+        }
         let bin = node_bin(opts)?;
         let dir = tmpdir()?;
-        let redis = RedisProc::start(&dir)?;
+        let redis_cluster = opts.redis_cluster_primaries > 0;
+        let redis = if redis_cluster {
+            start_redis_cluster(&dir, opts.redis_cluster_primaries)?
+        } else {
+            vec![RedisProc::start(&dir)?]
+        };
+        let urls: Vec<String> = redis.iter().map(RedisProc::url).collect();
         let mut c = Cluster {
-            redis_url: redis.url(),
+            redis_url: urls.join(","),
+            redis_cluster,
             prefix: opts.prefix.clone(),
             send_shards: opts.send_shards.max(1),
             nodes: Vec::new(),
-            redis: Some(redis),
+            redis,
             dir: Some(dir.clone()),
             keep_logs: opts.keep_logs,
         };
@@ -256,6 +408,9 @@ impl Cluster {
             "--drain-ms".into(),
             "1000".into(),
         ];
+        if redis_cluster {
+            args.push("--redis-cluster".into());
+        }
         if let Some(h) = opts.heartbeat_ms {
             args.extend(["--heartbeat-ms".into(), h.to_string()]);
         }
@@ -304,25 +459,31 @@ impl Cluster {
     /// The send stream for a user or topic (contract §5: shard n =
     /// CRC32(name) mod K; shard 0 is `<p>:send`).
     pub fn send_key(&self, name: &str) -> String {
-        let n = if self.send_shards <= 1 {
-            0
-        } else {
-            crc32fast::hash(name.as_bytes()) % self.send_shards
-        };
-        if n == 0 {
-            format!("{}:send", self.prefix)
-        } else {
-            format!("{}:send:{n}", self.prefix)
-        }
+        self.keys()
+            .send(wscluster::keys::shard_of(name, self.send_shards))
     }
 
-    pub fn redis_client(&self) -> Result<redis::Client> {
-        Ok(redis::Client::open(self.redis_url.as_str())?)
+    /// The cluster's key names (the server's own key module).
+    pub fn keys(&self) -> wscluster::keys::Keys {
+        wscluster::keys::Keys::new(&self.prefix)
     }
 
-    /// Tell the cluster's Redis is local (so its CPU can be read).
-    pub fn redis_pid(&self) -> Option<i32> {
-        self.redis.as_ref().map(|r| r.pid())
+    /// Connections to the cluster's Redis (single or Redis Cluster): every
+    /// Redis access of the benchmark goes through it.
+    pub fn connector(&self) -> Result<Connector> {
+        Connector::open(&self.redis_url, self.redis_cluster)
+            .with_context(|| format!("Redis at {}", self.redis_url))
+    }
+
+    /// The local Redis processes (so their CPU can be read).
+    pub fn redis_pids(&self) -> Vec<i32> {
+        self.redis.iter().map(RedisProc::pid).collect()
+    }
+
+    /// The primaries of a local Redis Cluster (None: a single Redis, or an
+    /// existing cluster).
+    pub fn redis_primaries(&self) -> Option<usize> {
+        (self.redis_cluster && !self.redis.is_empty()).then_some(self.redis.len())
     }
 
     pub fn node_pids(&self) -> Vec<i32> {
@@ -330,7 +491,7 @@ impl Cluster {
     }
 
     pub fn local(&self) -> bool {
-        self.redis.is_some()
+        !self.redis.is_empty()
     }
 }
 
@@ -520,9 +681,12 @@ pub fn cpu_seconds(pid: i32) -> Option<f64> {
 }
 
 /// CPU seconds of Redis, the nodes and this program, at one moment.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct CpuSnap {
+    /// All local Redis processes together.
     pub redis: f64,
+    /// Each local Redis process (the primaries of a local Redis Cluster).
+    pub redis_each: Vec<f64>,
     pub nodes: f64,
     pub bench: f64,
     /// Busy CPU seconds of the whole machine (all cores, `/proc/stat`).
@@ -548,8 +712,14 @@ fn machine_busy_seconds() -> Option<f64> {
 
 impl CpuSnap {
     pub fn take(c: &Cluster) -> CpuSnap {
+        let redis_each: Vec<f64> = c
+            .redis_pids()
+            .into_iter()
+            .map(|p| cpu_seconds(p).unwrap_or(0.0))
+            .collect();
         CpuSnap {
-            redis: c.redis_pid().and_then(cpu_seconds).unwrap_or(0.0),
+            redis: redis_each.iter().sum(),
+            redis_each,
             nodes: c.node_pids().into_iter().filter_map(cpu_seconds).sum(),
             bench: cpu_seconds(std::process::id() as i32).unwrap_or(0.0),
             machine: machine_busy_seconds().unwrap_or(0.0),
@@ -567,7 +737,7 @@ impl CpuSnap {
         let pct = |a: f64, b: f64| round1((b - a) / window * 100.0);
         let ours =
             (later.redis - self.redis) + (later.nodes - self.nodes) + (later.bench - self.bench);
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "redis_pct": pct(self.redis, later.redis),
             "nodes_pct": pct(self.nodes, later.nodes),
             "bench_pct": pct(self.bench, later.bench),
@@ -575,7 +745,18 @@ impl CpuSnap {
             // threads): load this benchmark did not make.
             "other_pct": round1(((later.machine - self.machine) - ours).max(0.0) / window * 100.0),
             "machine_pct": pct(self.machine, later.machine),
-        })
+        });
+        if self.redis_each.len() > 1 {
+            // Per Redis Cluster primary, in the order they were started
+            // (`redis-cli --cluster create` gives them the slots low → high).
+            v["redis_each_pct"] = self
+                .redis_each
+                .iter()
+                .zip(&later.redis_each)
+                .map(|(a, b)| pct(*a, *b))
+                .collect();
+        }
+        v
     }
 }
 
