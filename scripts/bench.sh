@@ -2,10 +2,13 @@
 # The standard benchmark set (issue 4): builds release, measures Redis's own
 # XADD limit, runs S1-S4 against local clusters (a redis-server on a free
 # port and wscluster nodes, all on this machine), and writes BENCHMARKS.md
-# and BENCHMARKS-latency.png. A few minutes in all.
+# and BENCHMARKS-latency.png. A few minutes in all. The last section runs
+# S1 at full speed on a local Redis Cluster of 3 primaries (send shards
+# 1, 2, 4) and on a single Redis (1, 4), RC_REPEAT times each, interleaved.
 #
-#   scripts/bench.sh            # the standard set
-#   QUICK=1 scripts/bench.sh    # shorter runs (a rough check of the script)
+#   scripts/bench.sh              # the standard set
+#   QUICK=1 scripts/bench.sh      # shorter runs (a rough check of the script)
+#   RC_REPEAT=0 scripts/bench.sh  # without the Redis Cluster section
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +25,7 @@ need_pkg() { # need_pkg <file or command> <debian package>
 }
 need_pkg redis-server redis-server
 need_pkg redis-benchmark redis-tools
+need_pkg redis-cli redis-tools
 # Text in the plot (plotters with ab_glyph) uses DejaVu Sans; without it the
 # plot is drawn without labels.
 need_pkg /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf fonts-dejavu-core
@@ -73,6 +77,16 @@ run s3-default     s3 --nodes 3 --users 1000 --rate 2000 --heartbeat-ms 1000 --l
 run s3-router-fast s3 --nodes 3 --users 1000 --rate 2000 --heartbeat-ms 200 --lease-ttl-ms 1000 --kill router
 run s4-3n          s4 --nodes 3 --subscribers 1000 --rate 100 --duration-s "$S4D"
 run s4-3n-fast     s4 --nodes 3 --subscribers 1000 --rate 500 --duration-s "$S4D"
+# S1 on Redis Cluster (3 primaries, no replicas, all on this machine) against
+# a single Redis, same sitting; the report lists every run of each label.
+for _ in $(seq "${RC_REPEAT:-3}"); do
+  run s1-single-shards1 s1 --nodes 3 --users 1000 --messages "$M"
+  run s1-single-shards4 s1 --nodes 3 --users 1000 --messages "$M" --send-shards 4
+  for k in 1 2 4; do
+    run "s1-rc3-shards$k" s1 --nodes 3 --users 1000 --messages "$M" \
+      --redis-cluster-primaries 3 --send-shards "$k"
+  done
+done
 echo "== report"
 commit=$(git rev-parse --short HEAD 2>/dev/null || true)
 # The server's code, not this tool's, decides whether the tree is "dirty".

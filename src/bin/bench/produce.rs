@@ -1,5 +1,7 @@
-//! The producer: pipelined `XADD <p>:send` on several Redis connections,
-//! as fast as possible or paced to a fixed rate.
+//! The producer: pipelined `XADD <p>:send[:n]` on several Redis
+//! connections, as fast as possible or paced to a fixed rate. The pipelines
+//! are [`Batch`]es, so they also run on Redis Cluster (where the send
+//! shards' keys may live on different primaries).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use redis::AsyncConnectionConfig;
+use wscluster::bus::conn::{Batch, Connector};
 
 use crate::ws::{now_us, payload};
 
@@ -44,19 +46,15 @@ pub struct Produced {
 
 /// Add `plan.messages` entries; `sent` counts them as they are acknowledged.
 /// Message `seq`s are 0..messages.
-pub async fn run(client: redis::Client, plan: Plan, sent: Arc<AtomicU64>) -> Result<Produced> {
-    let cfg = AsyncConnectionConfig::new()
-        .set_response_timeout(Some(Duration::from_secs(30)))
-        .set_connection_timeout(Some(Duration::from_secs(5)));
+pub async fn run(redis: Connector, plan: Plan, sent: Arc<AtomicU64>) -> Result<Produced> {
     let conns = plan.connections.max(1);
     let mut handles = Vec::new();
     let next = Arc::new(AtomicU64::new(0));
     let start_us = now_us();
     let started = Instant::now();
     for p in 0..conns {
-        let mut conn = client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await?;
+        // Its own connection (or cluster connection) per producer.
+        let mut conn = redis.shared().await?;
         let plan = plan.clone();
         let next = next.clone();
         let sent = sent.clone();
@@ -84,13 +82,13 @@ pub async fn run(client: redis::Client, plan: Plan, sent: Arc<AtomicU64>) -> Res
                     continue;
                 }
                 let first = next.fetch_add(n, Ordering::Relaxed);
-                let mut pipe = redis::pipe();
+                let mut batch = Batch::new();
                 for seq in first..first + n {
                     match &plan.dest {
                         Dest::Users(users) => {
                             let to = &users[rng.random_range(0..users.len())];
-                            pipe.cmd("XADD")
-                                .arg(&plan.keys[to])
+                            batch
+                                .cmd_ignored("XADD", &plan.keys[to])
                                 .arg("*")
                                 .arg("to")
                                 .arg(to)
@@ -98,8 +96,8 @@ pub async fn run(client: redis::Client, plan: Plan, sent: Arc<AtomicU64>) -> Res
                                 .arg(payload(now_us(), seq, to, plan.payload_bytes));
                         }
                         Dest::Topic(t) => {
-                            pipe.cmd("XADD")
-                                .arg(&plan.keys[t])
+                            batch
+                                .cmd_ignored("XADD", &plan.keys[t])
                                 .arg("*")
                                 .arg("topic")
                                 .arg(t)
@@ -107,9 +105,8 @@ pub async fn run(client: redis::Client, plan: Plan, sent: Arc<AtomicU64>) -> Res
                                 .arg(payload(now_us(), seq, "", plan.payload_bytes));
                         }
                     }
-                    pipe.ignore();
                 }
-                pipe.query_async::<()>(&mut conn).await?;
+                batch.run(&mut conn).await?;
                 done += n;
                 sent.fetch_add(n, Ordering::Relaxed);
             }

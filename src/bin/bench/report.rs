@@ -22,6 +22,29 @@ fn get<'a>(runs: &'a [Value], label: &str) -> Option<&'a Value> {
     runs.iter().rev().find(|r| r["label"] == label)
 }
 
+/// Every run of a label, in order (for labels run several times).
+fn get_all<'a>(runs: &'a [Value], label: &str) -> Vec<&'a Value> {
+    runs.iter().filter(|r| r["label"] == label).collect()
+}
+
+fn median(xs: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = xs.into_iter().collect();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+fn mean(xs: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let (n, sum) = xs
+        .into_iter()
+        .fold((0usize, 0.0), |(n, s), x| (n + 1, s + x));
+    (n > 0).then(|| sum / n as f64)
+}
+
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// Register DejaVu Sans for plotters' text; false if it is not installed.
@@ -514,6 +537,7 @@ pub fn write(runs: &[Value], out: &Path, plot_path: &Path, commit: Option<&str>)
         );
     }
     let _ = writeln!(w);
+    redis_cluster_section(w, runs, cores);
 
     // S2.
     let _ = writeln!(w, "## S2 idle connections (one node)\n");
@@ -622,10 +646,119 @@ pub fn write(runs: &[Value], out: &Path, plot_path: &Path, commit: Option<&str>)
         "## Reproduce\n\n```sh\nscripts/bench.sh            # builds release, runs the standard set, rewrites this file\n```\n\n\
          The raw JSON lines of the run are in `target/bench/results.jsonl`; each scenario can be \
          run alone (`target/release/wscluster-bench s1 --help`), also against an existing \
-         cluster with `--ws-urls` and `--redis-url`."
+         cluster with `--ws-urls` and `--redis-url` (a Redis Cluster: its seeds, comma-separated, \
+         and `--redis-cluster`)."
     );
     std::fs::write(out, md).with_context(|| format!("write {}", out.display()))?;
     Ok(())
+}
+
+/// The S1 runs `scripts/bench.sh` makes on a local Redis Cluster of 3
+/// primaries and, for comparison in the same sitting, on a single Redis:
+/// (label, Redis, send shards).
+const RC_RUNS: [(&str, &str, u32); 5] = [
+    ("s1-single-shards1", "single", 1),
+    ("s1-single-shards4", "single", 4),
+    ("s1-rc3-shards1", "cluster, 3 primaries", 1),
+    ("s1-rc3-shards2", "cluster, 3 primaries", 2),
+    ("s1-rc3-shards4", "cluster, 3 primaries", 4),
+];
+
+/// CPU % of one core taken by other processes above which a run is marked.
+const BUSY_OTHER_PCT: f64 = 20.0;
+
+/// "S1 on Redis Cluster (3 primaries)": each configuration's runs, their
+/// median, and the cluster against a single Redis with as many send shards.
+fn redis_cluster_section(w: &mut String, runs: &[Value], cores: usize) {
+    if RC_RUNS.iter().all(|(l, _, _)| get(runs, l).is_none()) {
+        return;
+    }
+    let tput = |label: &str| {
+        median(
+            get_all(runs, label)
+                .iter()
+                .filter_map(|r| num(&r["throughput_msgs_per_s"])),
+        )
+    };
+    let _ = writeln!(w, "## S1 on Redis Cluster (3 primaries)\n");
+    let _ = writeln!(
+        w,
+        "S1 at full speed as `s1-3n-max` (3 nodes, 1,000 users, ~150-byte payloads), once on a \
+         local Redis Cluster of 3 primaries (`--redis-cluster-primaries 3`: no replicas, joined \
+         with `redis-cli --cluster create`; the nodes run with `--redis-cluster` and the three \
+         seeds) and once on a single `redis-server`, in the same sitting, each configuration \
+         run several times, interleaved. On the cluster every pipeline (the producer's, the \
+         router's look-ups and inbox adds, the acks) is split by primary; the send shards \
+         `wsc:send`, `wsc:send:1` … hash to slots that may or may not share a primary (the last column shows where the Redis CPU went). Every process — all \
+         primaries, the nodes and the load generator — shares the same {cores} cores: a Redis \
+         Cluster adds processes and client-side slot routing here, not CPU, so this measures \
+         the cluster path and its overhead, not scaling. CPU % as in the S1 table (means over \
+         the runs; latency too). † marks a run during which other processes on the machine (not this \
+         benchmark's) took more than {BUSY_OTHER_PCT:.0}% of a core.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| Redis | send shards | runs | throughput msg/s, each run | median msg/s | ÷ single Redis, same shards (medians) | lost | dup | p50 / p99 (mean) | CPU % Redis / nodes / bench / other | Redis CPU % per primary, slots low → high (mean) |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for (label, redis, shards) in RC_RUNS {
+        let rs = get_all(runs, label);
+        if rs.is_empty() {
+            continue;
+        }
+        let each: Vec<String> = rs
+            .iter()
+            .map(|r| {
+                let busy = num(&r["cpu"]["other_pct"]).is_some_and(|o| o > BUSY_OTHER_PCT);
+                format!(
+                    "{}{}",
+                    int(&r["throughput_msgs_per_s"]),
+                    if busy { " †" } else { "" }
+                )
+            })
+            .collect();
+        let t = tput(label);
+        let single = RC_RUNS
+            .iter()
+            .find(|(l, r, k)| *r == "single" && *k == shards && *l != label)
+            .and_then(|(l, _, _)| tput(l));
+        let sum = |f: &str| rs.iter().filter_map(|r| num(&r[f])).sum::<f64>();
+        // The mean over the runs of one figure of theirs.
+        let avg = |f: &dyn Fn(&Value) -> &Value| mean(rs.iter().filter_map(|r| num(f(r))));
+        let pct = |x: Option<f64>| x.map(|x| format!("{x:.0}")).unwrap_or("?".into());
+        let c = |k: &str| pct(avg(&|r: &Value| &r["cpu"][k]));
+        let lat =
+            |k: &str| ms(&avg(&|r: &Value| &r["latency_us"][k]).map_or(Value::Null, Value::from));
+        let per_primary = rs[0]["cpu"]["redis_each_pct"]
+            .as_array()
+            .map(|a| {
+                (0..a.len())
+                    .map(|i| pct(avg(&|r: &Value| &r["cpu"]["redis_each_pct"][i])))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            })
+            .unwrap_or("–".into());
+        let _ = writeln!(
+            w,
+            "| {redis} | {shards} | {} | {} | {} | {} | {} | {} | {} / {} | {} / {} / {} / {} | {per_primary} |",
+            rs.len(),
+            each.join(" / "),
+            t.map(|t| group(t.round() as i64)).unwrap_or("–".into()),
+            if label.starts_with("s1-single") {
+                "–".into()
+            } else {
+                ratio(t, single)
+            },
+            group(sum("lost") as i64),
+            group(sum("duplicates") as i64),
+            lat("p50"),
+            lat("p99"),
+            c("redis_pct"),
+            c("nodes_pct"),
+            c("bench_pct"),
+            c("other_pct"),
+        );
+    }
+    let _ = writeln!(w);
 }
 
 /// What bounds the figures, from what the runs recorded (CPU use, where
