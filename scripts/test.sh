@@ -49,11 +49,11 @@ run_tests() {
 echo "== unit and integration tests (single Redis; tests/redis_cluster.rs on Redis Cluster)"
 run_tests --all-targets
 
-# The core and failure tests again, each on a fresh 3-primary Redis Cluster.
-# Left out: the two that restart or stop the one Redis (single-Redis faults;
-# tests/redis_cluster.rs kills a cluster primary instead).
-echo "== core and failure tests on Redis Cluster"
-WSC_TEST_REDIS_CLUSTER=1 run_tests --test core --test failure -- \
+# The core, failure and chaos tests again, each on a fresh 3-primary Redis
+# Cluster. Left out: the two that restart or stop the one Redis (single-Redis
+# faults; tests/redis_cluster.rs kills a cluster primary instead).
+echo "== core, failure and chaos tests on Redis Cluster"
+WSC_TEST_REDIS_CLUSTER=1 run_tests --test core --test failure --test chaos -- \
   --skip redis_restart_empty --skip redis_down_at_boot
 
 echo "== benchmark tool smoke run (figures printed, never asserted as timings)"

@@ -128,8 +128,10 @@ async fn chaos_soak() {
     let producer = {
         let url = redis.url();
         tokio::spawn(async move {
-            let client = redis::Client::open(url).unwrap();
-            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            // The node's own connection type: one Redis or a Redis Cluster
+            // (the pipeline has one key, so one slot).
+            let redis = wscluster::bus::conn::Connector::open(&url, on_redis_cluster()).unwrap();
+            let mut conn = redis.shared().await.unwrap();
             let batch = 50u64;
             let rounds = messages / batch;
             let pace = Duration::from_secs(secs).mul_f64(0.8) / rounds as u32;
