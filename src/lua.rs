@@ -102,12 +102,19 @@ return 0
 /// the mailbox (`KEYS[2]`; `ARGV[3]` = ttl ms, `ARGV[4]` = page size).
 /// Taken entries move to the connection's taking stream (`KEYS[3]`) until
 /// it has written them; the mailbox key goes when empty; expired entries
-/// are dropped. Returns `{more, entries}`.
+/// are dropped. `ARGV[5]` = 1: return what the taking stream already held
+/// first (see the script). Returns `{more, entries}`.
 macro_rules! take_page {
     () => {
         r#"
+-- With ARGV[5] = 1, what an earlier take moved to KEYS[3] and the
+-- connection has not written yet comes back too: that take's reply may have
+-- been lost (a dropped connection), and a page must not vanish with it.
+-- Clients drop duplicates by id.
+local prior = {}
+if ARGV[5] == '1' then prior = redis.call('XRANGE', KEYS[3], '-', '+') end
 local entries = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', tonumber(ARGV[4]))
-if #entries == 0 then return {0, {}} end
+if #entries == 0 then return {0, prior} end
 local ids = {}
 for i, e in ipairs(entries) do ids[i] = e[1] end
 redis.call('XDEL', KEYS[2], unpack(ids))
@@ -124,7 +131,7 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local min = now - tonumber(ARGV[3])
-local out = {}
+local out = prior
 for _, e in ipairs(entries) do
   local ms = tonumber(string.match(e[1], '^(%d+)'))
   if ms and ms >= min then out[#out + 1] = e end
@@ -139,7 +146,7 @@ return {more, out}
 /// message mailboxed before it is taken (once) here or by [`TAKE_MAILBOX`].
 /// Pages keep replies small: a huge reply would stall the shared connection.
 /// `KEYS` = user hash, mailbox, taking; `ARGV` = conn id, node id, ttl ms,
-/// page size.
+/// page size, include earlier takes (1/0).
 pub const REGISTER: &str = concat!(
     "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])\n",
     take_page!()
@@ -147,7 +154,7 @@ pub const REGISTER: &str = concat!(
 
 /// Take the next page of a mailbox. `KEYS` = user hash (unused; it keeps
 /// the call in the user's slot), mailbox, taking; `ARGV` = -, -, ttl ms,
-/// page size.
+/// page size, include earlier takes (1/0).
 pub const TAKE_MAILBOX: &str = take_page!();
 
 /// Add to the mailbox only if the user has no live connection: "no live

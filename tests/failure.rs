@@ -544,3 +544,60 @@ async fn abandoned_router_reads_are_claimed() {
     })
     .await;
 }
+
+/// A mailbox take whose reply is lost (a dropped connection after the
+/// script ran) loses nothing: the next take of that connection returns the
+/// page it never got, then the rest. Runs the node's own script on the
+/// test's Redis (single or cluster: its keys share the user's slot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_mailbox_take_reply_is_taken_again() {
+    let redis = Redis::start();
+    let mut r = redis.conn();
+    let (user, mailbox, taking) = (
+        "wsc:user:{lost}",
+        "wsc:mailbox:{lost}",
+        "wsc:taking:{lost}:c1",
+    );
+    for i in 0..150 {
+        let _: String = redis::cmd("XADD")
+            .arg(mailbox)
+            .arg("*")
+            .arg("id")
+            .arg(format!("m{i}"))
+            .arg("to")
+            .arg("lost")
+            .arg("payload")
+            .arg(i.to_string())
+            .query(&mut r)
+            .unwrap();
+    }
+    let take = |r: &mut TestConn| -> (i64, Vec<String>) {
+        let v: redis::Value = redis::cmd("EVAL")
+            .arg(wscluster::lua::TAKE_MAILBOX)
+            .arg(3)
+            .arg(user)
+            .arg(mailbox)
+            .arg(taking)
+            .arg("-")
+            .arg("-")
+            .arg(60_000)
+            .arg(100)
+            .arg("1")
+            .query(r)
+            .unwrap();
+        let (more, entries): (i64, Vec<(String, Vec<String>)>) =
+            redis::from_redis_value(v).unwrap();
+        let ids = entries
+            .into_iter()
+            .map(|(_, f)| f.get(1).cloned().unwrap_or_default())
+            .collect();
+        (more, ids)
+    };
+    let (more, first) = take(&mut r);
+    assert_eq!((more, first.len()), (1, 100));
+    // That reply is "lost": the connection takes again.
+    let (more, second) = take(&mut r);
+    assert_eq!(more, 0);
+    let want: Vec<String> = (0..150).map(|i| format!("m{i}")).collect();
+    assert_eq!(second, want, "the lost page first, then the rest, in order");
+}

@@ -25,6 +25,9 @@ use redis::{AsyncConnectionConfig, Cmd, ErrorKind, RedisError, RedisFuture, Redi
 use super::slots::{SlotCache, SlotMap, slot_of};
 use crate::config::{Config, split_urls};
 
+/// Sends of a wholly redirected part of a `once` batch (a slot moving:
+/// `MOVED`, or `ASK`/`TRYAGAIN` while it migrates; backing off 20 ms … 1.3 s).
+const ONCE_ATTEMPTS: u32 = 7;
 /// How long to wait for a TCP connection to a Redis node.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long to wait for a reply on shared connections.
@@ -179,7 +182,11 @@ impl Connector {
                         .await?,
                 ))
             }
-            Connector::Cluster { client, .. } => {
+            // Not retried by redis-rs: a read whose reply was lost must not
+            // be sent again (its entries are pending; the router restarts
+            // and claims them first), and the reader reconnects itself.
+            Connector::Cluster { once, .. } => {
+                let client = once;
                 let cfg = ClusterConfig::new()
                     .set_connection_timeout(CONNECT_TIMEOUT)
                     .set_response_timeout(BLOCKING_RESPONSE_TIMEOUT);
@@ -229,6 +236,8 @@ pub struct Batch {
     entries: Vec<Entry>,
     /// A script whose keys span slots: `run` refuses the whole batch.
     error: Option<RedisError>,
+    /// Never send a command twice (see [`Batch::once`]).
+    once: bool,
 }
 
 impl Batch {
@@ -238,6 +247,17 @@ impl Batch {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// For commands that must not run twice (an `XADD` whose stream id is
+    /// the message id, a script that takes a mailbox page): on a cluster
+    /// each slot's part is sent without redis-rs retries and never
+    /// replayed after it may have run. A part wholly redirected (`MOVED`,
+    /// `ASK`: it did not run) is sent again, a few times; a lost reply
+    /// comes back as an error.
+    pub fn once(mut self) -> Batch {
+        self.once = true;
+        self
     }
 
     fn push(&mut self, name: &str, key: &str, keep: bool) -> &mut Cmd {
@@ -296,15 +316,21 @@ impl Batch {
         let Conn::Cluster(cc) = conn else {
             return Ok(Vec::new()); // not reached: checked above
         };
-        run_cluster(self.entries, cc).await
+        run_cluster(self.entries, cc, self.once).await
     }
 }
 
 /// Run a batch on a cluster: one part per primary (or per slot while the
 /// slot map is unknown), each in order, all concurrently.
-async fn run_cluster(entries: Vec<Entry>, cc: &mut ClusterConn) -> RedisResult<Vec<Value>> {
+async fn run_cluster(
+    entries: Vec<Entry>,
+    cc: &mut ClusterConn,
+    once: bool,
+) -> RedisResult<Vec<Value>> {
     let map = match (&cc.pipes, cc.slots.get()) {
         (None, _) => None,
+        // Parts of one slot only: a redirect then covers the whole part.
+        _ if once => None,
         (Some(_), Some(m)) => Some(m),
         (Some(_), None) => match fetch_slot_map(&mut cc.conn).await {
             Ok(m) => {
@@ -334,7 +360,7 @@ async fn run_cluster(entries: Vec<Entry>, cc: &mut ClusterConn) -> RedisResult<V
     let runs = parts.into_iter().map(|(whole_primary, part)| {
         let mut c = cc.clone();
         async move {
-            run_part(part, &mut c, whole_primary)
+            run_part(part, &mut c, whole_primary, once)
                 .await
                 .map(Vec::into_iter)
         }
@@ -343,7 +369,8 @@ async fn run_cluster(entries: Vec<Entry>, cc: &mut ClusterConn) -> RedisResult<V
     let mut out = Vec::new();
     for (p, keep) in order {
         if keep {
-            out.push(replies[p].next().unwrap_or(Value::Nil));
+            // A part returns one reply per kept command (checked there).
+            out.push(replies[p].next().ok_or_else(short_reply)?);
         }
     }
     Ok(out)
@@ -373,11 +400,16 @@ async fn run_part(
     entries: Vec<Entry>,
     cc: &mut ClusterConn,
     whole_primary: bool,
+    once: bool,
 ) -> RedisResult<Vec<Value>> {
-    if entries.len() > 1 {
-        let pipe = pipeline(entries.iter().map(|e| (e.cmd.clone(), e.keep)));
-        let sent = match (&mut cc.pipes, whole_primary) {
-            (Some(pipes), true) => {
+    let mut attempt = 0;
+    while entries.len() > 1 || once {
+        let sent = match &mut cc.pipes {
+            // Routed to the primary of the part's (first) slot, not
+            // retried by redis-rs.
+            Some(pipes) => {
+                // Raw replies, every one (`replies_of` drops the unkept).
+                let pipe = pipeline(entries.iter().map(|e| (e.cmd.clone(), true)));
                 let route = SingleNodeRoutingInfo::SpecificNode(Route::new(
                     entries[0].slot,
                     SlotAddr::Master,
@@ -387,12 +419,30 @@ async fn run_part(
                     .await
                     .and_then(|values| replies_of(values, &entries))
             }
-            _ => pipe.query_async::<Vec<Value>>(&mut cc.conn).await,
+            // A blocking connection (no batches run there in practice).
+            None => {
+                pipeline(entries.iter().map(|e| (e.cmd.clone(), e.keep)))
+                    .query_async::<Vec<Value>>(&mut cc.conn)
+                    .await
+            }
         };
         match sent {
-            Err(e) if e.is_cluster_error() || (whole_primary && !is_command_error(&e)) => {
+            // Wholly redirected, so it did not run (a part of a `once`
+            // batch is one slot's): send it again, to the new owner.
+            Err(e) if once && e.is_cluster_error() && attempt < ONCE_ATTEMPTS => {
                 cc.slots.invalidate();
-                tracing::debug!(error = %e, commands = entries.len(), "redirected: batch part sent again command by command");
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, "redirected: sent again");
+                tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
+                continue;
+            }
+            Err(e) if is_redirect_or_lost(&e) => {
+                cc.slots.invalidate();
+                if once {
+                    return Err(e);
+                }
+                tracing::debug!(error = %e, commands = entries.len(), whole_primary, "redirected: batch part sent again command by command");
+                break;
             }
             done => return done,
         }
@@ -410,6 +460,9 @@ async fn run_part(
 /// The kept replies of a routed pipeline's raw replies; the first error
 /// reply as an error.
 fn replies_of(values: Vec<Value>, entries: &[Entry]) -> RedisResult<Vec<Value>> {
+    if values.len() != entries.len() {
+        return Err(short_reply());
+    }
     let mut out = Vec::with_capacity(values.len());
     for (v, e) in values.into_iter().zip(entries) {
         if let Value::ServerError(err) = v {
@@ -422,10 +475,19 @@ fn replies_of(values: Vec<Value>, entries: &[Entry]) -> RedisResult<Vec<Value>> 
     Ok(out)
 }
 
-/// An error a command itself caused (a script error, a wrong type): sending
-/// it again would only repeat it.
-fn is_command_error(e: &RedisError) -> bool {
-    matches!(e.kind(), ErrorKind::Server(_)) && !e.is_cluster_error()
+/// A redirect (`MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`) or a lost reply:
+/// what the part did is unknown or partial, and sending it again may help.
+/// Any other error the commands caused themselves (a script error, a wrong
+/// type): sending them again would only repeat it.
+fn is_redirect_or_lost(e: &RedisError) -> bool {
+    e.is_cluster_error() || e.is_io_error() || e.is_timeout() || e.is_connection_dropped()
+}
+
+fn short_reply() -> RedisError {
+    RedisError::from((
+        ErrorKind::Client,
+        "a pipeline returned fewer replies than commands",
+    ))
 }
 
 fn pipeline(entries: impl IntoIterator<Item = (Cmd, bool)>) -> redis::Pipeline {

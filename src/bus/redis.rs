@@ -217,9 +217,15 @@ impl Bus for RedisBus {
                 break;
             }
             let me = ctx.membership.id();
-            match register_under(ctx, &me, h).await {
+            match register_under(ctx, &me, h, true).await {
                 Ok(page) => {
-                    taken.msgs.extend(page.msgs);
+                    // A second attempt returns the first one's page again
+                    // (still unwritten): keep one copy of each message.
+                    for m in page.msgs {
+                        if !taken.msgs.iter().any(|t| t.id == m.id) {
+                            taken.msgs.push(m);
+                        }
+                    }
                     taken.more = page.more;
                 }
                 Err(e) => {
@@ -244,7 +250,7 @@ impl Bus for RedisBus {
 
     async fn take_mailbox(&self, h: &ConnHandle) -> Result<Mailbox, BusError> {
         let ctx = self.ctx()?;
-        take_page(ctx, h).await.map_err(|e| {
+        take_page(ctx, h, true).await.map_err(|e| {
             ctx.redis_error();
             e.into()
         })
@@ -391,10 +397,16 @@ const MAILBOX_PAGE: usize = 100;
 /// mailbox, in one script in the user's slot. The per-node index entry goes
 /// first, so a reaper always finds what the user hash may name (on Redis
 /// Cluster the two are in different slots: two steps, in that order).
+///
+/// `again`: also return what an earlier take left unwritten in the
+/// connection's taking stream (its reply may have been lost). The session
+/// clears that stream after each page it writes; a re-registration after a
+/// lost lease does not, so it passes false.
 pub async fn register_under(
     ctx: &Ctx,
     me: &NodeId,
     h: &ConnHandle,
+    again: bool,
 ) -> Result<Mailbox, redis::RedisError> {
     let mut conn = ctx.conn.clone();
     let mut index = Batch::new();
@@ -402,11 +414,12 @@ pub async fn register_under(
         .cmd_ignored("HSET", &ctx.keys.node_conns(me))
         .arg(h.conn.as_str())
         .arg(h.user.as_str());
+    // Never replayed: the script takes a page (see `Batch::once`).
     let mut batch = if conn.is_cluster() {
         index.run(&mut conn).await?;
-        Batch::new()
+        Batch::new().once()
     } else {
-        index
+        index.once()
     };
     batch
         .eval(
@@ -421,29 +434,38 @@ pub async fn register_under(
         .arg(h.conn.as_str())
         .arg(me.as_str())
         .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
-        .arg(MAILBOX_PAGE);
+        .arg(MAILBOX_PAGE)
+        .arg(if again { "1" } else { "0" });
     let page = batch.run(&mut conn).await?;
     Ok(page.first().map(mailbox_page).unwrap_or_default())
 }
 
-/// Take the next page of the mailbox of connection `h`'s user.
-pub async fn take_page(ctx: &Ctx, h: &ConnHandle) -> Result<Mailbox, redis::RedisError> {
+/// Take the next page of the mailbox of connection `h`'s user (`again`:
+/// see [`register_under`]).
+pub async fn take_page(
+    ctx: &Ctx,
+    h: &ConnHandle,
+    again: bool,
+) -> Result<Mailbox, redis::RedisError> {
     let mut conn = ctx.conn.clone();
-    let page: Value = lua::eval_cmd(
-        lua::TAKE_MAILBOX,
-        &[
-            &ctx.keys.user(&h.user),
-            &ctx.keys.mailbox(&h.user),
-            &ctx.keys.taking(&h.user, &h.conn),
-        ],
-    )?
-    .arg("-")
-    .arg("-")
-    .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
-    .arg(MAILBOX_PAGE)
-    .query_async(&mut conn)
-    .await?;
-    Ok(mailbox_page(&page))
+    let mut batch = Batch::new().once();
+    batch
+        .eval(
+            lua::TAKE_MAILBOX,
+            &[
+                &ctx.keys.user(&h.user),
+                &ctx.keys.mailbox(&h.user),
+                &ctx.keys.taking(&h.user, &h.conn),
+            ],
+            true,
+        )
+        .arg("-")
+        .arg("-")
+        .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
+        .arg(MAILBOX_PAGE)
+        .arg(if again { "1" } else { "0" });
+    let page = batch.run(&mut conn).await?;
+    Ok(page.first().map(mailbox_page).unwrap_or_default())
 }
 
 /// Read a `{more, entries}` reply.

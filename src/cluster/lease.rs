@@ -94,7 +94,8 @@ async fn refresh_nodes(ctx: &Ctx, redis_now: u64) -> Result<(), redis::RedisErro
     Ok(())
 }
 
-/// Take a new id, join under it, and re-register every live connection.
+/// Take a new id and join under it. Its connections are re-registered by
+/// [`reregister`] next.
 async fn take_new_id(ctx: &Ctx) -> Result<(), redis::RedisError> {
     let old = ctx.membership.id();
     let new = NodeId::random();
@@ -102,12 +103,20 @@ async fn take_new_id(ctx: &Ctx) -> Result<(), redis::RedisError> {
     ctx.membership.set_id(new.clone());
     ctx.membership.set_lease(until);
     tracing::warn!(old = %old, new = %new, "lease lost: joined under a new id");
+    Ok(())
+}
+
+/// Re-register every live connection under the current id (same
+/// connection ids). Idempotent: the heartbeat runs it again until it
+/// completes, so a Redis error midway leaves no connection unregistered.
+async fn reregister(ctx: &Ctx) -> Result<(), redis::RedisError> {
+    let new = ctx.membership.id();
     let conns = ctx.registry.all();
     let mut mailboxed = 0usize;
     for h in &conns {
         // Same connection id, new node id: the field is overwritten, so the
         // old id's entry is removed in the same write.
-        let mut page = register_under(ctx, &new, h)
+        let mut page = register_under(ctx, &new, h, false)
             .await
             .inspect_err(|_| ctx.redis_error())?;
         loop {
@@ -131,7 +140,9 @@ async fn take_new_id(ctx: &Ctx) -> Result<(), redis::RedisError> {
             if !page.more {
                 break;
             }
-            page = take_page(ctx, h).await.inspect_err(|_| ctx.redis_error())?;
+            page = take_page(ctx, h, false)
+                .await
+                .inspect_err(|_| ctx.redis_error())?;
         }
         if ctx.membership.id() != new {
             break;
@@ -170,6 +181,7 @@ pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
     backoff.reset();
     let mut delay = Duration::ZERO;
     let mut cut_off = false;
+    let mut reregistering = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -195,9 +207,15 @@ pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
                 if ctx.leaving.is_cancelled() {
                     return;
                 }
-                take_new_id(&ctx).await
+                take_new_id(&ctx).await.map(|()| reregistering = true)
             }
             Err(e) => Err(e),
+        };
+        // Connections to re-register after a new id, until it all went
+        // through (an error retries on the next beat).
+        let result = match result {
+            Ok(()) if reregistering => reregister(&ctx).await.map(|()| reregistering = false),
+            other => other,
         };
         match result {
             Ok(()) => {

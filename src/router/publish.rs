@@ -1,13 +1,19 @@
 //! Batched `XADD`s to the send streams, for client `send` frames and
 //! `POST /api/send`: requests from every connection share pipelines, so a
 //! busy node does not pay a round trip per message.
+//!
+//! An `XADD` must never run twice: its stream id becomes the message id, so
+//! a second copy could not be told from a new message. Each send stream's
+//! adds are one pipeline, sent once ([`Batch::once`]): only a pipeline that
+//! Redis Cluster wholly redirected (it did not run) is sent again, and a
+//! lost reply is reported to the sender as an error.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-
-use redis::Value;
 
 use crate::bus::conn::Batch;
 use crate::bus::redis::Ctx;
@@ -31,27 +37,39 @@ pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::Receiver<PublishReq>, stop: Cancel
         if n == 0 {
             return;
         }
-        let mut adds = Batch::new();
-        for r in &batch {
-            adds.cmd("XADD", &r.key).arg("*").arg(&r.fields);
+        let mut per_stream: HashMap<String, Vec<PublishReq>> = HashMap::new();
+        for r in batch.drain(..) {
+            per_stream.entry(r.key.clone()).or_default().push(r);
         }
-        let mut conn = ctx.conn.clone();
-        let ids = adds
-            .run(&mut conn)
-            .await
-            .and_then(|v| Ok(redis::from_redis_value::<Vec<String>>(Value::Array(v))?));
-        match ids {
-            Ok(ids) => {
-                for (r, id) in batch.drain(..).zip(ids) {
-                    let _ = r.reply.send(Ok(id));
-                }
+        let adds = per_stream
+            .into_iter()
+            .map(|(key, reqs)| add_all(&ctx, key, reqs));
+        futures::future::join_all(adds).await;
+    }
+}
+
+/// Add `reqs` to stream `key` in one pipeline and answer each request.
+async fn add_all(ctx: &Ctx, key: String, reqs: Vec<PublishReq>) {
+    let mut adds = Batch::new().once();
+    for r in &reqs {
+        adds.cmd("XADD", &key).arg("*").arg(&r.fields);
+    }
+    let mut conn = ctx.conn.clone();
+    let result = adds
+        .run(&mut conn)
+        .await
+        .and_then(|v| Ok(redis::from_redis_value::<Vec<String>>(Value::Array(v))?));
+    match result {
+        Ok(ids) => {
+            for (r, id) in reqs.into_iter().zip(ids) {
+                let _ = r.reply.send(Ok(id));
             }
-            Err(e) => {
-                ctx.redis_error();
-                tracing::warn!(error = %e, messages = batch.len(), "publish failed");
-                for r in batch.drain(..) {
-                    let _ = r.reply.send(Err(e.clone()));
-                }
+        }
+        Err(e) => {
+            ctx.redis_error();
+            tracing::warn!(error = %e, stream = %key, messages = reqs.len(), "publish failed");
+            for r in reqs {
+                let _ = r.reply.send(Err(e.clone()));
             }
         }
     }

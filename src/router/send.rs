@@ -197,6 +197,9 @@ async fn lead(
                 ensure_group(ctx, &key).await?;
                 continue;
             }
+            // The stream left this Redis while we waited (deleted, or its
+            // slot migrated): read again; a redirect then restarts us.
+            Err(e) if e.code() == Some("UNBLOCKED") => continue,
             Err(e) => return Err(e.into()),
         };
         let entries: Vec<RawEntry> = stream::read_reply(&v)
