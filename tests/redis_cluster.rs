@@ -97,16 +97,16 @@ fn primary_failover_with_replica() {
 fn xadd_retrying(rc: &RedisCluster, user: &str, payload: &str) -> String {
     wait_until("XADD accepted", Duration::from_secs(20), || {
         let mut c = rc.client().get_connection().map_err(|e| e.to_string())?;
-        redis::cmd("XADD")
-            .arg("wsc:send")
-            .arg("*")
-            .arg("to")
-            .arg(user)
-            .arg("payload")
-            .arg(payload)
-            .query::<String>(&mut c)
-            .map_err(|e| e.to_string())
+        try_xadd_to(&mut c, user, payload).map_err(|e| e.to_string())
     })
+}
+
+/// Add one message per user and wait for each to reach its client.
+async fn each_gets_one(rc: &RedisCluster, users: &[String], clients: &mut [Client], what: &str) {
+    for (u, c) in users.iter().zip(clients.iter_mut()) {
+        let id = xadd_retrying(rc, u, &format!("{what:?}"));
+        c.expect(what, Duration::from_secs(10), is_msg(&id)).await;
+    }
 }
 
 /// Three wscluster nodes on 3 primaries with a replica each. Users' keys
@@ -138,15 +138,7 @@ async fn primary_failover_routing_recovers() {
         .map(|u| rc.primary_port_for_key(&format!("wsc:user:{{{u}}}")))
         .collect();
     assert!(homes.len() >= 2, "user keys on one primary: {homes:?}");
-    for (u, c) in users.iter().zip(clients.iter_mut()) {
-        let id = xadd_retrying(&rc, u, "\"before\"");
-        c.expect(
-            "message before the failover",
-            Duration::from_secs(10),
-            is_msg(&id),
-        )
-        .await;
-    }
+    each_gets_one(&rc, &users, &mut clients, "message before the failover").await;
 
     let victim = rc.primary_port_for_key("wsc:nodes");
     let t0 = Instant::now();
@@ -185,15 +177,7 @@ async fn primary_failover_routing_recovers() {
         .await;
     }
     // After: app messages and client sends, between all nodes.
-    for (u, c) in users.iter().zip(clients.iter_mut()) {
-        let id = xadd_retrying(&rc, u, "\"after\"");
-        c.expect(
-            "message after the failover",
-            Duration::from_secs(10),
-            is_msg(&id),
-        )
-        .await;
-    }
+    each_gets_one(&rc, &users, &mut clients, "message after the failover").await;
     let (a, rest) = clients.split_at_mut(1);
     a[0].send_json(json!({"type":"send","to":"f1","payload":"hi","ref":1}))
         .await;
@@ -298,15 +282,7 @@ async fn slot_migration_under_traffic() {
         clients.push(Client::dev(&nodes[i % nodes.len()], u).await);
     }
     // Routing works before anything moves.
-    for (u, c) in users.iter().zip(clients.iter_mut()) {
-        let id = xadd_retrying(&rc, u, "\"before\"");
-        c.expect(
-            "message before the migration",
-            Duration::from_secs(10),
-            is_msg(&id),
-        )
-        .await;
-    }
+    each_gets_one(&rc, &users, &mut clients, "message before the migration").await;
     let t_ready = t_start.elapsed();
 
     // A node that does not route: its inbox carries the messages for its

@@ -415,29 +415,14 @@ pub async fn register_under(
         .arg(h.conn.as_str())
         .arg(h.user.as_str());
     // Never replayed: the script takes a page (see `Batch::once`).
-    let mut batch = if conn.is_cluster() {
+    let batch = if conn.is_cluster() {
         index.run(&mut conn).await?;
         Batch::new().once()
     } else {
         index.once()
     };
-    batch
-        .eval(
-            lua::REGISTER,
-            &[
-                &ctx.keys.user(&h.user),
-                &ctx.keys.mailbox(&h.user),
-                &ctx.keys.taking(&h.user, &h.conn),
-            ],
-            true,
-        )
-        .arg(h.conn.as_str())
-        .arg(me.as_str())
-        .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
-        .arg(MAILBOX_PAGE)
-        .arg(if again { "1" } else { "0" });
-    let page = batch.run(&mut conn).await?;
-    Ok(page.first().map(mailbox_page).unwrap_or_default())
+    let take = (lua::REGISTER, h.conn.as_str(), me.as_str());
+    run_take(ctx, &mut conn, batch, h, take, again).await
 }
 
 /// Take the next page of the mailbox of connection `h`'s user (`again`:
@@ -448,10 +433,23 @@ pub async fn take_page(
     again: bool,
 ) -> Result<Mailbox, redis::RedisError> {
     let mut conn = ctx.conn.clone();
-    let mut batch = Batch::new().once();
+    let take = (lua::TAKE_MAILBOX, "-", "-");
+    run_take(ctx, &mut conn, Batch::new().once(), h, take, again).await
+}
+
+/// Add a mailbox-taking script (`REGISTER` or `TAKE_MAILBOX` with its first
+/// two `ARGV`) on `h`'s user keys to `batch`, run it, read the page.
+async fn run_take(
+    ctx: &Ctx,
+    conn: &mut Conn,
+    mut batch: Batch,
+    h: &ConnHandle,
+    (script, arg1, arg2): (&str, &str, &str),
+    again: bool,
+) -> Result<Mailbox, redis::RedisError> {
     batch
         .eval(
-            lua::TAKE_MAILBOX,
+            script,
             &[
                 &ctx.keys.user(&h.user),
                 &ctx.keys.mailbox(&h.user),
@@ -459,12 +457,12 @@ pub async fn take_page(
             ],
             true,
         )
-        .arg("-")
-        .arg("-")
+        .arg(arg1)
+        .arg(arg2)
         .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
         .arg(MAILBOX_PAGE)
         .arg(if again { "1" } else { "0" });
-    let page = batch.run(&mut conn).await?;
+    let page = batch.run(conn).await?;
     Ok(page.first().map(mailbox_page).unwrap_or_default())
 }
 

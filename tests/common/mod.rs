@@ -1441,6 +1441,15 @@ pub fn is_msg(id: &str) -> impl Fn(&Value) -> bool + '_ {
 
 /// `XADD <p>:send * to <user> payload <json>`.
 pub fn xadd_to(r: &mut impl redis::ConnectionLike, user: &str, payload: &str) -> String {
+    try_xadd_to(r, user, payload).expect("xadd")
+}
+
+/// [`xadd_to`] that returns the error.
+pub fn try_xadd_to(
+    r: &mut impl redis::ConnectionLike,
+    user: &str,
+    payload: &str,
+) -> redis::RedisResult<String> {
     redis::cmd("XADD")
         .arg("wsc:send")
         .arg("*")
@@ -1449,5 +1458,4 @@ pub fn xadd_to(r: &mut impl redis::ConnectionLike, user: &str, payload: &str) ->
         .arg("payload")
         .arg(payload)
         .query(r)
-        .expect("xadd")
 }
