@@ -96,7 +96,7 @@ pub struct Args {
     /// Largest client message (uncompressed).
     #[arg(long, env = "WSC_MAX_FRAME_BYTES", default_value_t = 65536)]
     pub max_frame_bytes: usize,
-    /// Largest payload in the send stream; larger goes to <p>:dead.
+    /// Largest payload in the send stream; larger goes to `<p>:dead`.
     #[arg(long, env = "WSC_MAX_PAYLOAD_BYTES", default_value_t = 65536)]
     pub max_payload_bytes: usize,
     /// Per connection, token bucket with a burst of twice this.

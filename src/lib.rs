@@ -7,7 +7,8 @@
 //! to the inbox of every node holding a connection of its user, or to the
 //! user's mailbox. When a node dies, survivors reap it: they route again
 //! what its inbox held and remove its sessions. Nothing is lost and nobody
-//! edits config. The public interface is `CONTRACT.md`.
+//! edits config. The same code runs on one Redis or on a Redis Cluster
+//! (`--redis-cluster`). The public interface is `CONTRACT.md`.
 //!
 //! # Layout
 //!
@@ -24,7 +25,9 @@
 //!   batched publishing and acking.
 //! - [`gateway`]: WebSocket upgrade, auth, sessions, the connection
 //!   registry, `POST /api/send`.
-//! - [`bus`]: the Redis and in-process back-ends behind one trait.
+//! - [`bus`]: the Redis and in-process back-ends behind one trait; the
+//!   connection type and pipelines (`bus::conn`) that serve a single Redis
+//!   and Redis Cluster alike, and the cluster's slot map (`bus::slots`).
 //! - [`ops`]: health, readiness, metrics, cluster view.
 //! - [`node`]: `Node::build` and `Node::run`.
 //! - [`shutdown`]: signals and the drain schedule.

@@ -2,6 +2,8 @@
 //!
 //! - [`memory::MemoryBus`]: a standalone node, no Redis (`--redis-url` unset).
 //! - [`redis::RedisBus`]: a cluster node — lease, inbox, routers, reaper.
+//! - [`conn`]: its connection type and pipelines, for a single Redis and
+//!   Redis Cluster alike; [`slots`]: the cluster's slot map.
 //!
 //! The gateway only registers connections, publishes messages and asks for
 //! the cluster view; deliveries come back through the shared

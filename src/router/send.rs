@@ -61,12 +61,15 @@ pub async fn run(ctx: Arc<Ctx>, shard: u32, stop: CancellationToken) {
         // Spread the shards over the nodes: a node that routes its fair
         // share already lets the others try first (they try within a
         // quarter heartbeat) and tries itself two heartbeats later, so a
-        // shard nobody else takes is still routed.
-        if ctx.shards_routed().len() >= ctx.fair_share() {
+        // shard nobody else takes is still routed. It looks again every
+        // quarter heartbeat: when a node leaves, the survivors' share grows
+        // at their next view of `<p>:nodes` and they take over at once.
+        let patient_until = Instant::now() + 2 * hb;
+        while ctx.shards_routed().len() >= ctx.fair_share() && Instant::now() < patient_until {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = ctx.leaving.cancelled() => return,
-                _ = tokio::time::sleep(2 * hb) => {}
+                _ = tokio::time::sleep(hb / 4) => {}
             }
         }
         let me = ctx.membership.id();
