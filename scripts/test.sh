@@ -39,6 +39,8 @@ run_tests() {
   grep -E '^(test |     Running|test result|failures:|---- )|panicked' "$log" || true
   if [ "$status" != 0 ]; then
     tail -300 "$log"
+    echo "== what failed:"
+    grep -A2 'panicked at' "$log" | grep -v '^ *[0-9]*: \|stack backtrace' | head -40 || true
     rm -f "$log"
     echo "test.sh: cargo test $* failed" >&2
     exit "$status"
