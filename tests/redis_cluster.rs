@@ -129,6 +129,19 @@ fn where_is(rc: &RedisCluster, user: &str) -> String {
     )
 }
 
+/// Three ready wscluster nodes on `rc`, with test timings (heartbeat
+/// 200 ms, lease 1 s).
+async fn three_nodes_on(rc: &RedisCluster) -> Vec<NodeProc> {
+    let args = timed_args(&rc.seeds(), "200", "1000", &["--dev"]);
+    let nodes: Vec<NodeProc> = (0..3)
+        .map(|i| NodeProc::start(&format!("n{i}"), &args))
+        .collect();
+    for n in &nodes {
+        n.wait_ready().await;
+    }
+    nodes
+}
+
 /// Add one message per user and wait for each to reach its client.
 async fn each_gets_one(rc: &RedisCluster, users: &[String], clients: &mut [Client], what: &str) {
     for (u, c) in users.iter().zip(clients.iter_mut()) {
@@ -148,13 +161,7 @@ async fn each_gets_one(rc: &RedisCluster, users: &[String], clients: &mut [Clien
 async fn primary_failover_routing_recovers() {
     let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut rc = RedisCluster::start(3, 1);
-    let args = timed_args(&rc.seeds(), "200", "1000", &["--dev"]);
-    let nodes: Vec<NodeProc> = (0..3)
-        .map(|i| NodeProc::start(&format!("n{i}"), &args))
-        .collect();
-    for n in &nodes {
-        n.wait_ready().await;
-    }
+    let nodes = three_nodes_on(&rc).await;
     let users: Vec<String> = (0..12).map(|i| format!("f{i}")).collect();
     let mut clients = Vec::new();
     for (i, u) in users.iter().enumerate() {
@@ -307,13 +314,7 @@ async fn slot_migration_under_traffic() {
     let t_start = Instant::now();
     let rc = RedisCluster::start(3, 0);
     let t_cluster = t_start.elapsed();
-    let args = timed_args(&rc.seeds(), "200", "1000", &["--dev"]);
-    let nodes: Vec<NodeProc> = (0..3)
-        .map(|i| NodeProc::start(&format!("n{i}"), &args))
-        .collect();
-    for n in &nodes {
-        n.wait_ready().await;
-    }
+    let nodes = three_nodes_on(&rc).await;
     let users: Vec<String> = (0..MIG_USERS).map(|i| format!("mig{i}")).collect();
     let mut clients = Vec::new();
     for (i, u) in users.iter().enumerate() {
@@ -375,16 +376,7 @@ async fn slot_migration_under_traffic() {
                     Some(c) => Ok(c),
                     None => client.get_connection().map(|c| conn.insert(c)),
                 }
-                .and_then(|c| {
-                    redis::cmd("XADD")
-                        .arg("wsc:send")
-                        .arg("*")
-                        .arg("to")
-                        .arg(user)
-                        .arg("payload")
-                        .arg(&payload)
-                        .query::<String>(c)
-                });
+                .and_then(|c| try_xadd_to(c, user, &payload));
                 match r {
                     Ok(id) => break id,
                     Err(e) => {
