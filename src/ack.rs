@@ -29,17 +29,6 @@ impl AckGuard {
             Err(p) => drop(p.into_inner().take()),
         }
     }
-
-    /// A guard that fires a oneshot when done, for callers that must wait.
-    pub fn notify() -> (Self, tokio::sync::oneshot::Receiver<()>) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        (
-            Self::new(move || {
-                let _ = tx.send(());
-            }),
-            rx,
-        )
-    }
 }
 
 impl Drop for AckGuard {

@@ -93,6 +93,9 @@ pub struct Args {
     /// Offline messages expire after this many seconds.
     #[arg(long, env = "WSC_MAILBOX_TTL_S", default_value_t = 86400)]
     pub mailbox_ttl_s: u64,
+    /// Payload bytes kept per user's mailbox (oldest dropped first).
+    #[arg(long, env = "WSC_MAILBOX_MAX_BYTES", default_value_t = 8_388_608)]
+    pub mailbox_max_bytes: u64,
     /// Largest client message (uncompressed).
     #[arg(long, env = "WSC_MAX_FRAME_BYTES", default_value_t = 65536)]
     pub max_frame_bytes: usize,
@@ -187,6 +190,7 @@ pub struct Config {
     pub api_key: Option<String>,
     pub mailbox_max: u64,
     pub mailbox_ttl: Duration,
+    pub mailbox_max_bytes: u64,
     pub max_frame_bytes: usize,
     pub max_payload_bytes: usize,
     pub max_msgs_per_sec: u32,
@@ -295,6 +299,10 @@ impl Config {
         for (name, v) in [
             ("mailbox-max (WSC_MAILBOX_MAX)", args.mailbox_max as usize),
             (
+                "mailbox-max-bytes (WSC_MAILBOX_MAX_BYTES)",
+                args.mailbox_max_bytes as usize,
+            ),
+            (
                 "mailbox-ttl-s (WSC_MAILBOX_TTL_S)",
                 args.mailbox_ttl_s as usize,
             ),
@@ -360,6 +368,7 @@ impl Config {
             api_key: args.api_key.filter(|k| !k.is_empty()),
             mailbox_max: args.mailbox_max,
             mailbox_ttl: Duration::from_secs(args.mailbox_ttl_s),
+            mailbox_max_bytes: args.mailbox_max_bytes,
             max_frame_bytes: args.max_frame_bytes,
             max_payload_bytes: args.max_payload_bytes,
             max_msgs_per_sec: args.max_msgs_per_sec,

@@ -69,8 +69,15 @@ impl Keys {
         format!("{}:mailbox:{{{}}}", self.prefix, user)
     }
 
-    /// Mailbox messages taken by a connection and not yet written to its
-    /// socket: a reaper routes them again if the node dies meanwhile.
+    /// Payload bytes held by a user's mailbox (`--mailbox-max-bytes`).
+    pub fn mailbox_bytes(&self, user: &UserId) -> String {
+        format!("{}:mailbox-bytes:{{{}}}", self.prefix, user)
+    }
+
+    /// Mailbox pages an earlier release moved aside per connection until
+    /// written. This release never writes them (a mailbox entry now stays
+    /// in the mailbox until written); its reaper still routes what a node
+    /// of the previous release left there.
     pub fn taking(&self, user: &UserId, conn: &ConnId) -> String {
         format!("{}:taking:{{{}}}:{}", self.prefix, user, conn)
     }
@@ -134,7 +141,7 @@ mod tests {
             let c = ConnId::from_redis(conn);
             let n = NodeId::random();
             // REGISTER / TAKE_MAILBOX, MAILBOX, UNREGISTER_IF.
-            proptest::prop_assert!(one_slot(&[&k.user(&u), &k.mailbox(&u), &k.taking(&u, &c)]));
+            proptest::prop_assert!(one_slot(&[&k.user(&u), &k.mailbox(&u), &k.mailbox_bytes(&u), &k.taking(&u, &c)]));
             // DELETE_IF_DRAINED, and the reap lock in the node's slot.
             proptest::prop_assert!(one_slot(&[&k.inbox(&n), &k.node_conns(&n), &k.reap_lock(&n)]));
         }

@@ -1,14 +1,17 @@
 //! The Lua scripts: everything that must be atomic.
 //!
 //! Each script touches keys of one hash slot only (contract §5), so the same
-//! scripts serve Redis Cluster. Time always comes from Redis `TIME`, never a
+//! scripts serve Redis Cluster. Scripts that keep the cluster alive or only
+//! free memory (leases, locks, registering, deleting) carry `allow-oom`:
+//! with Redis at `maxmemory` and `noeviction` they still run, while adding
+//! messages fails and is retried (nothing accepted is dropped). Time always comes from Redis `TIME`, never a
 //! node's clock. Scripts are sent with `EVAL` (Redis caches the compiled
 //! script by its hash), which keeps pipelines simple and survives a Redis
 //! restart that emptied the script cache.
 
 /// Join: `KEYS[1]` = nodes; `ARGV` = node id, lease ttl ms.
 /// Returns `{expiry, now}`.
-pub const JOIN: &str = r#"
+pub const JOIN: &str = r#"#!lua flags=allow-oom
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local exp = now + tonumber(ARGV[2])
@@ -20,7 +23,7 @@ return {exp, now}
 /// `KEYS[1]` = nodes; `ARGV` = node id, ttl ms. Returns `{expiry, now}`, or
 /// `{-1, now}` when the lease is gone or expired (the caller must then never
 /// write under this id again).
-pub const RENEW: &str = r#"
+pub const RENEW: &str = r#"#!lua flags=allow-oom
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -34,7 +37,7 @@ return {exp, now}
 
 /// Expire a lease now (a leaving node, so no router sends to it any more).
 /// `KEYS[1]` = nodes; `ARGV[1]` = node id.
-pub const EXPIRE_NOW: &str = r#"
+pub const EXPIRE_NOW: &str = r#"#!lua flags=allow-oom
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
@@ -45,7 +48,7 @@ return now
 
 /// Remove a node's member, only if its lease has expired (a reaper never
 /// removes a live node). `KEYS[1]` = nodes; `ARGV[1]` = node id.
-pub const REMOVE_IF_EXPIRED: &str = r#"
+pub const REMOVE_IF_EXPIRED: &str = r#"#!lua flags=allow-oom
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -59,7 +62,7 @@ return 0
 /// Is a node's lease expired by Redis `TIME`? 1 if expired (and present).
 /// An expired lease is never renewed (see [`RENEW`]), so a reaper that saw
 /// 1 here can go on safely. `KEYS[1]` = nodes; `ARGV[1]` = node id.
-pub const IS_EXPIRED: &str = r#"
+pub const IS_EXPIRED: &str = r#"#!lua flags=allow-oom
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -69,7 +72,7 @@ return 0
 
 /// Take or renew a named lease (router lease, reap lock).
 /// `KEYS[1]` = lease key; `ARGV` = holder, ttl ms. Returns 1 if held.
-pub const LEASE_ACQUIRE: &str = r#"
+pub const LEASE_ACQUIRE: &str = r#"#!lua flags=allow-oom
 local v = redis.call('GET', KEYS[1])
 if not v then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -82,7 +85,7 @@ return 0
 "#;
 
 /// Renew a named lease only if still held. Returns 1 if renewed.
-pub const LEASE_RENEW: &str = r#"
+pub const LEASE_RENEW: &str = r#"#!lua flags=allow-oom
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
@@ -91,120 +94,199 @@ return 0
 "#;
 
 /// Release a named lease if held. `KEYS[1]` = key; `ARGV[1]` = holder.
-pub const LEASE_RELEASE: &str = r#"
+pub const LEASE_RELEASE: &str = r#"#!lua flags=allow-oom
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
 "#;
 
-/// The body shared by [`REGISTER`] and [`TAKE_MAILBOX`]: take one page of
-/// the mailbox (`KEYS[2]`; `ARGV[3]` = ttl ms, `ARGV[4]` = page size).
-/// Taken entries move to the connection's taking stream (`KEYS[3]`) until
-/// it has written them; the mailbox key goes when empty; expired entries
-/// are dropped. `ARGV[5]` = 1: return what the taking stream already held
-/// first (see the script). Returns `{more, entries}`.
-macro_rules! take_page {
+/// Helpers shared by the mailbox scripts. A mailbox (`KEYS[2]`) is a stream
+/// of internal entries; `KEYS[3]` counts the payload bytes it holds, so
+/// `--mailbox-max-bytes` can be kept without reading the whole stream.
+/// `trim` drops expired entries (older than `minid` ms), then the oldest
+/// while over `max` entries or `maxbytes`; it returns how many it dropped
+/// for the caps (expiry is not counted). An empty mailbox leaves no key.
+macro_rules! mailbox_lib {
     () => {
         r#"
--- With ARGV[5] = 1, what an earlier take moved to KEYS[3] and the
--- connection has not written yet comes back too: that take's reply may have
--- been lost (a dropped connection), and a page must not vanish with it.
--- Clients drop duplicates by id.
-local prior = {}
-if ARGV[5] == '1' then prior = redis.call('XRANGE', KEYS[3], '-', '+') end
-local entries = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', tonumber(ARGV[4]))
-if #entries == 0 then return {0, prior} end
-local ids = {}
-for i, e in ipairs(entries) do ids[i] = e[1] end
-redis.call('XDEL', KEYS[2], unpack(ids))
--- Keep a copy until the connection has written them (KEYS[3]).
-for _, e in ipairs(entries) do
-  redis.call('XADD', KEYS[3], '*', unpack(e[2]))
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-redis.call('PEXPIRE', KEYS[3], ARGV[3])
-local more = 1
-if redis.call('XLEN', KEYS[2]) == 0 then
-  redis.call('DEL', KEYS[2])
-  more = 0
+local function payload_len(f)
+  for i = 1, #f, 2 do
+    if f[i] == 'payload' then return #f[i + 1] end
+  end
+  return 0
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local min = now - tonumber(ARGV[3])
-local out = prior
-for _, e in ipairs(entries) do
-  local ms = tonumber(string.match(e[1], '^(%d+)'))
-  if ms and ms >= min then out[#out + 1] = e end
+local function trim(minid, max, maxbytes)
+  local bytes = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
+  local len = redis.call('XLEN', KEYS[2])
+  local dropped, freed = 0, 0
+  while len > 0 do
+    local e = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+    if not e then break end
+    local ms = tonumber(string.match(e[1], '^(%d+)')) or 0
+    if not (ms < minid or len > max or bytes > maxbytes) then break end
+    redis.call('XDEL', KEYS[2], e[1])
+    local n = payload_len(e[2])
+    bytes = bytes - n
+    freed = freed + n
+    len = len - 1
+    if ms >= minid then dropped = dropped + 1 end
+  end
+  if len == 0 then
+    redis.call('DEL', KEYS[2], KEYS[3])
+  elseif freed > 0 then
+    if bytes < 0 then bytes = 0 end
+    redis.call('SET', KEYS[3], bytes, 'KEEPTTL')
+  end
+  return dropped
 end
-return {more, out}
+-- Delete entries a connection has written: ids in ARGV[from..].
+local function forget(from)
+  local bytes = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
+  local freed = 0
+  for i = from, #ARGV do
+    local e = redis.call('XRANGE', KEYS[2], ARGV[i], ARGV[i])[1]
+    if e then
+      redis.call('XDEL', KEYS[2], ARGV[i])
+      freed = freed + payload_len(e[2])
+    end
+  end
+  if redis.call('XLEN', KEYS[2]) == 0 then
+    redis.call('DEL', KEYS[2], KEYS[3])
+  elseif freed > 0 then
+    bytes = bytes - freed
+    if bytes < 0 then bytes = 0 end
+    redis.call('SET', KEYS[3], bytes, 'KEEPTTL')
+  end
+end
+-- One page after `after` ('-' for the start, else '(<id>'), and whether
+-- more follow. Entries stay in the mailbox until written (see `forget`).
+local function page(after, size, ttl)
+  trim(now_ms() - ttl, math.huge, math.huge)
+  local e = redis.call('XRANGE', KEYS[2], after, '+', 'COUNT', size + 1)
+  local more = 0
+  if #e > size then
+    more = 1
+    e[#e] = nil
+  end
+  return {more, e}
+end
 "#
     };
 }
 
-/// Register a connection and take the first page of the user's mailbox, in
+/// Register a connection and read the first page of the user's mailbox, in
 /// one step: any message routed after this finds the connection, and every
-/// message mailboxed before it is taken (once) here or by [`TAKE_MAILBOX`].
-/// Pages keep replies small: a huge reply would stall the shared connection.
-/// `KEYS` = user hash, mailbox, taking; `ARGV` = conn id, node id, ttl ms,
-/// page size, include earlier takes (1/0).
+/// message mailboxed before it is in the mailbox this reads. Read entries
+/// stay in the mailbox until the connection has written them
+/// ([`TAKE_MAILBOX`] deletes them then), so no lost reply, closed socket or
+/// dead node can lose them. Pages keep replies small.
+/// `KEYS` = user hash, mailbox, mailbox bytes; `ARGV` = conn id, node id,
+/// ttl ms, page size. Returns `{more, entries}`.
 pub const REGISTER: &str = concat!(
+    "#!lua flags=allow-oom\n",
+    mailbox_lib!(),
     "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])\n",
-    take_page!()
+    "return page('-', tonumber(ARGV[4]), tonumber(ARGV[3]))\n"
 );
 
-/// Take the next page of a mailbox. `KEYS` = user hash (unused; it keeps
-/// the call in the user's slot), mailbox, taking; `ARGV` = -, -, ttl ms,
-/// page size, include earlier takes (1/0).
-pub const TAKE_MAILBOX: &str = take_page!();
+/// Delete the mailbox entries a connection has written, then read the next
+/// page after the last one it read (page size 0: only delete).
+/// `KEYS` = user hash (unused; it keeps the call in the user's slot),
+/// mailbox, mailbox bytes; `ARGV` = ttl ms, page size, after ('-' or
+/// '(<id>'), then the ids to delete. Returns `{more, entries}`.
+pub const TAKE_MAILBOX: &str = concat!(
+    "#!lua flags=allow-oom\n",
+    mailbox_lib!(),
+    "forget(4)\n",
+    "if tonumber(ARGV[2]) == 0 then return {0, {}} end\n",
+    "return page(ARGV[3], tonumber(ARGV[2]), tonumber(ARGV[1]))\n"
+);
 
 /// Add to the mailbox only if the user has no live connection: "no live
 /// connection" and "add" are one step, so a message can never land in the
-/// mailbox of a user who has just connected.
-/// `KEYS` = user hash, mailbox; `ARGV` = force (1: add even if online),
-/// max, ttl ms, n, n non-live node ids, then the entry's field/value pairs.
-/// Returns `{1}` when added, or `{0, node, ...}`: the live nodes found.
-pub const MAILBOX: &str = r#"
+/// mailbox of a user who has just connected. The oldest entries go first
+/// when over `--mailbox-max` entries or `--mailbox-max-bytes`.
+/// `KEYS` = user hash, mailbox, mailbox bytes; `ARGV` = force (1: add even
+/// if online), max, ttl ms, max bytes, n, n non-live node ids, then the
+/// entry's field/value pairs. Returns `{1, dropped, node, ...}` when added
+/// (forced while the user is online: the nodes to tell), or
+/// `{0, node, ...}`: the live nodes found.
+pub const MAILBOX: &str = concat!(
+    mailbox_lib!(),
+    r#"
 local force = ARGV[1] == '1'
-local n = tonumber(ARGV[4])
-if not force then
-  local dead = {}
-  for i = 1, n do dead[ARGV[4 + i]] = true end
-  local conns = redis.call('HGETALL', KEYS[1])
-  local live, seen = {0}, {}
-  for i = 2, #conns, 2 do
-    local node = conns[i]
-    if not dead[node] and not seen[node] then
-      seen[node] = true
-      live[#live + 1] = node
-    end
+local n = tonumber(ARGV[5])
+local dead = {}
+for i = 1, n do dead[ARGV[5 + i]] = true end
+local conns = redis.call('HGETALL', KEYS[1])
+local live, seen = {}, {}
+for i = 2, #conns, 2 do
+  local node = conns[i]
+  if not dead[node] and not seen[node] then
+    seen[node] = true
+    live[#live + 1] = node
   end
-  if #live > 1 then return live end
 end
-local args = {'XADD', KEYS[2], 'MAXLEN', ARGV[2], '*'}
-for i = 5 + n, #ARGV do args[#args + 1] = ARGV[i] end
+if not force and #live > 0 then return {0, unpack(live)} end
+local args = {'XADD', KEYS[2], '*'}
+local size = 0
+for i = 6 + n, #ARGV, 2 do
+  args[#args + 1] = ARGV[i]
+  args[#args + 1] = ARGV[i + 1]
+  if ARGV[i] == 'payload' then size = #ARGV[i + 1] end
+end
 redis.call(unpack(args))
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('XTRIM', KEYS[2], 'MINID', tostring(now - tonumber(ARGV[3])))
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return {1}
-"#;
+local ttl = tonumber(ARGV[3])
+redis.call('INCRBY', KEYS[3], size)
+local dropped = trim(now_ms() - ttl, tonumber(ARGV[2]), tonumber(ARGV[4]))
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('PEXPIRE', KEYS[3], ttl)
+end
+return {1, dropped, unpack(live)}
+"#
+);
 
 /// Remove a connection from its user's hash only if it still names this
 /// node (it may have been re-registered under a node's new id).
 /// `KEYS[1]` = user hash; `ARGV` = conn id, node id.
-pub const UNREGISTER_IF: &str = r#"
+pub const UNREGISTER_IF: &str = r#"#!lua flags=allow-oom
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   return redis.call('HDEL', KEYS[1], ARGV[1])
 end
 return 0
 "#;
 
+/// Delete the consumers of a group that hold nothing pending and have been
+/// idle at least `ARGV[3]` ms, but `ARGV[2]` (the caller): every node id
+/// that ever routed leaves one. Checked and deleted in one step, so a
+/// consumer's pending entries are never dropped with it (they would be
+/// stranded: never claimed, never acknowledged).
+/// `KEYS[1]` = stream; `ARGV` = group, keep, min idle ms. Returns how many.
+pub const DEL_IDLE_CONSUMERS: &str = r#"
+local n = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['name'] ~= ARGV[2] and tonumber(f['pending']) == 0
+      and tonumber(f['idle']) >= tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    n = n + 1
+  end
+end
+return n
+"#;
+
 /// Delete an inbox (and its connection index) only when it is drained, in
 /// the same step that finds it empty: routing never recreates an inbox
 /// (`NOMKSTREAM`), so nothing can be left in a deleted one.
 /// `KEYS` = inbox, node conns index. Returns 1 if deleted, 0 if not empty.
-pub const DELETE_IF_DRAINED: &str = r#"
+pub const DELETE_IF_DRAINED: &str = r#"#!lua flags=allow-oom
 if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('XLEN', KEYS[1]) > 0 then
   return 0
 end

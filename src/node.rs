@@ -14,6 +14,7 @@ use crate::bus::memory::MemoryBus;
 use crate::bus::redis::RedisBus;
 use crate::config::{Config, ConfigError};
 use crate::gateway::auth::Auth;
+use crate::gateway::listener::GuardedListener;
 use crate::gateway::registry::Registry;
 use crate::gateway::session::CLOSE_GOING_AWAY;
 use crate::gateway::{self, Shared};
@@ -34,6 +35,10 @@ pub enum NodeError {
 /// Bind with a deep accept backlog: when a node dies its clients reconnect
 /// to the survivors at once, and the default backlog (128) would drop
 /// their SYNs (retried only after a second).
+/// Connections that may wait for their first response at once (as many as
+/// the accept backlog); see [`GuardedListener`].
+const MAX_PENDING_HANDSHAKES: usize = 4096;
+
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -74,6 +79,7 @@ impl Node {
                 registry.clone(),
                 cfg.mailbox_max,
                 cfg.mailbox_ttl,
+                cfg.mailbox_max_bytes,
             )),
         };
         let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
@@ -120,6 +126,7 @@ impl Node {
         let server = {
             let server_stop = server_stop.clone();
             tokio::spawn(async move {
+                let listener = GuardedListener::new(listener, MAX_PENDING_HANDSHAKES);
                 axum::serve(listener, app)
                     .with_graceful_shutdown(server_stop.cancelled_owned())
                     .await

@@ -172,17 +172,23 @@ async fn reroute_bound_and_moving_user() {
     // Not on node 0: routed again to node 1.
     put(&mut r, "1-1", 0);
     m.expect("re-routed message", T, is_msg("1-1")).await;
-    // Already routed 3 times: the next re-route goes to the mailbox.
+    // Already routed 3 times: the next re-route goes to the mailbox (node
+    // 0 mailboxes it rather than routing it again), and since the user is
+    // online its node is told to read the mailbox: it arrives from there.
     put(&mut r, "1-2", 3);
-    eventually("bounded re-route lands in the mailbox", T, || {
-        let mut r = redis.conn();
-        async move { (r.xlen::<_, usize>("wsc:mailbox:{mover}").ok()? == 1).then_some(()) }
+    eventually("bounded re-route lands in the mailbox", T, || async {
+        let text = reqwest::get(nodes[0].http("/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.contains("wsc_messages_mailboxed_total 1\n")
+            .then_some(())
     })
     .await;
-    assert!(
-        m.next_frame(Duration::from_millis(300)).await.is_none(),
-        "not delivered live past the bound"
-    );
+    m.expect("mailboxed message read while online", T, is_msg("1-2"))
+        .await;
     m.close().await;
 
     // A user who keeps moving: every message arrives, live or from the
@@ -440,8 +446,9 @@ async fn drain_at_scale() {
     );
 }
 
-/// Mailbox pages a connection took but had not written when its node died
-/// are routed again by the reaper (the mailbox is deleted when taken).
+/// Mailbox pages a node of the previous release moved aside for a
+/// connection (`<p>:taking:{user}:<conn>`) and had not written when it died
+/// are routed again by the reaper of this release (rolling upgrades).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn taken_mailbox_survives_a_kill() {
     let (redis, mut nodes) = cluster(3).await;
@@ -545,18 +552,20 @@ async fn abandoned_router_reads_are_claimed() {
     .await;
 }
 
-/// A mailbox take whose reply is lost (a dropped connection after the
-/// script ran) loses nothing: the next take of that connection returns the
-/// page it never got, then the rest. Runs the node's own script on the
+/// A mailbox read whose reply is lost (a dropped connection after the
+/// script ran) loses nothing: entries leave the mailbox only when the
+/// connection says they are written, so reading again returns the same
+/// page; deleting what was written and reading on returns the rest, and
+/// the last delete leaves no key behind. Runs the node's own script on the
 /// test's Redis (single or cluster: its keys share the user's slot).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_mailbox_take_reply_is_taken_again() {
     let redis = Redis::start();
     let mut r = redis.conn();
-    let (user, mailbox, taking) = (
+    let (user, mailbox, bytes) = (
         "wsc:user:{lost}",
         "wsc:mailbox:{lost}",
-        "wsc:taking:{lost}:c1",
+        "wsc:mailbox-bytes:{lost}",
     );
     for i in 0..150 {
         let _: String = redis::cmd("XADD")
@@ -571,33 +580,49 @@ async fn lost_mailbox_take_reply_is_taken_again() {
             .query(&mut r)
             .unwrap();
     }
-    let take = |r: &mut TestConn| -> (i64, Vec<String>) {
+    let take = |r: &mut TestConn,
+                after: &str,
+                page: usize,
+                del: &[String]|
+     -> (i64, Vec<(String, String)>) {
         let v: redis::Value = redis::cmd("EVAL")
             .arg(wscluster::lua::TAKE_MAILBOX)
             .arg(3)
             .arg(user)
             .arg(mailbox)
-            .arg(taking)
-            .arg("-")
-            .arg("-")
+            .arg(bytes)
             .arg(60_000)
-            .arg(100)
-            .arg("1")
+            .arg(page)
+            .arg(after)
+            .arg(del)
             .query(r)
             .unwrap();
         let (more, entries): (i64, Vec<(String, Vec<String>)>) =
             redis::from_redis_value(v).unwrap();
         let ids = entries
             .into_iter()
-            .map(|(_, f)| f.get(1).cloned().unwrap_or_default())
+            .map(|(id, f)| (id, f.get(1).cloned().unwrap_or_default()))
             .collect();
         (more, ids)
     };
-    let (more, first) = take(&mut r);
+    let (more, first) = take(&mut r, "-", 100, &[]);
     assert_eq!((more, first.len()), (1, 100));
-    // That reply is "lost": the connection takes again.
-    let (more, second) = take(&mut r);
+    // That reply is "lost": the connection reads again, and gets it again.
+    let (more, again) = take(&mut r, "-", 100, &[]);
+    assert_eq!((more, &again), (1, &first), "a lost page is read again");
+    // Written: delete it and read on.
+    let written: Vec<String> = again.iter().map(|(id, _)| id.clone()).collect();
+    let after = format!("({}", written.last().unwrap());
+    let (more, rest) = take(&mut r, &after, 100, &written);
     assert_eq!(more, 0);
+    let got: Vec<String> = first.iter().chain(&rest).map(|(_, m)| m.clone()).collect();
     let want: Vec<String> = (0..150).map(|i| format!("m{i}")).collect();
-    assert_eq!(second, want, "the lost page first, then the rest, in order");
+    assert_eq!(got, want, "every message once, in order");
+    let len: usize = redis::cmd("XLEN").arg(mailbox).query(&mut r).unwrap();
+    assert_eq!(len, 50, "only what is written leaves the mailbox");
+    let written: Vec<String> = rest.iter().map(|(id, _)| id.clone()).collect();
+    let (_, none) = take(&mut r, "-", 0, &written);
+    assert!(none.is_empty());
+    let left: bool = r.exists(mailbox).unwrap();
+    assert!(!left, "an emptied mailbox leaves no key");
 }

@@ -23,6 +23,7 @@ pub struct MemoryBus {
     registry: Arc<Registry>,
     mailbox_max: usize,
     mailbox_ttl: Duration,
+    mailbox_max_bytes: usize,
     state: Mutex<State>,
 }
 
@@ -48,12 +49,18 @@ impl State {
 }
 
 impl MemoryBus {
-    pub fn new(registry: Arc<Registry>, mailbox_max: u64, mailbox_ttl: Duration) -> Self {
+    pub fn new(
+        registry: Arc<Registry>,
+        mailbox_max: u64,
+        mailbox_ttl: Duration,
+        mailbox_max_bytes: u64,
+    ) -> Self {
         MemoryBus {
             id: NodeId::random(),
             registry,
             mailbox_max: mailbox_max as usize,
             mailbox_ttl,
+            mailbox_max_bytes: mailbox_max_bytes as usize,
             state: Mutex::new(State::default()),
         }
     }
@@ -79,8 +86,17 @@ impl MemoryBus {
                     let mb = st.mailboxes.entry(u.clone()).or_default();
                     mb.retain(|(at, _)| at.elapsed() < ttl);
                     mb.push_back((Instant::now(), msg.clone()));
-                    while mb.len() > self.mailbox_max {
-                        mb.pop_front();
+                    // Connected but its outbox was full: it reads the
+                    // mailbox once it has caught up.
+                    for h in self.registry.user_conns(u) {
+                        h.want_mailbox();
+                    }
+                    let mut bytes: usize = mb.iter().map(|(_, m)| m.payload.len()).sum();
+                    while mb.len() > self.mailbox_max || bytes > self.mailbox_max_bytes {
+                        let Some((_, old)) = mb.pop_front() else {
+                            break;
+                        };
+                        bytes -= old.payload.len();
                     }
                 }
             }
@@ -101,12 +117,18 @@ impl Bus for MemoryBus {
     fn start(self: Arc<Self>, _tracker: &TaskTracker, _stop: CancellationToken) {}
 
     async fn register(&self, conn: &ConnHandle) -> Result<Mailbox, BusError> {
-        self.take_mailbox(conn).await
+        self.take_mailbox(conn, &Mailbox::default()).await
     }
 
-    async fn mailbox_written(&self, _conn: &ConnHandle) {}
+    async fn mailbox_written(&self, _conn: &ConnHandle, _written: &Mailbox) {}
 
-    async fn take_mailbox(&self, conn: &ConnHandle) -> Result<Mailbox, BusError> {
+    /// In one process there is nothing to lose between a take and a write:
+    /// the whole mailbox is taken at once.
+    async fn take_mailbox(
+        &self,
+        conn: &ConnHandle,
+        _written: &Mailbox,
+    ) -> Result<Mailbox, BusError> {
         let user = &conn.user;
         let mut st = self.state.lock().map_err(|_| BusError::Unavailable)?;
         let ttl = self.mailbox_ttl;
@@ -119,7 +141,7 @@ impl Bus for MemoryBus {
                 .filter(|(at, _)| at.elapsed() < ttl)
                 .map(|(_, m)| m)
                 .collect(),
-            more: false,
+            ..Mailbox::default()
         })
     }
 

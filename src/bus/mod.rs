@@ -35,10 +35,18 @@ pub struct Publish {
     pub from: Option<UserId>,
 }
 
-/// A page of a user's mailbox.
-#[derive(Debug, Default)]
+/// A page of a user's mailbox. Its entries stay in the mailbox until the
+/// connection has written them and says so ([`Bus::take_mailbox`],
+/// [`Bus::mailbox_written`]): a lost reply, a closed socket or a dead node
+/// leaves them for the next connection.
+#[derive(Debug, Default, Clone)]
 pub struct Mailbox {
     pub msgs: Vec<Arc<Message>>,
+    /// Mailbox entry ids read in this page (unreadable ones included, so
+    /// they are deleted too).
+    pub ids: Vec<String>,
+    /// The last entry id read so far: the next page starts after it.
+    pub cursor: Option<String>,
     /// More pages wait.
     pub more: bool,
 }
@@ -82,18 +90,19 @@ pub trait Bus: Send + Sync + 'static {
     fn start(self: Arc<Self>, tracker: &TaskTracker, stop: CancellationToken);
 
     /// Register a connection already in the registry; returns the first
-    /// page of the user's mailbox, oldest first, now taken (one atomic step
+    /// page of the user's mailbox, oldest first (read in one atomic step
     /// with registering). Take the rest with [`Bus::take_mailbox`].
     async fn register(&self, conn: &ConnHandle) -> Result<Mailbox, BusError>;
 
-    /// The next page of the mailbox of `conn`'s user, taken.
-    async fn take_mailbox(&self, conn: &ConnHandle) -> Result<Mailbox, BusError>;
+    /// `written` (the last page) is written: delete it from the mailbox and
+    /// read the page after it, in one round trip.
+    async fn take_mailbox(&self, conn: &ConnHandle, written: &Mailbox)
+    -> Result<Mailbox, BusError>;
 
-    /// The mailbox pages taken so far are written (or handed back): forget
-    /// them. Until then a reaper routes them again if this node dies.
-    async fn mailbox_written(&self, conn: &ConnHandle);
+    /// `written` (the last page) is written: delete it from the mailbox.
+    async fn mailbox_written(&self, conn: &ConnHandle, written: &Mailbox);
 
-    /// Forget a connection that closed (and any mailbox pages it took).
+    /// Forget a connection that closed.
     async fn unregister(&self, conn: &ConnHandle);
 
     /// A message queued for a connection that closed before writing it:

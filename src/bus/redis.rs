@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::{AsyncCommands, Value};
+use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -100,6 +100,10 @@ pub struct RedisBus {
     ctx: OnceLock<Arc<Ctx>>,
     /// The id shown before the first join.
     boot_id: NodeId,
+    /// The last `/cluster` view and when it was read: however often it is
+    /// polled, it costs Redis at most one read per heartbeat (concurrent
+    /// polls wait for one read).
+    view: tokio::sync::Mutex<Option<(std::time::Instant, ClusterView)>>,
 }
 
 impl RedisBus {
@@ -110,6 +114,7 @@ impl RedisBus {
             metrics,
             ctx: OnceLock::new(),
             boot_id: NodeId::random(),
+            view: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -207,85 +212,69 @@ impl Bus for RedisBus {
 
     async fn register(&self, h: &ConnHandle) -> Result<Mailbox, BusError> {
         let ctx = self.ctx()?;
-        // What earlier attempts took from the mailbox is kept: Redis has
-        // already deleted it.
-        let mut taken = Mailbox::default();
         // A fresh lease is needed to write under our id; wait a little for
         // one rather than refuse a client during a short Redis hiccup.
+        // Retrying is safe: what a lost reply read is still in the mailbox.
         for _ in 0..3 {
             if !ctx.membership.wait_lease(Duration::from_secs(3)).await {
                 break;
             }
             let me = ctx.membership.id();
-            match register_under(ctx, &me, h, true).await {
-                Ok(page) => {
-                    // A second attempt returns the first one's page again
-                    // (still unwritten): keep one copy of each message.
-                    for m in page.msgs {
-                        if !taken.msgs.iter().any(|t| t.id == m.id) {
-                            taken.msgs.push(m);
-                        }
-                    }
-                    taken.more = page.more;
-                }
+            let page = match register_under(ctx, &me, h).await {
+                Ok(page) => page,
                 Err(e) => {
                     ctx.redis_error();
                     tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "register failed");
                     break;
                 }
-            }
+            };
             // If the id changed meanwhile, the re-registration may have run
             // before our write: register again under the new id.
             if ctx.membership.id() == me {
-                return Ok(taken);
+                h.set_registered_as(&me);
+                return Ok(page);
             }
-        }
-        // Not registered: whatever was taken goes back to be routed again
-        // (the connection is about to close).
-        for m in taken.msgs {
-            self.hand_back(m, None);
         }
         Err(BusError::Unavailable)
     }
 
-    async fn take_mailbox(&self, h: &ConnHandle) -> Result<Mailbox, BusError> {
+    async fn take_mailbox(&self, h: &ConnHandle, written: &Mailbox) -> Result<Mailbox, BusError> {
         let ctx = self.ctx()?;
-        take_page(ctx, h, true).await.map_err(|e| {
+        let mut conn = ctx.conn.clone();
+        // Safe to replay: deleting the same ids and reading the same page.
+        let mut batch = Batch::new();
+        take_cmd(ctx, &mut batch, &h.user, written, MAILBOX_PAGE);
+        let page = batch.run(&mut conn).await.map_err(|e| {
             ctx.redis_error();
-            e.into()
-        })
+            BusError::from(e)
+        })?;
+        Ok(mailbox_page(page.first(), written.cursor.clone()))
     }
 
-    async fn mailbox_written(&self, h: &ConnHandle) {
+    async fn mailbox_written(&self, h: &ConnHandle, written: &Mailbox) {
         let Ok(ctx) = self.ctx() else { return };
+        if written.ids.is_empty() {
+            return;
+        }
         let mut conn = ctx.conn.clone();
-        let r: Result<(), _> = conn.del(ctx.keys.taking(&h.user, &h.conn)).await;
-        if let Err(e) = r {
+        let mut batch = Batch::new();
+        take_cmd(ctx, &mut batch, &h.user, written, 0);
+        if let Err(e) = batch.run(&mut conn).await {
             ctx.redis_error();
-            // Left behind, it only expires (or is routed again, as
-            // duplicates, if this node dies first).
-            tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "taken mailbox not cleared");
+            // They stay in the mailbox: the next connection gets them again
+            // (duplicates with the same id, never loss).
+            tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "written mailbox page not deleted");
         }
     }
 
     async fn unregister(&self, h: &ConnHandle) {
         let Ok(ctx) = self.ctx() else { return };
         let me = ctx.membership.id();
-        let mut batch = Batch::new();
-        batch
-            .cmd_ignored("HDEL", &ctx.keys.user(&h.user))
-            .arg(h.conn.as_str());
-        batch
-            .cmd_ignored("HDEL", &ctx.keys.node_conns(&me))
-            .arg(h.conn.as_str());
-        // Taken mailbox pages are written or handed back by now.
-        batch.cmd_ignored("DEL", &ctx.keys.taking(&h.user, &h.conn));
-        let mut conn = ctx.conn.clone();
-        if let Err(e) = batch.run(&mut conn).await {
+        if let Err(e) = unregister_under(ctx, &me, h).await {
             ctx.redis_error();
-            // The reaper removes it when this node goes; a stale field is
-            // skipped by routing meanwhile.
-            tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "unregister failed");
+            // Reconciliation removes it within a few heartbeats (a stale
+            // field naming a live node would count against the user's limit).
+            tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "unregister failed; reconciliation will retry");
         }
     }
 
@@ -341,42 +330,20 @@ impl Bus for RedisBus {
 
     async fn cluster_view(&self) -> Result<ClusterView, BusError> {
         let ctx = self.ctx()?;
-        let mut conn = ctx.conn.clone();
-        let nodes: Vec<(String, f64)> = redis::cmd("ZRANGE")
-            .arg(ctx.keys.nodes())
-            .arg(0)
-            .arg(-1)
-            .arg("WITHSCORES")
-            .query_async(&mut conn)
-            .await?;
-        let mut batch = Batch::new();
-        for (id, _) in &nodes {
-            batch.cmd(
-                "HLEN",
-                &ctx.keys.node_conns(&NodeId::from_redis(id.clone())),
-            );
+        let mut cached = self.view.lock().await;
+        if let Some((at, v)) = cached.as_ref()
+            && at.elapsed() < ctx.cfg.heartbeat
+        {
+            // Our own part is always current.
+            let mut v = v.clone();
+            v.node = ctx.membership.id().to_string();
+            v.shards = ctx.shards_routed();
+            v.router = !v.shards.is_empty();
+            return Ok(v);
         }
-        let counts: Vec<u64> = batch
-            .run(&mut conn)
-            .await?
-            .iter()
-            .map(|v| stream::int(v).unwrap_or(0).max(0) as u64)
-            .collect();
-        let shards = ctx.shards_routed();
-        Ok(ClusterView {
-            node: ctx.membership.id().to_string(),
-            router: !shards.is_empty(),
-            shards,
-            nodes: nodes
-                .into_iter()
-                .zip(counts)
-                .map(|((id, score), connections)| NodeView {
-                    id,
-                    lease_expires_ms: Some(score as u64),
-                    connections,
-                })
-                .collect(),
-        })
+        let v = read_cluster_view(ctx).await?;
+        *cached = Some((std::time::Instant::now(), v.clone()));
+        Ok(v)
     }
 
     async fn leave_begin(&self) {
@@ -390,96 +357,183 @@ impl Bus for RedisBus {
     }
 }
 
-/// Messages per mailbox page.
-const MAILBOX_PAGE: usize = 100;
+/// Read the `/cluster` view: the lease set and the connection count of
+/// every node, in one round trip for the nodes this node knows of (and a
+/// second only when one joined since its last heartbeat).
+async fn read_cluster_view(ctx: &Ctx) -> Result<ClusterView, BusError> {
+    let known: Vec<String> = ctx
+        .membership
+        .live
+        .all()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let hlen = |batch: &mut Batch, id: &str| {
+        batch.cmd(
+            "HLEN",
+            &ctx.keys.node_conns(&NodeId::from_redis(id.to_owned())),
+        );
+    };
+    let mut batch = Batch::new();
+    batch
+        .cmd("ZRANGE", &ctx.keys.nodes())
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES");
+    for id in &known {
+        hlen(&mut batch, id);
+    }
+    let mut conn = ctx.conn.clone();
+    let mut replies = batch.run(&mut conn).await?.into_iter();
+    let nodes: Vec<(String, f64)> =
+        redis::from_redis_value(replies.next().unwrap_or(Value::Nil)).unwrap_or_default();
+    let mut counts: std::collections::HashMap<String, u64> = known
+        .into_iter()
+        .zip(replies.map(|v| stream::int(&v).unwrap_or(0).max(0) as u64))
+        .collect();
+    let joined: Vec<&String> = nodes
+        .iter()
+        .map(|(id, _)| id)
+        .filter(|id| !counts.contains_key(*id))
+        .collect();
+    if !joined.is_empty() {
+        let mut batch = Batch::new();
+        for id in &joined {
+            hlen(&mut batch, id);
+        }
+        for (id, v) in joined.iter().zip(batch.run(&mut conn).await?) {
+            counts.insert((*id).clone(), stream::int(&v).unwrap_or(0).max(0) as u64);
+        }
+    }
+    let shards = ctx.shards_routed();
+    Ok(ClusterView {
+        node: ctx.membership.id().to_string(),
+        router: !shards.is_empty(),
+        shards,
+        nodes: nodes
+            .into_iter()
+            .map(|(id, score)| NodeView {
+                connections: counts.get(&id).copied().unwrap_or(0),
+                lease_expires_ms: Some(score as u64),
+                id,
+            })
+            .collect(),
+    })
+}
 
-/// Register `h` under node id `me` and take the first page of the user's
+/// Messages per mailbox page.
+pub const MAILBOX_PAGE: usize = 100;
+
+/// Register `h` under node id `me` and read the first page of the user's
 /// mailbox, in one script in the user's slot. The per-node index entry goes
 /// first, so a reaper always finds what the user hash may name (on Redis
 /// Cluster the two are in different slots: two steps, in that order).
-///
-/// `again`: also return what an earlier take left unwritten in the
-/// connection's taking stream (its reply may have been lost). The session
-/// clears that stream after each page it writes; a re-registration after a
-/// lost lease does not, so it passes false.
 pub async fn register_under(
     ctx: &Ctx,
     me: &NodeId,
     h: &ConnHandle,
-    again: bool,
 ) -> Result<Mailbox, redis::RedisError> {
     let mut conn = ctx.conn.clone();
-    let mut index = Batch::new();
-    index
+    let mut batch = Batch::new();
+    batch
         .cmd_ignored("HSET", &ctx.keys.node_conns(me))
         .arg(h.conn.as_str())
         .arg(h.user.as_str());
-    // Never replayed: the script takes a page (see `Batch::once`).
-    let batch = if conn.is_cluster() {
-        index.run(&mut conn).await?;
-        Batch::new().once()
-    } else {
-        index.once()
-    };
-    let take = (lua::REGISTER, h.conn.as_str(), me.as_str());
-    run_take(ctx, &mut conn, batch, h, take, again).await
+    if conn.is_cluster() {
+        std::mem::take(&mut batch).run(&mut conn).await?;
+    }
+    register_cmd(ctx, &mut batch, me, h);
+    let replies = batch.run(&mut conn).await?;
+    Ok(mailbox_page(replies.last(), None))
 }
 
-/// Take the next page of the mailbox of connection `h`'s user (`again`:
-/// see [`register_under`]).
-pub async fn take_page(
-    ctx: &Ctx,
-    h: &ConnHandle,
-    again: bool,
-) -> Result<Mailbox, redis::RedisError> {
-    let mut conn = ctx.conn.clone();
-    let take = (lua::TAKE_MAILBOX, "-", "-");
-    run_take(ctx, &mut conn, Batch::new().once(), h, take, again).await
-}
-
-/// Add a mailbox-taking script (`REGISTER` or `TAKE_MAILBOX` with its first
-/// two `ARGV`) on `h`'s user keys to `batch`, run it, read the page.
-async fn run_take(
-    ctx: &Ctx,
-    conn: &mut Conn,
-    mut batch: Batch,
-    h: &ConnHandle,
-    (script, arg1, arg2): (&str, &str, &str),
-    again: bool,
-) -> Result<Mailbox, redis::RedisError> {
+/// Add the `REGISTER` script for `h` under `me` to `batch` (its reply is a
+/// mailbox page: [`mailbox_page`]).
+pub fn register_cmd(ctx: &Ctx, batch: &mut Batch, me: &NodeId, h: &ConnHandle) {
+    let k = user_keys(ctx, &h.user);
     batch
-        .eval(
-            script,
-            &[
-                &ctx.keys.user(&h.user),
-                &ctx.keys.mailbox(&h.user),
-                &ctx.keys.taking(&h.user, &h.conn),
-            ],
-            true,
-        )
-        .arg(arg1)
-        .arg(arg2)
+        .eval(lua::REGISTER, &[&k[0], &k[1], &k[2]], true)
+        .arg(h.conn.as_str())
+        .arg(me.as_str())
         .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
-        .arg(MAILBOX_PAGE)
-        .arg(if again { "1" } else { "0" });
-    let page = batch.run(conn).await?;
-    Ok(page.first().map(mailbox_page).unwrap_or_default())
+        .arg(MAILBOX_PAGE);
 }
 
-/// Read a `{more, entries}` reply.
-fn mailbox_page(v: &Value) -> Mailbox {
-    let Value::Array(parts) = v else {
-        return Mailbox::default();
+/// Add the `TAKE_MAILBOX` script to `batch`: delete `written` from the
+/// mailbox of `h`'s user, then read `page` entries after it (0: none).
+pub fn take_cmd(ctx: &Ctx, batch: &mut Batch, user: &UserId, written: &Mailbox, page: usize) {
+    let after = written
+        .cursor
+        .as_ref()
+        .map_or_else(|| "-".to_owned(), |c| format!("({c}"));
+    let k = user_keys(ctx, user);
+    batch
+        .eval(lua::TAKE_MAILBOX, &[&k[0], &k[1], &k[2]], page > 0)
+        .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
+        .arg(page)
+        .arg(after)
+        .arg(&written.ids);
+}
+
+/// The keys of a user's mailbox scripts, all in the user's slot.
+pub fn user_keys(ctx: &Ctx, user: &UserId) -> [String; 3] {
+    [
+        ctx.keys.user(user),
+        ctx.keys.mailbox(user),
+        ctx.keys.mailbox_bytes(user),
+    ]
+}
+
+/// Remove `h`'s entry under node id `me`: the user's field first (only if
+/// it still names `me`), then the per-node index, so the index always
+/// holds whatever the user hash may name (reconciliation and reapers work
+/// from it).
+pub async fn unregister_under(
+    ctx: &Ctx,
+    me: &NodeId,
+    h: &ConnHandle,
+) -> Result<(), redis::RedisError> {
+    let mut conn = ctx.conn.clone();
+    let mut batch = Batch::new();
+    batch
+        .eval(lua::UNREGISTER_IF, &[&ctx.keys.user(&h.user)], false)
+        .arg(h.conn.as_str())
+        .arg(me.as_str());
+    if conn.is_cluster() {
+        std::mem::take(&mut batch).run(&mut conn).await?;
+    }
+    batch
+        .cmd_ignored("HDEL", &ctx.keys.node_conns(me))
+        .arg(h.conn.as_str());
+    batch.run(&mut conn).await?;
+    Ok(())
+}
+
+/// Read a `{more, entries}` reply; `cursor`: where the page before ended.
+pub fn mailbox_page(v: Option<&Value>, cursor: Option<String>) -> Mailbox {
+    let Some(Value::Array(parts)) = v else {
+        return Mailbox {
+            cursor,
+            ..Mailbox::default()
+        };
     };
+    let entries = parts.get(1).map(stream::entries).unwrap_or_default();
+    let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+    let msgs = entries
+        .iter()
+        .filter_map(|e| {
+            let m = router::entry::parse_internal(e);
+            if m.is_none() {
+                tracing::warn!(id = %e.id, "unreadable mailbox entry dropped");
+            }
+            m
+        })
+        .map(Arc::new)
+        .collect();
     Mailbox {
+        cursor: ids.last().cloned().or(cursor),
         more: parts.first().and_then(stream::int) == Some(1),
-        msgs: parts
-            .get(1)
-            .map(stream::entries)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(router::entry::parse_internal)
-            .map(Arc::new)
-            .collect(),
+        msgs,
+        ids,
     }
 }

@@ -13,11 +13,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ack::AckGuard;
 use crate::backoff::Backoff;
-use crate::bus::redis::{Ctx, register_under, take_page};
-use crate::gateway::registry::Outgoing;
-use crate::ids::NodeId;
+use crate::bus::Mailbox;
+use crate::bus::conn::Batch;
+use crate::bus::redis::{Ctx, MAILBOX_PAGE, mailbox_page, register_cmd, take_cmd};
+use crate::gateway::registry::{ConnHandle, Outgoing};
+use crate::ids::{ConnId, NodeId, UserId};
 use crate::keys::INBOX_GROUP;
 use crate::lua;
+use crate::router::acker::AckJob;
 use crate::stream;
 
 /// What a renewal found.
@@ -95,61 +98,186 @@ async fn refresh_nodes(ctx: &Ctx, redis_now: u64) -> Result<(), redis::RedisErro
 }
 
 /// Take a new id and join under it. Its connections are re-registered by
-/// [`reregister`] next.
-async fn take_new_id(ctx: &Ctx) -> Result<(), redis::RedisError> {
+/// [`reregister`] next. `next` keeps the id a failed join chose, so a
+/// retry reuses it rather than leave an inbox behind per attempt.
+async fn take_new_id(ctx: &Ctx, next: &mut Option<NodeId>) -> Result<(), redis::RedisError> {
     let old = ctx.membership.id();
-    let new = NodeId::random();
+    let new = next.get_or_insert_with(NodeId::random).clone();
     let until = join(ctx, &new).await?;
+    *next = None;
     ctx.membership.set_id(new.clone());
     ctx.membership.set_lease(until);
     tracing::warn!(old = %old, new = %new, "lease lost: joined under a new id");
     Ok(())
 }
 
+/// Connections re-registered per round trip after a new id.
+const REREGISTER_CHUNK: usize = 500;
+
 /// Re-register every live connection under the current id (same
-/// connection ids). Idempotent: the heartbeat runs it again until it
-/// completes, so a Redis error midway leaves no connection unregistered.
-async fn reregister(ctx: &Ctx) -> Result<(), redis::RedisError> {
+/// connection ids), [`REREGISTER_CHUNK`] per pipeline, and deliver what
+/// their mailboxes gathered while this node was taken for dead. It runs
+/// beside the heartbeat, so the new lease is renewed throughout however
+/// many sockets there are. Resumable: a connection done under this id is
+/// skipped when it runs again after an error; stopping early when the id
+/// changes again. Connections that close meanwhile may be left registered:
+/// reconciliation ([`reconcile`]) removes them.
+async fn reregister(ctx: Arc<Ctx>) -> Result<(), redis::RedisError> {
     let new = ctx.membership.id();
-    let conns = ctx.registry.all();
+    let todo: Vec<Arc<ConnHandle>> = ctx
+        .registry
+        .all()
+        .into_iter()
+        .filter(|h| !h.is_registered_as(&new))
+        .collect();
     let mut mailboxed = 0usize;
-    for h in &conns {
-        // Same connection id, new node id: the field is overwritten, so the
-        // old id's entry is removed in the same write.
-        let mut page = register_under(ctx, &new, h, false)
-            .await
-            .inspect_err(|_| ctx.redis_error())?;
-        loop {
-            for m in page.msgs {
-                mailboxed += 1;
-                let out = Outgoing {
-                    text: m.frame(),
-                    msg: Some(m.clone()),
-                    guard: None,
-                };
-                if !h.push(out) {
-                    // Outbox full or closed: route it again rather than
-                    // lose it (it is no longer in the mailbox).
-                    let mut again = (*m).clone();
-                    again.hops += 1;
-                    let _ = ctx
-                        .reroute
-                        .send((Arc::new(again), Arc::new(AckGuard::noop())));
+    for chunk in todo.chunks(REREGISTER_CHUNK) {
+        if ctx.membership.id() != new {
+            return Ok(());
+        }
+        let mut conn = ctx.conn.clone();
+        // The index first (its slot differs on Redis Cluster), then the
+        // user hashes with the first mailbox page of each.
+        let mut batch = Batch::new();
+        let index = batch.cmd_ignored("HSET", &ctx.keys.node_conns(&new));
+        for h in chunk {
+            index.arg(h.conn.as_str()).arg(h.user.as_str());
+        }
+        if conn.is_cluster() {
+            std::mem::take(&mut batch).run(&mut conn).await?;
+        }
+        for h in chunk {
+            register_cmd(&ctx, &mut batch, &new, h);
+        }
+        let replies = batch.run(&mut conn).await?;
+        let mut more: Vec<(Arc<ConnHandle>, Mailbox)> = Vec::new();
+        for (h, v) in chunk.iter().zip(&replies) {
+            h.set_registered_as(&new);
+            let page = mailbox_page(Some(v), None);
+            mailboxed += page.msgs.len();
+            if let Some(next) = deliver_page(&ctx, h, page) {
+                more.push((h.clone(), next));
+            }
+        }
+        // Long mailboxes: the next pages, pipelined too.
+        while !more.is_empty() {
+            let mut batch = Batch::new();
+            for (h, after) in &more {
+                take_cmd(&ctx, &mut batch, &h.user, after, MAILBOX_PAGE);
+            }
+            let replies = batch.run(&mut conn).await?;
+            let mut next = Vec::new();
+            for ((h, after), v) in more.into_iter().zip(&replies) {
+                let page = mailbox_page(Some(v), after.cursor.clone());
+                mailboxed += page.msgs.len();
+                if let Some(n) = deliver_page(&ctx, &h, page) {
+                    next.push((h, n));
                 }
             }
-            if !page.more {
-                break;
-            }
-            page = take_page(ctx, h, false)
-                .await
-                .inspect_err(|_| ctx.redis_error())?;
-        }
-        if ctx.membership.id() != new {
-            break;
+            more = next;
         }
     }
-    tracing::info!(node = %new, connections = conns.len(), mailbox_messages = mailboxed, "connections re-registered");
+    tracing::info!(node = %new, connections = todo.len(), mailbox_messages = mailboxed, "connections re-registered");
     Ok(())
+}
+
+/// Queue a mailbox page read by a re-registration on its connection; its
+/// entries leave the mailbox once written (or routed again). A connection
+/// still writing its own mailbox on connect is left to do so (it reads
+/// through to the end). Returns where to read on if more pages wait.
+fn deliver_page(ctx: &Ctx, h: &Arc<ConnHandle>, page: Mailbox) -> Option<Mailbox> {
+    if !h.is_ready() {
+        return None;
+    }
+    let acks = ctx.acks.clone();
+    let (user, ids) = (h.user.clone(), page.ids.clone());
+    let guard = Arc::new(AckGuard::new(move || {
+        let _ = acks.send(AckJob::Mailbox { user, ids });
+    }));
+    for m in &page.msgs {
+        let out = Outgoing {
+            text: m.frame(),
+            msg: Some(m.clone()),
+            guard: Some(guard.clone()),
+        };
+        if !h.push(out) {
+            // Outbox full or closed: route it again; its mailbox entry
+            // goes once that is done.
+            let mut again = (**m).clone();
+            again.hops += 1;
+            let _ = ctx.reroute.send((Arc::new(again), guard.clone()));
+        }
+    }
+    page.more.then(|| Mailbox {
+        cursor: page.cursor,
+        ..Mailbox::default()
+    })
+}
+
+/// Heartbeats between two reconciliations.
+const RECONCILE_EVERY: u32 = 5;
+
+/// Remove the entries that name this node for connections it does not
+/// hold any more: an unregister that failed (a Redis blip), or a
+/// re-registration that raced a close. Left alone, such a field would
+/// count against the user's `--max-conns-per-user` and cost every message
+/// to the user a hop. Reads the node's index with `HSCAN` (about one round
+/// trip per thousand connections) and removes what is stale in one
+/// pipeline per page. Returns how many were removed.
+async fn reconcile(ctx: Arc<Ctx>) -> Result<u64, redis::RedisError> {
+    let me = ctx.membership.id();
+    let index = ctx.keys.node_conns(&me);
+    let mut conn = ctx.conn.clone();
+    let mut cursor = "0".to_owned();
+    let mut removed = 0u64;
+    loop {
+        let (next, fields): (String, Vec<(String, String)>) = redis::cmd("HSCAN")
+            .arg(&index)
+            .arg(&cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        let stale = stale_entries(&fields, |c| ctx.registry.get(c).is_some());
+        if !stale.is_empty() && ctx.membership.id() == me {
+            let mut batch = Batch::new();
+            for (c, user) in &stale {
+                batch
+                    .eval(lua::UNREGISTER_IF, &[&ctx.keys.user(user)], false)
+                    .arg(c.as_str())
+                    .arg(me.as_str());
+            }
+            if conn.is_cluster() {
+                std::mem::take(&mut batch).run(&mut conn).await?;
+            }
+            let del = batch.cmd_ignored("HDEL", &index);
+            for (c, _) in &stale {
+                del.arg(c.as_str());
+            }
+            batch.run(&mut conn).await?;
+            removed += stale.len() as u64;
+        }
+        if next == "0" {
+            break;
+        }
+        cursor = next;
+    }
+    Ok(removed)
+}
+
+/// The index entries (conn id → user) whose connection `is_here` denies.
+fn stale_entries(
+    fields: &[(String, String)],
+    is_here: impl Fn(&ConnId) -> bool,
+) -> Vec<(ConnId, UserId)> {
+    fields
+        .iter()
+        .filter_map(|(c, u)| {
+            let c = ConnId::from_redis(c.clone());
+            let u = UserId::parse(u).ok()?;
+            (!is_here(&c)).then_some((c, u))
+        })
+        .collect()
 }
 
 /// The heartbeat loop: join, then renew every heartbeat; on a lost lease,
@@ -181,7 +309,12 @@ pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
     backoff.reset();
     let mut delay = Duration::ZERO;
     let mut cut_off = false;
+    // Set by a new id until a re-registration under it has completed.
     let mut reregistering = false;
+    let mut next_id: Option<NodeId> = None;
+    let mut beats = 0u32;
+    let mut reconcile_task: Option<tokio::task::JoinHandle<()>> = None;
+    let mut rereg_task: Option<tokio::task::JoinHandle<Result<(), redis::RedisError>>> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -207,16 +340,61 @@ pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
                 if ctx.leaving.is_cancelled() {
                     return;
                 }
-                take_new_id(&ctx).await.map(|()| reregistering = true)
+                take_new_id(&ctx, &mut next_id)
+                    .await
+                    .map(|()| reregistering = true)
             }
             Err(e) => Err(e),
         };
-        // Connections to re-register after a new id, until it all went
-        // through (an error retries on the next beat).
-        let result = match result {
-            Ok(()) if reregistering => reregister(&ctx).await.map(|()| reregistering = false),
-            other => other,
-        };
+        // Connections to re-register after a new id, beside the heartbeat,
+        // until it all went through under the current id (an error starts
+        // it again on the next beat, resuming where it stopped).
+        if rereg_task.as_ref().is_some_and(|t| t.is_finished())
+            && let Some(t) = rereg_task.take()
+        {
+            let under = ctx.membership.id();
+            match t.await {
+                Ok(Ok(())) => {
+                    if ctx
+                        .registry
+                        .all()
+                        .iter()
+                        .all(|h| h.is_registered_as(&under))
+                    {
+                        reregistering = false;
+                    }
+                }
+                Ok(Err(e)) => {
+                    ctx.redis_error();
+                    tracing::warn!(node = %under, error = %e, "re-registration interrupted; resuming");
+                }
+                Err(e) => tracing::error!(node = %under, error = %e, "re-registration task failed"),
+            }
+        }
+        if reregistering && rereg_task.is_none() && result.is_ok() {
+            rereg_task = Some(tokio::spawn(reregister(ctx.clone())));
+        }
+        beats = beats.wrapping_add(1);
+        if beats.is_multiple_of(RECONCILE_EVERY)
+            && !reregistering
+            && result.is_ok()
+            && reconcile_task.as_ref().is_none_or(|t| t.is_finished())
+        {
+            let ctx2 = ctx.clone();
+            reconcile_task = Some(tokio::spawn(async move {
+                match reconcile(ctx2.clone()).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        ctx2.metrics.reconciled.inc_by(n);
+                        tracing::info!(removed = n, "stale connection entries removed");
+                    }
+                    Err(e) => {
+                        ctx2.redis_error();
+                        tracing::debug!(error = %e, "reconciliation failed; next time");
+                    }
+                }
+            }));
+        }
         match result {
             Ok(()) => {
                 if cut_off {
@@ -243,5 +421,23 @@ pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
                 };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_entries_are_those_not_here() {
+        let fields = vec![
+            ("c1".to_owned(), "ann".to_owned()),
+            ("c2".to_owned(), "bob".to_owned()),
+            ("c3".to_owned(), "not a user".to_owned()),
+        ];
+        let stale = stale_entries(&fields, |c| c.as_str() == "c1");
+        assert_eq!(stale.len(), 1);
+        assert_eq!(stale[0].0.as_str(), "c2");
+        assert_eq!(stale[0].1.as_str(), "bob");
     }
 }

@@ -17,7 +17,6 @@ use rand::Rng;
 use redis::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::ack::AckGuard;
 use crate::bus::conn::Batch;
 use crate::bus::redis::Ctx;
 use crate::ids::{ConnId, NodeId, UserId};
@@ -169,13 +168,7 @@ async fn reap_steps(
                     Arc::new(m)
                 })
                 .collect();
-            let (guard, written) = AckGuard::notify();
-            let guard = Arc::new(guard);
-            router::route(ctx, msgs.clone(), &guard).await?;
-            drop(guard);
-            // Local hand-offs finish when their frames are written (or the
-            // connection closes and hands them on).
-            let _ = written.await;
+            router::route(ctx, msgs.clone()).await?;
             ctx.metrics.rerouted.inc_by(msgs.len() as u64);
             let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
             let _: i64 = redis::cmd("XDEL")
@@ -190,7 +183,8 @@ async fn reap_steps(
             .arg(&index)
             .query_async(&mut conn)
             .await?;
-        // Mailbox pages its connections had taken but maybe not written.
+        // Mailbox pages its connections had taken but maybe not written
+        // (only a node of the previous release moves them aside).
         for chunk in conns.chunks(REAP_BATCH) {
             let keys: Vec<String> = chunk
                 .iter()
@@ -217,12 +211,8 @@ async fn reap_steps(
                 })
                 .collect();
             if !msgs.is_empty() {
-                let (guard, written) = AckGuard::notify();
-                let guard = Arc::new(guard);
                 let n = msgs.len() as u64;
-                router::route(ctx, msgs, &guard).await?;
-                drop(guard);
-                let _ = written.await;
+                router::route(ctx, msgs).await?;
                 ctx.metrics.rerouted.inc_by(n);
             }
             // One `DEL` per key: they are in their users' slots.

@@ -6,10 +6,12 @@
 //! - [`session`]: one WebSocket connection.
 //! - [`registry`]: the connections of this node.
 //! - [`api`]: `POST /api/send`.
+//! - [`listener`]: the TCP listener, with a handshake deadline.
 
 pub mod api;
 pub mod auth;
 pub mod frames;
+pub mod listener;
 pub mod registry;
 pub mod session;
 

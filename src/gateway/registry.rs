@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::ack::AckGuard;
-use crate::ids::{ConnId, Topic, UserId};
+use crate::ids::{ConnId, NodeId, Topic, UserId};
 use crate::message::Message;
 
 /// Outbox capacity per connection.
@@ -58,6 +58,13 @@ pub struct ConnHandle {
     /// Set once the mailbox has been written. Before that a full outbox
     /// means the mailbox is still going out, not that the client is slow.
     ready: std::sync::atomic::AtomicBool,
+    /// The node id this connection was last registered under in Redis, so
+    /// a re-registration after a new id that is interrupted resumes where
+    /// it stopped instead of registering (and taking mailboxes) twice.
+    registered_as: Mutex<Option<NodeId>>,
+    /// The user's mailbox got messages while this connection was live (a
+    /// message that could not reach it in time): the session reads it.
+    mailbox_wanted: tokio::sync::Notify,
 }
 
 impl ConnHandle {
@@ -72,6 +79,8 @@ impl ConnHandle {
                 close_code: AtomicU16::new(1000),
                 topics: Mutex::new(HashSet::new()),
                 ready: std::sync::atomic::AtomicBool::new(false),
+                registered_as: Mutex::new(None),
+                mailbox_wanted: tokio::sync::Notify::new(),
             }),
             rx,
         )
@@ -105,6 +114,30 @@ impl ConnHandle {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Ask the session to read the user's mailbox.
+    pub fn want_mailbox(&self) {
+        self.mailbox_wanted.notify_one();
+    }
+
+    /// Resolves once the mailbox is wanted (a request made while nobody
+    /// waited is kept).
+    pub async fn mailbox_wanted(&self) {
+        self.mailbox_wanted.notified().await
+    }
+
+    pub fn set_registered_as(&self, node: &NodeId) {
+        if let Ok(mut g) = self.registered_as.lock() {
+            *g = Some(node.clone());
+        }
+    }
+
+    pub fn is_registered_as(&self, node: &NodeId) -> bool {
+        self.registered_as
+            .lock()
+            .map(|g| g.as_ref() == Some(node))
+            .unwrap_or(false)
     }
 
     pub fn topic_count(&self) -> usize {

@@ -17,7 +17,7 @@ use super::Shared;
 use super::auth::Principal;
 use super::frames::{self, ClientFrame};
 use super::registry::{ConnHandle, Outgoing};
-use crate::bus::Publish;
+use crate::bus::{Mailbox, Publish};
 use crate::ids::ConnId;
 use crate::message::{self, Target, now_ms};
 
@@ -71,51 +71,10 @@ async fn pump(
         }
     };
     let node = shared.bus.node_id();
-    let mut r = sink
-        .feed(WsMessage::Text(message::welcome(&node, &h.conn, &h.user)))
-        .await;
-    // The mailbox, page by page, before anything live (which waits in the
-    // outbox meanwhile).
-    let mut page = mailbox;
-    loop {
-        if r.is_ok() {
-            r = async {
-                for m in &page.msgs {
-                    sink.feed(WsMessage::Text(m.frame())).await?;
-                }
-                sink.flush().await
-            }
-            .await;
-        }
-        if r.is_ok() {
-            for m in &page.msgs {
-                delivered(shared, m.sent_ms);
-            }
-        } else {
-            // Taken from the mailbox but maybe not written: route again.
-            for m in page.msgs.drain(..) {
-                shared.bus.hand_back(m, None);
-            }
-        }
-        if !page.msgs.is_empty() || r.is_err() {
-            shared.bus.mailbox_written(h).await;
-        }
-        if !page.more {
-            if h.is_ready() {
-                break;
-            }
-            // Messages that missed the full outbox meanwhile were routed
-            // to the mailbox: take one more page once ready.
-            h.set_ready();
-        }
-        page = match shared.bus.take_mailbox(h).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "mailbox page failed");
-                break;
-            }
-        };
-    }
+    // `welcome`, then the mailbox page by page, before anything live (which
+    // waits in the outbox meanwhile).
+    let welcome = WsMessage::Text(message::welcome(&node, &h.conn, &h.user));
+    let mut r = write_mailbox(shared, &mut sink, h, Some(welcome), mailbox).await;
     h.set_ready();
     let rate = shared.cfg.max_msgs_per_sec;
     let limiter: DefaultDirectRateLimiter = RateLimiter::direct(
@@ -132,6 +91,15 @@ async fn pump(
         tokio::select! {
             biased;
             _ = h.closed().cancelled() => break,
+            _ = h.mailbox_wanted() => {
+                r = match shared.bus.take_mailbox(h, &Mailbox::default()).await {
+                    Ok(page) => write_mailbox(shared, &mut sink, h, None, page).await,
+                    Err(e) => {
+                        tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "mailbox read failed");
+                        Ok(())
+                    }
+                };
+            }
             n = rx.recv_many(&mut batch, WRITE_BATCH) => {
                 if n == 0 { break; }
                 let write = async {
@@ -172,27 +140,30 @@ async fn pump(
                         }
                         break;
                     }
-                    Some(Ok(WsMessage::Text(t))) => Some(t),
-                    Some(Ok(WsMessage::Binary(_))) => None,
+                    Some(Ok(WsMessage::Text(t))) => Some(Some(t)),
+                    Some(Ok(WsMessage::Binary(_))) => Some(None),
                     Some(Ok(WsMessage::Close(_))) => break,
-                    Some(Ok(_)) => continue, // ping/pong: answered by the library
+                    Some(Ok(WsMessage::Pong(_))) => continue,
+                    // Answered by the library, but counted: a ping flood
+                    // costs writes too.
+                    Some(Ok(WsMessage::Ping(_))) => None,
                 };
-                // Every data frame counts against the rate, whatever it holds.
+                // Every frame counts against the rate, whatever it holds.
                 if limiter.check().is_err() {
                     refusals += 1;
                     if refusals > max_refusals {
-                        close_ws(&mut sink, &mut stream, CLOSE_POLICY, "rate limit exceeded").await;
+                        h.close(CLOSE_POLICY);
                         break;
                     }
-                    r = sink.send(WsMessage::Text(message::error("rate_limited", "too many messages", None))).await;
+                    reply(h, message::error("rate_limited", "too many messages", None));
                     continue;
                 }
                 refusals = 0;
-                let reply = match text {
-                    Some(text) => handle(shared, h, who, text.as_str()).await,
-                    None => message::error("bad_frame", "frames are JSON text", None),
-                };
-                r = sink.send(WsMessage::Text(reply)).await;
+                match text {
+                    Some(Some(text)) => reply(h, handle(shared, h, who, text.as_str()).await),
+                    Some(None) => reply(h, message::error("bad_frame", "frames are JSON text", None)),
+                    None => {}
+                }
             }
         }
     }
@@ -204,6 +175,7 @@ async fn pump(
         let reason = match code {
             CLOSE_GOING_AWAY => "node going away",
             CLOSE_TRY_LATER => "too slow",
+            CLOSE_POLICY => "rate limit exceeded",
             _ => "closing",
         };
         close_ws(&mut sink, &mut stream, code, reason).await;
@@ -269,6 +241,83 @@ async fn handle(
             shared.registry.unsubscribe(h, &t);
             message::topic_ack("unsubscribed", &t)
         }
+    }
+}
+
+/// Write `first` (the `welcome`), then the mailbox from `page` on, page by
+/// page. A page leaves the mailbox only once written: if a write fails or
+/// stalls, it stays for the next connection.
+async fn write_mailbox<S>(
+    shared: &Arc<Shared>,
+    sink: &mut S,
+    h: &ConnHandle,
+    mut first: Option<WsMessage>,
+    mut page: Mailbox,
+) -> Result<(), axum::Error>
+where
+    S: futures::Sink<WsMessage, Error = axum::Error> + Unpin,
+{
+    loop {
+        let frames = first
+            .take()
+            .into_iter()
+            .chain(page.msgs.iter().map(|m| WsMessage::Text(m.frame())));
+        write_bounded(sink, h, frames).await?;
+        for m in &page.msgs {
+            delivered(shared, m.sent_ms);
+        }
+        if !page.more {
+            if h.is_ready() {
+                shared.bus.mailbox_written(h, &page).await;
+                return Ok(());
+            }
+            // Messages that missed the full outbox meanwhile were routed
+            // to the mailbox: take one more page once ready.
+            h.set_ready();
+        }
+        page = match shared.bus.take_mailbox(h, &page).await {
+            Ok(p) => p,
+            Err(e) => {
+                // What was not taken stays for later (or a nudge).
+                tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "mailbox page failed");
+                return Ok(());
+            }
+        };
+    }
+}
+
+/// Queue a reply to a client frame. Replies go through the bounded outbox
+/// like messages, so every write has the write deadline: a client that
+/// sends but never reads fills it and is closed with 1013.
+fn reply(h: &ConnHandle, text: axum::extract::ws::Utf8Bytes) {
+    if !h.push(Outgoing::control(text)) {
+        h.close(CLOSE_TRY_LATER);
+    }
+}
+
+/// Write `frames` and flush, bounded: a client that does not read blocks
+/// this write, and a close request (say its outbox overflowed) or the
+/// write deadline ends it (the deadline closes it with 1013).
+async fn write_bounded<S>(
+    sink: &mut S,
+    h: &ConnHandle,
+    frames: impl Iterator<Item = WsMessage>,
+) -> Result<(), axum::Error>
+where
+    S: futures::Sink<WsMessage, Error = axum::Error> + Unpin,
+{
+    let write = async {
+        for f in frames {
+            sink.feed(f).await?;
+        }
+        sink.flush().await
+    };
+    tokio::select! {
+        r = tokio::time::timeout(WRITE_DEADLINE, write) => r.unwrap_or_else(|_| {
+            h.close(CLOSE_TRY_LATER);
+            Err(axum::Error::new("write deadline passed"))
+        }),
+        _ = h.closed().cancelled() => Err(axum::Error::new("closed while writing")),
     }
 }
 

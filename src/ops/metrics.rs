@@ -22,6 +22,8 @@ pub struct Metrics {
     pub lease_renewals: Counter,
     pub lease_losses: Counter,
     pub dropped_topic: Counter,
+    pub mailbox_dropped: Counter,
+    pub reconciled: Counter,
 }
 
 impl Default for Metrics {
@@ -49,6 +51,8 @@ impl Metrics {
             lease_renewals: Counter::default(),
             lease_losses: Counter::default(),
             dropped_topic: Counter::default(),
+            mailbox_dropped: Counter::default(),
+            reconciled: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -75,6 +79,16 @@ impl Metrics {
             "wsc_messages_mailboxed",
             "Messages kept in an offline user's mailbox",
             m.mailboxed.clone(),
+        );
+        registry.register(
+            "wsc_messages_mailbox_dropped",
+            "Mailboxed messages dropped, oldest first, over --mailbox-max or --mailbox-max-bytes",
+            m.mailbox_dropped.clone(),
+        );
+        registry.register(
+            "wsc_stale_registrations_removed",
+            "Connection entries naming this node without a socket here, removed by reconciliation",
+            m.reconciled.clone(),
         );
         registry.register(
             "wsc_messages_dead",

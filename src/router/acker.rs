@@ -1,22 +1,40 @@
 //! Batched acknowledgement: `XACK` (send streams) and `XDEL` (send streams
-//! and inboxes) for entries whose hand-offs are all done.
+//! and inboxes), and deleting written mailbox entries, for entries whose
+//! hand-offs are all done.
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::bus::Mailbox;
 use crate::bus::conn::Batch;
-use crate::bus::redis::Ctx;
+use crate::bus::redis::{Ctx, take_cmd};
+use crate::ids::UserId;
 use crate::keys::ROUTER_GROUP;
 
-/// Entries of one stream to acknowledge and delete.
+/// What to acknowledge.
 #[derive(Debug)]
-pub struct AckJob {
-    pub key: String,
-    /// Acknowledge in the router group first (send streams).
-    pub group: bool,
-    pub ids: Vec<String>,
+pub enum AckJob {
+    /// Entries of a send stream: delete, and acknowledge in the router group.
+    Send { key: String, ids: Vec<String> },
+    /// Entries of an inbox: delete.
+    Inbox { key: String, ids: Vec<String> },
+    /// Written entries of a user's mailbox: delete (keeping its byte count).
+    Mailbox { user: UserId, ids: Vec<String> },
+    /// Answered once every job queued before it has run: a router that
+    /// hands its shard over waits for its acknowledgements first, or its
+    /// successor would claim and route them again.
+    Barrier(oneshot::Sender<()>),
+}
+
+/// Wait until every acknowledgement queued so far has been sent to Redis
+/// (at most `timeout`).
+pub async fn flush(ctx: &Ctx, timeout: std::time::Duration) {
+    let (tx, rx) = oneshot::channel();
+    if ctx.acks.send(AckJob::Barrier(tx)).is_ok() {
+        let _ = tokio::time::timeout(timeout, rx).await;
+    }
 }
 
 /// Jobs coalesced per round.
@@ -39,20 +57,30 @@ pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<AckJob>, stop: C
             return;
         }
         let mut batch = Batch::new();
+        let mut barriers = Vec::new();
         for j in jobs.drain(..) {
-            if j.ids.is_empty() {
-                continue;
-            }
-            // XDEL first: if only it runs (a failure between the two), the
-            // entries are deleted but still pending, and the router's
-            // `XAUTOCLAIM` reports them as deleted and acknowledges them. The
-            // other way round, acknowledged entries would stay for good.
-            batch.cmd_ignored("XDEL", &j.key).arg(&j.ids);
-            if j.group {
-                batch
-                    .cmd_ignored("XACK", &j.key)
-                    .arg(ROUTER_GROUP)
-                    .arg(&j.ids);
+            match j {
+                AckJob::Send { key, ids } if !ids.is_empty() => {
+                    // XDEL first: if only it runs (a failure between the
+                    // two), the entries are deleted but still pending, and
+                    // the router's `XAUTOCLAIM` reports them as deleted and
+                    // acknowledges them. The other way round, acknowledged
+                    // entries would stay for good.
+                    batch.cmd_ignored("XDEL", &key).arg(&ids);
+                    batch.cmd_ignored("XACK", &key).arg(ROUTER_GROUP).arg(&ids);
+                }
+                AckJob::Inbox { key, ids } if !ids.is_empty() => {
+                    batch.cmd_ignored("XDEL", &key).arg(&ids);
+                }
+                AckJob::Mailbox { user, ids } if !ids.is_empty() => {
+                    let written = Mailbox {
+                        ids,
+                        ..Mailbox::default()
+                    };
+                    take_cmd(&ctx, &mut batch, &user, &written, 0);
+                }
+                AckJob::Barrier(tx) => barriers.push(tx),
+                _ => {}
             }
         }
         let mut conn = ctx.conn.clone();
@@ -61,6 +89,9 @@ pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<AckJob>, stop: C
             // Not retried: the entries stay and are routed again later
             // (duplicates with the same id, never loss).
             tracing::warn!(error = %e, "ack failed");
+        }
+        for tx in barriers {
+            let _ = tx.send(());
         }
         if stop.is_cancelled() && rx.is_closed() && rx.is_empty() {
             return;

@@ -98,6 +98,21 @@ pub fn fields(m: &Message) -> Vec<(&'static str, String)> {
     f
 }
 
+/// An inbox entry that is not a message: "the mailbox of this user got a
+/// message while the user was connected here; read it". (A node of the
+/// previous release skips it as unreadable: it only delays.)
+pub fn mailbox_nudge_fields(user: &UserId) -> [(&'static str, &str); 2] {
+    [("kind", "mailbox"), ("to", user.as_str())]
+}
+
+/// The user of a mailbox nudge ([`mailbox_nudge_fields`]).
+pub fn parse_mailbox_nudge(e: &RawEntry) -> Option<UserId> {
+    if e.get_str("kind")? != "mailbox" {
+        return None;
+    }
+    UserId::parse(e.get_str("to")?).ok()
+}
+
 /// Read back what [`fields`] wrote. `None` for an entry that is not ours.
 pub fn parse_internal(e: &RawEntry) -> Option<Message> {
     Some(Message {

@@ -102,13 +102,15 @@ pub async fn run_inbox(ctx: Arc<Ctx>, stop: CancellationToken) {
         let acks = ctx.acks.clone();
         let key2 = key.clone();
         let guard = Arc::new(AckGuard::new(move || {
-            let _ = acks.send(AckJob {
-                key: key2,
-                group: false,
-                ids,
-            });
+            let _ = acks.send(AckJob::Inbox { key: key2, ids });
         }));
         for e in &entries {
+            if let Some(user) = entry::parse_mailbox_nudge(e) {
+                for h in ctx.registry.user_conns(&user) {
+                    h.want_mailbox();
+                }
+                continue;
+            }
             let Some(m) = entry::parse_internal(e) else {
                 tracing::warn!(inbox = %key, id = %e.id, "unreadable inbox entry dropped");
                 continue;

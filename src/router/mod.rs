@@ -26,9 +26,8 @@ use tokio_util::sync::CancellationToken;
 use crate::ack::AckGuard;
 use crate::backoff::Backoff;
 use crate::bus::conn::{Batch, Conn};
-use crate::bus::redis::Ctx;
+use crate::bus::redis::{Ctx, user_keys};
 use crate::cluster::NodeStatus;
-use crate::gateway::registry::Outgoing;
 use crate::ids::{NodeId, UserId};
 use crate::lua;
 use crate::message::{MAX_HOPS, Message, Target};
@@ -40,14 +39,19 @@ pub type Reroute = (Arc<Message>, Arc<AckGuard>);
 /// Largest batch the re-route worker takes at once.
 const REROUTE_BATCH: usize = 256;
 
-/// Approximate cap of the shared topic stream.
+/// Approximate cap of the shared topic stream, in entries…
 const TOPIC_STREAM_MAX: usize = 100_000;
+/// …and in age (ms).
+const TOPIC_STREAM_AGE_MS: u64 = 60_000;
 
 /// Where one user's connections are, as far as routing is concerned.
 #[derive(Default)]
 struct UserRoute {
-    local: bool,
-    remote: Vec<NodeId>,
+    /// Live nodes holding a connection, this one included: a message for a
+    /// user connected here goes through this node's own inbox too, so a
+    /// slow local client holds an inbox entry, never the acknowledgement
+    /// of a send-stream batch (which a successor would route again).
+    nodes: Vec<NodeId>,
     /// Nodes named by the user's hash that are not live (expired or gone):
     /// the mailbox script ignores them.
     not_live: Vec<String>,
@@ -56,17 +60,12 @@ struct UserRoute {
 enum Op {
     Inbox(usize, NodeId),
     Mailbox(usize),
-    Local(usize),
 }
 
-/// Route a batch of messages. Returns once each is handed off: added to an
-/// inbox, to a mailbox or to the topic stream, or queued on a local
-/// connection (those hold `guard` until written). Order is kept per user.
-pub async fn route(
-    ctx: &Ctx,
-    msgs: Vec<Arc<Message>>,
-    guard: &Arc<AckGuard>,
-) -> Result<(), redis::RedisError> {
+/// Route a batch of messages. Returns once each is handed off durably:
+/// added to an inbox, to a mailbox or to the topic stream. Order is kept
+/// per user.
+pub async fn route(ctx: &Ctx, msgs: Vec<Arc<Message>>) -> Result<(), redis::RedisError> {
     let mut conn = ctx.conn.clone();
     let (topics, mut pending): (Vec<_>, Vec<_>) = msgs
         .into_iter()
@@ -83,6 +82,18 @@ pub async fn route(
                 .arg("*")
                 .arg(entry::topic_fields(m));
         }
+        // Readers follow it live; older entries only cost memory (and
+        // bytes: a count alone would let big payloads pile up).
+        let horizon = ctx
+            .membership
+            .live
+            .redis_now()
+            .saturating_sub(TOPIC_STREAM_AGE_MS);
+        batch
+            .cmd_ignored("XTRIM", &key)
+            .arg("MINID")
+            .arg("~")
+            .arg(horizon);
         batch.run(&mut conn).await?;
     }
     // Each round routes what the previous one could not (a node found gone,
@@ -93,7 +104,7 @@ pub async fn route(
             break;
         }
         let force_mailbox = round == MAX_HOPS;
-        pending = route_round(ctx, &mut conn, pending, guard, force_mailbox).await?;
+        pending = route_round(ctx, &mut conn, pending, force_mailbox).await?;
     }
     Ok(())
 }
@@ -102,7 +113,6 @@ async fn route_round(
     ctx: &Ctx,
     conn: &mut Conn,
     pending: Vec<Arc<Message>>,
-    guard: &Arc<AckGuard>,
     force_mailbox: bool,
 ) -> Result<Vec<Arc<Message>>, redis::RedisError> {
     let me = ctx.membership.id();
@@ -158,19 +168,20 @@ async fn route_round(
     for (u, fields) in users.iter().zip(&lookups) {
         let mut r = UserRoute::default();
         for (conn_id, node) in fields {
-            if node == me.as_str() {
+            let status = if node == me.as_str() {
                 if me_live {
-                    r.local = true;
+                    NodeStatus::Live
                 } else {
-                    r.not_live.push(node.clone());
+                    NodeStatus::Expired
                 }
-                continue;
-            }
-            match live.status(node) {
+            } else {
+                live.status(node)
+            };
+            match status {
                 NodeStatus::Live => {
                     let n = NodeId::from_redis(node.clone());
-                    if !r.remote.contains(&n) {
-                        r.remote.push(n);
+                    if !r.nodes.contains(&n) {
+                        r.nodes.push(n);
                     }
                 }
                 NodeStatus::Gone => {
@@ -187,13 +198,13 @@ async fn route_round(
     for (i, m) in pending.iter().enumerate() {
         let Some(u) = m.user() else { continue };
         let r = &routes[index[u]];
-        if force_mailbox || m.hops > MAX_HOPS || (!r.local && r.remote.is_empty()) {
+        if force_mailbox || m.hops > MAX_HOPS || r.nodes.is_empty() {
             let force = force_mailbox || m.hops > MAX_HOPS;
             mailbox_cmd(ctx, &mut batch, m, u, force, &r.not_live);
             ops.push(Op::Mailbox(i));
             continue;
         }
-        for node in &r.remote {
+        for node in &r.nodes {
             batch
                 .cmd("XADD", &ctx.keys.inbox(node))
                 .arg("NOMKSTREAM")
@@ -201,14 +212,11 @@ async fn route_round(
                 .arg(entry::fields(m));
             ops.push(Op::Inbox(i, node.clone()));
         }
-        if r.local {
-            ops.push(Op::Local(i));
-        }
     }
-    // All-local batches need no Redis at all.
     let replies: Vec<Value> = batch.run(conn).await?;
     // 5. Read the results; collect what must go round again.
     let mut ok = vec![false; pending.len()];
+    let mut nudges: Vec<(String, &UserId)> = Vec::new();
     let mut replies = replies.into_iter();
     for op in ops {
         match op {
@@ -226,23 +234,35 @@ async fn route_round(
                 {
                     ok[i] = true;
                     ctx.metrics.mailboxed.inc();
+                    let dropped = r.get(1).and_then(stream::int).unwrap_or(0);
+                    ctx.metrics.mailbox_dropped.inc_by(dropped.max(0) as u64);
+                    // Forced in while the user is online: tell its nodes,
+                    // or it would wait there for the next connect.
+                    if let Some(u) = pending[i].user() {
+                        for node in r.iter().skip(2).filter_map(stream::string) {
+                            if !nudges.iter().any(|(n, v)| *n == node && *v == u) {
+                                nudges.push((node, u));
+                            }
+                        }
+                    }
                 }
                 // Otherwise the user has a live connection we did not know
                 // of: the next round looks it up again.
             }
-            Op::Local(i) => {
-                let m = &pending[i];
-                if let Some(u) = m.user() {
-                    let out = Outgoing {
-                        text: m.frame(),
-                        msg: Some(m.clone()),
-                        guard: Some(guard.clone()),
-                    };
-                    if ctx.registry.deliver_user(u, &out).queued > 0 {
-                        ok[i] = true;
-                    }
-                }
-            }
+        }
+    }
+    if !nudges.is_empty() {
+        let mut batch = Batch::new();
+        for (node, u) in &nudges {
+            batch
+                .cmd_ignored("XADD", &ctx.keys.inbox(&NodeId::from_redis(node.clone())))
+                .arg("NOMKSTREAM")
+                .arg("*")
+                .arg(&entry::mailbox_nudge_fields(u));
+        }
+        // Best effort: the message is safe in the mailbox either way.
+        if let Err(e) = batch.run(conn).await {
+            tracing::debug!(error = %e, "mailbox nudge failed");
         }
     }
     Ok(pending
@@ -260,15 +280,13 @@ fn mailbox_cmd(
     force: bool,
     not_live: &[String],
 ) {
+    let k = user_keys(ctx, u);
     batch
-        .eval(
-            lua::MAILBOX,
-            &[&ctx.keys.user(u), &ctx.keys.mailbox(u)],
-            true,
-        )
+        .eval(lua::MAILBOX, &[&k[0], &k[1], &k[2]], true)
         .arg(if force { "1" } else { "0" })
         .arg(ctx.cfg.mailbox_max)
         .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
+        .arg(ctx.cfg.mailbox_max_bytes)
         .arg(not_live.len())
         .arg(not_live)
         .arg(entry::fields(m));
@@ -289,16 +307,16 @@ pub async fn reroute_worker(
         }
         let msgs: Vec<Arc<Message>> = batch.iter().map(|(m, _)| m.clone()).collect();
         let n = msgs.len() as u64;
-        // The originals' guards are released once this batch's hand-offs
-        // are done, not before: until then their entries stay put.
+        // The originals' guards are released once this batch is handed
+        // off, not before: until then their entries stay put.
         let held: Vec<Arc<AckGuard>> = batch.drain(..).map(|(_, g)| g).collect();
-        let guard = Arc::new(AckGuard::new(move || drop(held)));
         let mut backoff = Backoff::redis();
         loop {
-            match route(&ctx, msgs.clone(), &guard).await {
+            match route(&ctx, msgs.clone()).await {
                 Ok(()) => {
                     tracing::debug!(messages = n, "re-routed");
                     ctx.metrics.rerouted.inc_by(n);
+                    drop(held);
                     break;
                 }
                 Err(e) => {
@@ -306,7 +324,12 @@ pub async fn reroute_worker(
                     let d = backoff.next_delay();
                     tracing::warn!(error = %e, messages = n, retry_in_ms = d.as_millis() as u64, "re-route failed");
                     tokio::select! {
-                        _ = stop.cancelled() => return,
+                        _ = stop.cancelled() => {
+                            // Not handed off: their entries must stay (a
+                            // reaper, or our own leave, routes them again).
+                            held.iter().for_each(|g| g.disarm());
+                            return;
+                        }
                         _ = tokio::time::sleep(d) => {}
                     }
                 }

@@ -143,6 +143,7 @@ async fn lead(
     let block_ms = (hb / 2).clamp(Duration::from_millis(5), crate::bus::conn::MAX_BLOCK / 2);
     loop {
         if stop.is_cancelled() || ctx.leaving.is_cancelled() || ctx.membership.id() != *me {
+            super::acker::flush(ctx, ttl / 2).await;
             release(ctx, &lease_key, me).await;
             return Ok(true);
         }
@@ -151,6 +152,7 @@ async fn lead(
         // only be abandoned. Claim them too, every lease TTL.
         if claimed_at.elapsed() >= ttl {
             claim_pending(ctx, shard, &key, me, ttl.as_millis() as u64, lease_until).await?;
+            forget_idle_consumers(ctx, &key, me).await?;
             claimed_at = Instant::now();
         }
         if renewed_at.elapsed() >= hb {
@@ -170,6 +172,9 @@ async fn lead(
             renewed_at = started;
             if should_hand_off(ctx, shard) {
                 tracing::info!(shard, node = %me, "handing the send shard over (more than a fair share)");
+                // What we routed must be acknowledged before the successor
+                // claims the pending list, or it routes it again.
+                super::acker::flush(ctx, ttl / 2).await;
                 release(ctx, &lease_key, me).await;
                 return Ok(true);
             }
@@ -273,9 +278,8 @@ async fn claim_pending(
             _ => Vec::new(),
         };
         if !deleted.is_empty() {
-            let _ = ctx.acks.send(AckJob {
+            let _ = ctx.acks.send(AckJob::Send {
                 key: key.to_owned(),
-                group: true,
                 ids: deleted,
             });
         }
@@ -289,6 +293,23 @@ async fn claim_pending(
             break;
         }
         cursor = next;
+    }
+    Ok(())
+}
+
+/// Delete router-group consumers of former leaders (every node id that
+/// ever routed leaves one) once they hold nothing and have been idle for
+/// two lease TTLs.
+async fn forget_idle_consumers(ctx: &Ctx, key: &str, me: &NodeId) -> Result<(), RouterError> {
+    let mut conn = ctx.conn.clone();
+    let n: i64 = lua::eval_cmd(lua::DEL_IDLE_CONSUMERS, &[key])?
+        .arg(ROUTER_GROUP)
+        .arg(me.as_str())
+        .arg(2 * ctx.ttl_ms())
+        .query_async(&mut conn)
+        .await?;
+    if n > 0 {
+        tracing::debug!(stream = key, consumers = n, "idle router consumers deleted");
     }
     Ok(())
 }
@@ -369,13 +390,12 @@ async fn route_batch(
     let acks = ctx.acks.clone();
     let key_owned = key.to_owned();
     let guard = Arc::new(AckGuard::new(move || {
-        let _ = acks.send(AckJob {
+        let _ = acks.send(AckJob::Send {
             key: key_owned,
-            group: true,
             ids,
         });
     }));
-    match super::route(ctx, msgs, &guard).await {
+    match super::route(ctx, msgs).await {
         Ok(()) => {
             ctx.metrics.routed.inc_by(n);
             Ok(())
