@@ -74,7 +74,8 @@ async fn pump(
     // `welcome`, then the mailbox page by page, before anything live (which
     // waits in the outbox meanwhile).
     let welcome = WsMessage::Text(message::welcome(&node, &h.conn, &h.user));
-    let mut r = write_mailbox(shared, &mut sink, h, Some(welcome), mailbox).await;
+    let mut acks = PageAcks::default();
+    let mut r = write_mailbox(shared, &mut sink, h, Some(welcome), mailbox, &mut acks).await;
     h.set_ready();
     let rate = shared.cfg.max_msgs_per_sec;
     let limiter: DefaultDirectRateLimiter = RateLimiter::direct(
@@ -92,8 +93,9 @@ async fn pump(
             biased;
             _ = h.closed().cancelled() => break,
             _ = h.mailbox_wanted() => {
-                r = match shared.bus.take_mailbox(h, &Mailbox::default()).await {
-                    Ok(page) => write_mailbox(shared, &mut sink, h, None, page).await,
+                let after = Mailbox { cursor: acks.cursor.clone(), ..Mailbox::default() };
+                r = match shared.bus.take_mailbox(h, &after).await {
+                    Ok(page) => write_mailbox(shared, &mut sink, h, None, page, &mut acks).await,
                     Err(e) => {
                         tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "mailbox read failed");
                         Ok(())
@@ -143,7 +145,12 @@ async fn pump(
                     Some(Ok(WsMessage::Text(t))) => Some(Some(t)),
                     Some(Ok(WsMessage::Binary(_))) => Some(None),
                     Some(Ok(WsMessage::Close(_))) => break,
-                    Some(Ok(WsMessage::Pong(_))) => continue,
+                    Some(Ok(WsMessage::Pong(data))) => {
+                        if let Some(read) = acks.acked(&data) {
+                            shared.bus.mailbox_written(h, &read).await;
+                        }
+                        continue;
+                    }
                     // Answered by the library, but counted: a ping flood
                     // costs writes too.
                     Some(Ok(WsMessage::Ping(_))) => None,
@@ -244,38 +251,90 @@ async fn handle(
     }
 }
 
+/// Mailbox pages written and not yet known to be read. Each page is
+/// followed by a WebSocket ping; the client's pong for it (which every
+/// WebSocket client sends once it has read that far, RFC 6455) is what
+/// deletes the page from the mailbox. A client that resets its connection,
+/// or a node that dies, before the pong leaves the page in the mailbox for
+/// the next connection (duplicates with the same id, never loss).
+#[derive(Default)]
+struct PageAcks {
+    next: u64,
+    pending: std::collections::VecDeque<(u64, Mailbox)>,
+    /// The last mailbox entry read: a later read starts after it.
+    cursor: Option<String>,
+}
+
+impl PageAcks {
+    /// Remember a written page; the ping payload to follow it.
+    fn written(&mut self, page: &Mailbox) -> Option<bytes::Bytes> {
+        if page.cursor.is_some() {
+            self.cursor = page.cursor.clone();
+        }
+        if page.ids.is_empty() {
+            return None;
+        }
+        self.next += 1;
+        self.pending.push_back((
+            self.next,
+            Mailbox {
+                ids: page.ids.clone(),
+                ..Mailbox::default()
+            },
+        ));
+        Some(bytes::Bytes::copy_from_slice(&self.next.to_be_bytes()))
+    }
+
+    /// A pong: the pages it covers (every page up to its token), now read.
+    fn acked(&mut self, data: &[u8]) -> Option<Mailbox> {
+        let token = u64::from_be_bytes(data.try_into().ok()?);
+        let mut read = Mailbox::default();
+        while self.pending.front().is_some_and(|(t, _)| *t <= token) {
+            if let Some((_, p)) = self.pending.pop_front() {
+                read.ids.extend(p.ids);
+            }
+        }
+        (!read.ids.is_empty()).then_some(read)
+    }
+}
+
 /// Write `first` (the `welcome`), then the mailbox from `page` on, page by
-/// page. A page leaves the mailbox only once written: if a write fails or
-/// stalls, it stays for the next connection.
+/// page, each followed by a ping (see [`PageAcks`]).
 async fn write_mailbox<S>(
     shared: &Arc<Shared>,
     sink: &mut S,
     h: &ConnHandle,
     mut first: Option<WsMessage>,
     mut page: Mailbox,
+    acks: &mut PageAcks,
 ) -> Result<(), axum::Error>
 where
     S: futures::Sink<WsMessage, Error = axum::Error> + Unpin,
 {
     loop {
+        let ping = acks.written(&page).map(WsMessage::Ping);
         let frames = first
             .take()
             .into_iter()
-            .chain(page.msgs.iter().map(|m| WsMessage::Text(m.frame())));
+            .chain(page.msgs.iter().map(|m| WsMessage::Text(m.frame())))
+            .chain(ping);
         write_bounded(sink, h, frames).await?;
         for m in &page.msgs {
             delivered(shared, m.sent_ms);
         }
         if !page.more {
             if h.is_ready() {
-                shared.bus.mailbox_written(h, &page).await;
                 return Ok(());
             }
             // Messages that missed the full outbox meanwhile were routed
             // to the mailbox: take one more page once ready.
             h.set_ready();
         }
-        page = match shared.bus.take_mailbox(h, &page).await {
+        let after = Mailbox {
+            cursor: acks.cursor.clone(),
+            ..Mailbox::default()
+        };
+        page = match shared.bus.take_mailbox(h, &after).await {
             Ok(p) => p,
             Err(e) => {
                 // What was not taken stays for later (or a nudge).
