@@ -10,4 +10,4 @@ if [ "${1:-}" = short ]; then
 else
   export CHAOS_MESSAGES=${CHAOS_MESSAGES:-200000} CHAOS_SECS=${CHAOS_SECS:-300} CHAOS_USERS=${CHAOS_USERS:-200}
 fi
-cargo test --release --test chaos -- --nocapture 2>&1 | grep -E '^sent=|test result|panicked'
+cargo test --release --test chaos -- --nocapture 2>&1 | grep -E '^sent=|^chaos:|^faults:|^live nodes|^  [0-9]|test result|panicked'
