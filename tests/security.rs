@@ -980,26 +980,6 @@ async fn limit_topics_per_conn() {
 }
 
 /// `XADD` `n` messages of about 2 KB to `user`, pipelined; their ids.
-fn flood(r: &mut TestConn, user: &str, n: usize) -> Vec<String> {
-    let pad = "p".repeat(2000);
-    let mut ids: Vec<String> = Vec::with_capacity(n);
-    for chunk in 0..n.div_ceil(1000) {
-        let mut pipe = redis::pipe();
-        for i in chunk * 1000..n.min(chunk * 1000 + 1000) {
-            pipe.cmd("XADD")
-                .arg("wsc:send")
-                .arg("*")
-                .arg("to")
-                .arg(user)
-                .arg("payload")
-                .arg(json!({"n": i, "pad": pad}).to_string());
-        }
-        let v: Vec<String> = pipe.query(r).unwrap();
-        ids.extend(v);
-    }
-    ids
-}
-
 /// Read `c` until every id of `want` not in `already` has come, or
 /// `timeout`; the message ids it got.
 async fn collect(
@@ -1050,7 +1030,7 @@ async fn slow_consumer_closed_and_nothing_lost() {
     let slow_conn = slow.conn_id.clone();
     // From here `slow` does not read its socket.
     let mut r = redis.conn();
-    let ids = flood(&mut r, "slow", N);
+    let ids = send_many(&mut r, "slow", N, 2000);
     // The server closes it without the client reading: it leaves the
     // user's connections.
     let started = Instant::now();
@@ -1136,7 +1116,7 @@ async fn large_mailbox_not_lost_on_connect() {
     )])
     .await;
     let mut r = redis.conn();
-    let ids = flood(&mut r, "away", N);
+    let ids = send_many(&mut r, "away", N, 2000);
     // Routed entries leave the send stream (duplicates around a router
     // change are allowed, so the mailbox may hold more than N).
     eventually("all mailboxed", Duration::from_secs(40), || {
