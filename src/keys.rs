@@ -135,7 +135,7 @@ mod tests {
             user in "[A-Za-z0-9_.@:+=-]{1,128}",
             conn in "[A-Za-z0-9-]{1,40}",
         ) {
-            use crate::bus::conn::one_slot;
+            use crate::redis::conn::one_slot;
             let k = Keys::new(&prefix);
             let u = UserId::parse(&user).unwrap();
             let c = ConnId::from_redis(conn);
@@ -152,9 +152,13 @@ mod tests {
         let k = Keys::new("wsc");
         let a = UserId::parse("alice").unwrap();
         let b = UserId::parse("bob").unwrap();
-        let e = crate::lua::eval_cmd(crate::lua::MAILBOX, &[&k.user(&a), &k.mailbox(&b)]);
+        let e =
+            crate::redis::lua::eval_cmd(crate::redis::lua::MAILBOX, &[&k.user(&a), &k.mailbox(&b)]);
         assert!(e.is_err());
-        assert!(crate::lua::eval_cmd(crate::lua::MAILBOX, &[&k.user(&a), &k.mailbox(&a)]).is_ok());
+        assert!(
+            crate::redis::lua::eval_cmd(crate::redis::lua::MAILBOX, &[&k.user(&a), &k.mailbox(&a)])
+                .is_ok()
+        );
     }
 
     #[test]

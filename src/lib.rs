@@ -12,26 +12,30 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: flags and `WSC_*` variables, validated.
-//! - [`ids`]: `NodeId`, `ConnId`, `UserId`, `Topic` (validated before any key).
-//! - [`keys`]: every Redis key name, and the send-shard rule.
-//! - [`lua`]: the atomic scripts, one hash slot each.
-//! - [`message`]: a routed message and the server → client frames.
-//! - [`stream`]: reading stream replies as raw bytes.
-//! - [`ack`]: deferred acknowledgement once hand-offs are done.
-//! - [`cluster`]: membership — lease, heartbeat, new id after a lost lease,
-//!   the reaper.
-//! - [`router`]: routing, the send-shard router, inbox and topic readers,
-//!   batched publishing and acking.
-//! - [`gateway`]: WebSocket upgrade, auth, sessions, the connection
-//!   registry, `POST /api/send`.
-//! - [`bus`]: the Redis and in-process back-ends behind one trait; the
-//!   connection type and pipelines (`bus::conn`) that serve a single Redis
-//!   and Redis Cluster alike, and the cluster's slot map (`bus::slots`).
-//! - [`ops`]: health, readiness, metrics, cluster view.
-//! - [`node`]: `Node::build` and `Node::run`.
-//! - [`shutdown`]: signals and the drain schedule.
-//! - [`backoff`]: jittered exponential backoff.
+//! Dependencies flow one way, from the top of this list down to the
+//! leaves; no module imports one above it.
+//!
+//! - [`node`]: `Node::build` and `Node::run`: wires the parts up and owns
+//!   shutdown (leave, drain, stop).
+//! - [`gateway`]: the HTTP side: WebSocket upgrade, auth, sessions, the app
+//!   API, the ops endpoints, the guarded listener. Talks to a [`bus::Bus`].
+//! - [`cluster`]: the Redis back-end (`RedisBus`, an implementation of
+//!   [`bus::Bus`]): lease and heartbeat, re-registration, reconciliation,
+//!   the reaper, routing, the send-shard routers, the inbox readers.
+//! - [`bus`]: the gateway's one port: the [`bus::Bus`] trait and the
+//!   in-process back-end of a standalone node.
+//! - [`local`]: this node's connections (by connection, user and topic),
+//!   each with its bounded outbox: what both the gateway and the back-ends
+//!   deliver to.
+//! - [`redis`]: plumbing: connections and pipelines for a single Redis and
+//!   Redis Cluster, the slot map, the atomic scripts.
+//! - Leaves: [`config`] (flags and `WSC_*` variables, validated), [`ids`]
+//!   (`NodeId`, `ConnId`, `UserId`, `Topic`, validated before any key),
+//!   [`keys`] (every Redis key name, and the send-shard rule), [`message`]
+//!   (a routed message and the server → client frames), [`stream`] (stream
+//!   replies as raw bytes), [`ack`] (deferred acknowledgement), [`metrics`]
+//!   (the node's registry), [`shutdown`] (signals and the drain schedule),
+//!   [`backoff`] (jittered exponential backoff).
 
 pub mod ack;
 pub mod backoff;
@@ -41,11 +45,11 @@ pub mod config;
 pub mod gateway;
 pub mod ids;
 pub mod keys;
-pub mod lua;
+pub mod local;
 pub mod message;
+pub mod metrics;
 pub mod node;
-pub mod ops;
-pub mod router;
+pub mod redis;
 pub mod shutdown;
 pub mod stream;
 

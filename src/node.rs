@@ -11,15 +11,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::bus::Bus;
 use crate::bus::memory::MemoryBus;
-use crate::bus::redis::RedisBus;
+use crate::cluster::bus::RedisBus;
 use crate::config::{Config, ConfigError};
 use crate::gateway::auth::Auth;
 use crate::gateway::listener::GuardedListener;
-use crate::gateway::registry::Registry;
 use crate::gateway::session::CLOSE_GOING_AWAY;
 use crate::gateway::{self, Shared};
 use crate::ids::NodeId;
-use crate::ops::metrics::Metrics;
+use crate::local::Registry;
+use crate::metrics::Metrics;
 use crate::shutdown::drain_schedule;
 
 #[derive(Debug, thiserror::Error)]

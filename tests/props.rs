@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 use wscluster::gateway::frames::{self, ClientFrame};
 use wscluster::ids::{Topic, UserId};
-use wscluster::router::entry::{DeadReason, parse_send};
+use wscluster::cluster::entry::{DeadReason, parse_send};
 use wscluster::stream::RawEntry;
 
 /// The contract's user id: ^[A-Za-z0-9_\-.@:+=]{1,128}$ (written here

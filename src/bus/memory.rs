@@ -14,8 +14,8 @@ use tokio_util::task::TaskTracker;
 
 use super::{Bus, BusError, ClusterView, Mailbox, NodeView, Publish};
 use crate::ack::AckGuard;
-use crate::gateway::registry::{ConnHandle, Outgoing, Registry};
 use crate::ids::{NodeId, UserId};
+use crate::local::{ConnHandle, Outgoing, Registry};
 use crate::message::{Message, Target, now_ms};
 
 pub struct MemoryBus {

@@ -1,18 +1,14 @@
 //! The message bus behind the gateway: one trait, two back-ends.
 //!
 //! - [`memory::MemoryBus`]: a standalone node, no Redis (`--redis-url` unset).
-//! - [`redis::RedisBus`]: a cluster node — lease, inbox, routers, reaper.
-//! - [`conn`]: its connection type and pipelines, for a single Redis and
-//!   Redis Cluster alike; [`slots`]: the cluster's slot map.
+//! - `RedisBus`, in the `cluster` module (which depends on this one, never
+//!   the other way): a cluster node — lease, inbox, routers, reaper.
 //!
 //! The gateway only registers connections, publishes messages and asks for
 //! the cluster view; deliveries come back through the shared
-//! [`Registry`](crate::gateway::registry::Registry).
+//! [`Registry`](crate::local::Registry).
 
-pub mod conn;
 pub mod memory;
-pub mod redis;
-pub mod slots;
 
 use std::sync::Arc;
 
@@ -22,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::ack::AckGuard;
-use crate::gateway::registry::ConnHandle;
 use crate::ids::{NodeId, UserId};
+use crate::local::ConnHandle;
 use crate::message::{Message, Target};
 
 /// A message to add (from a client `send` or `POST /api/send`).

@@ -14,13 +14,14 @@ use tokio_util::sync::CancellationToken;
 use crate::ack::AckGuard;
 use crate::backoff::Backoff;
 use crate::bus::Mailbox;
-use crate::bus::conn::Batch;
-use crate::bus::redis::{Ctx, MAILBOX_PAGE, mailbox_page, register_cmd, take_cmd};
-use crate::gateway::registry::{ConnHandle, Outgoing};
+use crate::cluster::Ctx;
+use crate::cluster::route::acker::AckJob;
+use crate::cluster::sessions::{MAILBOX_PAGE, mailbox_page, register_cmd, take_cmd};
 use crate::ids::{ConnId, NodeId, UserId};
 use crate::keys::INBOX_GROUP;
-use crate::lua;
-use crate::router::acker::AckJob;
+use crate::local::{ConnHandle, Outgoing};
+use crate::redis::conn::Batch;
+use crate::redis::lua;
 use crate::stream;
 
 /// What a renewal found.

@@ -1,12 +1,29 @@
-//! Membership: who this node is, whether it holds its lease, and what it
-//! knows of the other nodes.
+//! The Redis back-end: a cluster node.
 //!
-//! - [`lease`]: join, heartbeat, and taking a new id after a lost lease.
+//! - [`bus`]: [`bus::RedisBus`], the [`Bus`](crate::bus::Bus) the gateway
+//!   uses; it connects, joins and starts every loop below, which share one
+//!   [`Ctx`].
+//! - [`sessions`]: a connection's entries in Redis (register with the first
+//!   mailbox page, mailbox pages, unregister).
+//! - [`entry`]: the send-stream entries apps write, and the inbox/mailbox
+//!   format.
+//! - [`lease`]: join, heartbeat, a new id after a lost lease, pipelined
+//!   re-registration, reconciliation of stale entries.
 //! - [`reaper`]: reaping nodes whose lease expired (and leaving).
-//! - [`Membership`]: the shared state those loops keep up to date.
+//! - [`route`]: routing, the send-shard router, the inbox and topic
+//!   readers, batched publishing and acknowledging.
+//! - [`Membership`]: this node's identity and lease, and its view of the
+//!   other nodes, which those loops keep up to date.
 
+pub mod bus;
+mod ctx;
+pub mod entry;
 pub mod lease;
 pub mod reaper;
+pub mod route;
+pub mod sessions;
+
+pub use ctx::Ctx;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -17,12 +17,12 @@ use rand::Rng;
 use redis::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::conn::Batch;
-use crate::bus::redis::Ctx;
+use crate::cluster::Ctx;
+use crate::cluster::route as router;
 use crate::ids::{ConnId, NodeId, UserId};
-use crate::lua;
 use crate::message::Message;
-use crate::router;
+use crate::redis::conn::Batch;
+use crate::redis::lua;
 use crate::stream;
 
 /// Entries re-routed per round while reaping.
@@ -162,7 +162,7 @@ async fn reap_steps(
             }
             let msgs: Vec<Arc<Message>> = entries
                 .iter()
-                .filter_map(router::entry::parse_internal)
+                .filter_map(crate::cluster::entry::parse_internal)
                 .map(|mut m| {
                     m.hops += 1;
                     Arc::new(m)
@@ -204,7 +204,7 @@ async fn reap_steps(
             let msgs: Vec<Arc<Message>> = pages
                 .iter()
                 .flat_map(stream::entries)
-                .filter_map(|e| router::entry::parse_internal(&e))
+                .filter_map(|e| crate::cluster::entry::parse_internal(&e))
                 .map(|mut m| {
                     m.hops += 1;
                     Arc::new(m)

@@ -4,15 +4,15 @@
 //! - [`auth`]: tokens and `?user=` (dev).
 //! - [`frames`]: client → server frames.
 //! - [`session`]: one WebSocket connection.
-//! - [`registry`]: the connections of this node.
 //! - [`api`]: `POST /api/send`.
+//! - [`ops`]: health, readiness, metrics and the cluster view (contract §8).
 //! - [`listener`]: the TCP listener, with a handshake deadline.
 
 pub mod api;
 pub mod auth;
 pub mod frames;
 pub mod listener;
-pub mod registry;
+pub mod ops;
 pub mod session;
 
 use std::collections::HashMap;
@@ -28,10 +28,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::bus::Bus;
 use crate::config::{Config, Origins};
-use crate::ops;
-use crate::ops::metrics::Metrics;
+use crate::local::Registry;
+use crate::metrics::Metrics;
 use auth::Auth;
-use registry::Registry;
 
 /// Read buffer per WebSocket: tungstenite's default (128 KiB) would cost
 /// ~137 KB per idle connection; 1 KiB costs ~3 KB. It is only the read

@@ -16,9 +16,9 @@ use tokio::sync::mpsc;
 use super::Shared;
 use super::auth::Principal;
 use super::frames::{self, ClientFrame};
-use super::registry::{ConnHandle, Outgoing};
 use crate::bus::{Mailbox, Publish};
 use crate::ids::ConnId;
+use crate::local::{ConnHandle, Outgoing};
 use crate::message::{self, Target, now_ms};
 
 /// Close codes (contract §3).

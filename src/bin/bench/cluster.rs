@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use wscluster::bus::conn::Connector;
+use wscluster::redis::conn::Connector;
 
 /// Where the cluster comes from and how local nodes are started.
 #[derive(clap::Args, Clone, Debug)]

@@ -298,10 +298,10 @@ return 1
 /// Refused if its keys span hash slots, on a single Redis too, so no such
 /// call can pass the tests and then fail on Redis Cluster.
 ///
-/// [`Batch::eval`]: crate::bus::conn::Batch::eval
+/// [`Batch::eval`]: crate::redis::conn::Batch::eval
 pub fn eval_cmd(script: &str, keys: &[&str]) -> Result<redis::Cmd, redis::RedisError> {
-    if !crate::bus::conn::one_slot(keys) {
-        return Err(crate::bus::conn::cross_slot(keys));
+    if !crate::redis::conn::one_slot(keys) {
+        return Err(crate::redis::conn::cross_slot(keys));
     }
     let mut c = redis::cmd("EVAL");
     c.arg(script).arg(keys.len()).arg(keys);
@@ -311,7 +311,7 @@ pub fn eval_cmd(script: &str, keys: &[&str]) -> Result<redis::Cmd, redis::RedisE
 /// Release a named lease (router, reap lock) if `holder` holds it. 1 if
 /// released.
 pub async fn release_lease(
-    conn: &mut crate::bus::conn::Conn,
+    conn: &mut crate::redis::conn::Conn,
     key: &str,
     holder: &str,
 ) -> Result<i64, redis::RedisError> {
@@ -323,7 +323,7 @@ pub async fn release_lease(
 
 /// Renew a named lease if `holder` holds it. 1 if renewed.
 pub async fn renew_lease(
-    conn: &mut crate::bus::conn::Conn,
+    conn: &mut crate::redis::conn::Conn,
     key: &str,
     holder: &str,
     ttl_ms: u64,

@@ -8,10 +8,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Mailbox;
-use crate::bus::conn::Batch;
-use crate::bus::redis::{Ctx, take_cmd};
+use crate::cluster::Ctx;
+use crate::cluster::sessions::take_cmd;
 use crate::ids::UserId;
 use crate::keys::ROUTER_GROUP;
+use crate::redis::conn::Batch;
 
 /// What to acknowledge.
 #[derive(Debug)]

@@ -15,8 +15,8 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::conn::Batch;
-use crate::bus::redis::Ctx;
+use crate::cluster::Ctx;
+use crate::redis::conn::Batch;
 
 pub struct PublishReq {
     pub key: String,

@@ -6,12 +6,10 @@
 //!   message.
 //! - [`send`]: the router of a send shard (one node at a time, by lease).
 //! - [`inbox`]: the readers of this node's inbox and the topic stream.
-//! - [`entry`]: parsing send-stream entries; the inbox/mailbox format.
 //! - [`publish`]: batched `XADD`s for client sends and the HTTP API.
 //! - [`acker`]: batched `XACK`/`XDEL` once hand-offs are done.
 
 pub mod acker;
-pub mod entry;
 pub mod inbox;
 pub mod publish;
 pub mod send;
@@ -25,12 +23,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ack::AckGuard;
 use crate::backoff::Backoff;
-use crate::bus::conn::{Batch, Conn};
-use crate::bus::redis::{Ctx, user_keys};
+use crate::cluster::Ctx;
 use crate::cluster::NodeStatus;
+use crate::cluster::entry;
+use crate::cluster::sessions::user_keys;
 use crate::ids::{NodeId, UserId};
-use crate::lua;
 use crate::message::{MAX_HOPS, Message, Target};
+use crate::redis::conn::{Batch, Conn};
+use crate::redis::lua;
 use crate::stream;
 
 /// A message to route again, with the guard of whatever it came from.

@@ -1,8 +1,6 @@
 //! Operations endpoints (contract §8): health, readiness, metrics, and the
 //! cluster view.
 
-pub mod metrics;
-
 use std::sync::Arc;
 
 use axum::Json;
@@ -10,7 +8,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::gateway::Shared;
+use super::Shared;
 
 /// 200 while the process runs.
 pub async fn healthz() -> &'static str {

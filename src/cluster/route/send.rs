@@ -15,15 +15,15 @@ use redis::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::acker::AckJob;
-use super::entry::{self, DeadReason};
 use crate::ack::AckGuard;
 use crate::backoff::Backoff;
-use crate::bus::conn::{Batch, Conn};
-use crate::bus::redis::Ctx;
+use crate::cluster::Ctx;
+use crate::cluster::entry::{self, DeadReason};
 use crate::ids::NodeId;
 use crate::keys::ROUTER_GROUP;
-use crate::lua;
 use crate::message::Message;
+use crate::redis::conn::{Batch, Conn};
+use crate::redis::lua;
 use crate::stream::{self, RawEntry};
 
 /// Entries read per batch.
@@ -140,7 +140,7 @@ async fn lead(
     claim_pending(ctx, shard, &key, me, 0, lease_until).await?;
     let mut claimed_at = Instant::now();
 
-    let block_ms = (hb / 2).clamp(Duration::from_millis(5), crate::bus::conn::MAX_BLOCK / 2);
+    let block_ms = (hb / 2).clamp(Duration::from_millis(5), crate::redis::conn::MAX_BLOCK / 2);
     loop {
         if stop.is_cancelled() || ctx.leaving.is_cancelled() || ctx.membership.id() != *me {
             super::acker::flush(ctx, ttl / 2).await;

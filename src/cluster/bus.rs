@@ -18,79 +18,22 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::conn::{Batch, Conn, Connector};
-use super::{Bus, BusError, ClusterView, Mailbox, NodeView, Publish};
 use crate::ack::AckGuard;
 use crate::backoff::Backoff;
-use crate::cluster::{self, Membership};
+use crate::bus::{Bus, BusError, ClusterView, Mailbox, NodeView, Publish};
+use crate::cluster::route::{self as router, publish::PublishReq};
+use crate::cluster::sessions::{
+    MAILBOX_PAGE, mailbox_page, register_under, take_cmd, unregister_under,
+};
+use crate::cluster::{self, Ctx, Membership};
 use crate::config::{Config, redact_url};
-use crate::gateway::registry::{ConnHandle, Registry};
 use crate::ids::{NodeId, UserId};
 use crate::keys::{Keys, shard_of};
-use crate::lua;
+use crate::local::{ConnHandle, Registry};
 use crate::message::{Message, Target};
-use crate::ops::metrics::Metrics;
-use crate::router::{self, Reroute, acker::AckJob, publish::PublishReq};
+use crate::metrics::Metrics;
+use crate::redis::conn::{Batch, Conn, Connector};
 use crate::stream;
-
-/// Everything the node's Redis loops share.
-pub struct Ctx {
-    pub cfg: Arc<Config>,
-    pub keys: Keys,
-    /// Makes connections: single Redis or Redis Cluster.
-    pub connector: Connector,
-    /// Multiplexed, auto-reconnecting connection for every non-blocking
-    /// command. Blocking reads get connections of their own.
-    pub conn: Conn,
-    /// A connection of its own for leases (node, router, reap lock): a
-    /// renewal must never queue behind a large pipeline or reply.
-    pub lease_conn: Conn,
-    pub membership: Membership,
-    pub registry: Arc<Registry>,
-    pub metrics: Arc<Metrics>,
-    pub reroute: mpsc::UnboundedSender<Reroute>,
-    pub acks: mpsc::UnboundedSender<AckJob>,
-    pub publisher: mpsc::Sender<PublishReq>,
-    /// Send shards this node routes now.
-    pub routing: Mutex<BTreeSet<u32>>,
-    /// When this node last handed a shard over to spread the routers.
-    pub handed_off_at: Mutex<Option<std::time::Instant>>,
-    /// Cancelled when the node starts to leave: routers and the reaper stop.
-    pub leaving: CancellationToken,
-    /// Cancelled when a leaving node starts to reap itself: its readers
-    /// stop so they do not race the self-reap.
-    pub readers_stop: CancellationToken,
-}
-
-impl Ctx {
-    pub fn ttl_ms(&self) -> u64 {
-        self.cfg.lease_ttl.as_millis() as u64
-    }
-
-    /// A connection for blocking reads (see [`Connector::blocking`]).
-    pub async fn blocking_conn(&self) -> Result<Conn, redis::RedisError> {
-        self.connector.blocking().await
-    }
-
-    /// The shards a node should route, spreading them over the live
-    /// nodes: ceil(shards / live nodes).
-    pub fn fair_share(&self) -> usize {
-        let live = self.membership.live.live_count().max(1);
-        (self.cfg.send_shards as usize).div_ceil(live)
-    }
-
-    pub fn shards_routed(&self) -> Vec<u32> {
-        self.routing
-            .lock()
-            .map(|s| s.iter().copied().collect())
-            .unwrap_or_default()
-    }
-
-    /// Count a Redis error (logging is left to the caller, once).
-    pub fn redis_error(&self) {
-        self.metrics.redis_errors.inc();
-    }
-}
 
 /// The Redis bus handle.
 pub struct RedisBus {
@@ -307,7 +250,7 @@ impl Bus for RedisBus {
             .await
             .map_err(|_| BusError::Unavailable)?;
         let id = rx.await.map_err(|_| BusError::Unavailable)??;
-        Ok(router::entry::public_id(shard, &id))
+        Ok(crate::cluster::entry::public_id(shard, &id))
     }
 
     async fn user_connections(&self, user: &UserId) -> Result<usize, BusError> {
@@ -419,121 +362,4 @@ async fn read_cluster_view(ctx: &Ctx) -> Result<ClusterView, BusError> {
             })
             .collect(),
     })
-}
-
-/// Messages per mailbox page.
-pub const MAILBOX_PAGE: usize = 100;
-
-/// Register `h` under node id `me` and read the first page of the user's
-/// mailbox, in one script in the user's slot. The per-node index entry goes
-/// first, so a reaper always finds what the user hash may name (on Redis
-/// Cluster the two are in different slots: two steps, in that order).
-pub async fn register_under(
-    ctx: &Ctx,
-    me: &NodeId,
-    h: &ConnHandle,
-) -> Result<Mailbox, redis::RedisError> {
-    let mut conn = ctx.conn.clone();
-    let mut batch = Batch::new();
-    batch
-        .cmd_ignored("HSET", &ctx.keys.node_conns(me))
-        .arg(h.conn.as_str())
-        .arg(h.user.as_str());
-    if conn.is_cluster() {
-        std::mem::take(&mut batch).run(&mut conn).await?;
-    }
-    register_cmd(ctx, &mut batch, me, h);
-    let replies = batch.run(&mut conn).await?;
-    Ok(mailbox_page(replies.last(), None))
-}
-
-/// Add the `REGISTER` script for `h` under `me` to `batch` (its reply is a
-/// mailbox page: [`mailbox_page`]).
-pub fn register_cmd(ctx: &Ctx, batch: &mut Batch, me: &NodeId, h: &ConnHandle) {
-    let k = user_keys(ctx, &h.user);
-    batch
-        .eval(lua::REGISTER, &[&k[0], &k[1], &k[2]], true)
-        .arg(h.conn.as_str())
-        .arg(me.as_str())
-        .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
-        .arg(MAILBOX_PAGE);
-}
-
-/// Add the `TAKE_MAILBOX` script to `batch`: delete `written` from the
-/// mailbox of `h`'s user, then read `page` entries after it (0: none).
-pub fn take_cmd(ctx: &Ctx, batch: &mut Batch, user: &UserId, written: &Mailbox, page: usize) {
-    let after = written
-        .cursor
-        .as_ref()
-        .map_or_else(|| "-".to_owned(), |c| format!("({c}"));
-    let k = user_keys(ctx, user);
-    batch
-        .eval(lua::TAKE_MAILBOX, &[&k[0], &k[1], &k[2]], page > 0)
-        .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
-        .arg(page)
-        .arg(after)
-        .arg(&written.ids);
-}
-
-/// The keys of a user's mailbox scripts, all in the user's slot.
-pub fn user_keys(ctx: &Ctx, user: &UserId) -> [String; 3] {
-    [
-        ctx.keys.user(user),
-        ctx.keys.mailbox(user),
-        ctx.keys.mailbox_bytes(user),
-    ]
-}
-
-/// Remove `h`'s entry under node id `me`: the user's field first (only if
-/// it still names `me`), then the per-node index, so the index always
-/// holds whatever the user hash may name (reconciliation and reapers work
-/// from it).
-pub async fn unregister_under(
-    ctx: &Ctx,
-    me: &NodeId,
-    h: &ConnHandle,
-) -> Result<(), redis::RedisError> {
-    let mut conn = ctx.conn.clone();
-    let mut batch = Batch::new();
-    batch
-        .eval(lua::UNREGISTER_IF, &[&ctx.keys.user(&h.user)], false)
-        .arg(h.conn.as_str())
-        .arg(me.as_str());
-    if conn.is_cluster() {
-        std::mem::take(&mut batch).run(&mut conn).await?;
-    }
-    batch
-        .cmd_ignored("HDEL", &ctx.keys.node_conns(me))
-        .arg(h.conn.as_str());
-    batch.run(&mut conn).await?;
-    Ok(())
-}
-
-/// Read a `{more, entries}` reply; `cursor`: where the page before ended.
-pub fn mailbox_page(v: Option<&Value>, cursor: Option<String>) -> Mailbox {
-    let Some(Value::Array(parts)) = v else {
-        return Mailbox {
-            cursor,
-            ..Mailbox::default()
-        };
-    };
-    let entries = parts.get(1).map(stream::entries).unwrap_or_default();
-    let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-    let msgs = entries
-        .iter()
-        .filter_map(|e| {
-            let m = router::entry::parse_internal(e);
-            if m.is_none() {
-                tracing::warn!(id = %e.id, "unreadable mailbox entry dropped");
-            }
-            m
-        })
-        .map(Arc::new)
-        .collect();
-    Mailbox {
-        cursor: ids.last().cloned().or(cursor),
-        more: parts.first().and_then(stream::int) == Some(1),
-        msgs,
-        ids,
-    }
 }

@@ -13,20 +13,20 @@ use redis::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::acker::AckJob;
-use super::entry;
 use crate::ack::AckGuard;
 use crate::backoff::Backoff;
-use crate::bus::conn::Conn;
-use crate::bus::redis::Ctx;
-use crate::gateway::registry::Outgoing;
+use crate::cluster::Ctx;
+use crate::cluster::entry;
 use crate::ids::NodeId;
+use crate::local::Outgoing;
+use crate::redis::conn::Conn;
 use crate::stream;
 
 const BATCH: usize = 512;
 
 fn block_ms(ctx: &Ctx) -> u64 {
     (ctx.cfg.heartbeat / 2)
-        .clamp(Duration::from_millis(5), crate::bus::conn::MAX_BLOCK)
+        .clamp(Duration::from_millis(5), crate::redis::conn::MAX_BLOCK)
         .as_millis() as u64
 }
 

@@ -1,0 +1,133 @@
+//! A connection's entries in Redis: registering it (with the first page
+//! of its user's mailbox, in one step), reading and deleting mailbox pages,
+//! and unregistering it. Shared by the gateway's sessions (through
+//! [`super::bus::RedisBus`]), re-registration and the acker.
+
+use std::sync::Arc;
+
+use redis::Value;
+
+use super::Ctx;
+use crate::bus::Mailbox;
+use crate::ids::{NodeId, UserId};
+use crate::local::ConnHandle;
+use crate::redis::conn::Batch;
+use crate::redis::lua;
+use crate::stream;
+
+/// Messages per mailbox page.
+pub const MAILBOX_PAGE: usize = 100;
+
+/// Register `h` under node id `me` and read the first page of the user's
+/// mailbox, in one script in the user's slot. The per-node index entry goes
+/// first, so a reaper always finds what the user hash may name (on Redis
+/// Cluster the two are in different slots: two steps, in that order).
+pub async fn register_under(
+    ctx: &Ctx,
+    me: &NodeId,
+    h: &ConnHandle,
+) -> Result<Mailbox, redis::RedisError> {
+    let mut conn = ctx.conn.clone();
+    let mut batch = Batch::new();
+    batch
+        .cmd_ignored("HSET", &ctx.keys.node_conns(me))
+        .arg(h.conn.as_str())
+        .arg(h.user.as_str());
+    if conn.is_cluster() {
+        std::mem::take(&mut batch).run(&mut conn).await?;
+    }
+    register_cmd(ctx, &mut batch, me, h);
+    let replies = batch.run(&mut conn).await?;
+    Ok(mailbox_page(replies.last(), None))
+}
+
+/// Add the `REGISTER` script for `h` under `me` to `batch` (its reply is a
+/// mailbox page: [`mailbox_page`]).
+pub fn register_cmd(ctx: &Ctx, batch: &mut Batch, me: &NodeId, h: &ConnHandle) {
+    let k = user_keys(ctx, &h.user);
+    batch
+        .eval(lua::REGISTER, &[&k[0], &k[1], &k[2]], true)
+        .arg(h.conn.as_str())
+        .arg(me.as_str())
+        .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
+        .arg(MAILBOX_PAGE);
+}
+
+/// Add the `TAKE_MAILBOX` script to `batch`: delete `written` from the
+/// mailbox of `h`'s user, then read `page` entries after it (0: none).
+pub fn take_cmd(ctx: &Ctx, batch: &mut Batch, user: &UserId, written: &Mailbox, page: usize) {
+    let after = written
+        .cursor
+        .as_ref()
+        .map_or_else(|| "-".to_owned(), |c| format!("({c}"));
+    let k = user_keys(ctx, user);
+    batch
+        .eval(lua::TAKE_MAILBOX, &[&k[0], &k[1], &k[2]], page > 0)
+        .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
+        .arg(page)
+        .arg(after)
+        .arg(&written.ids);
+}
+
+/// The keys of a user's mailbox scripts, all in the user's slot.
+pub fn user_keys(ctx: &Ctx, user: &UserId) -> [String; 3] {
+    [
+        ctx.keys.user(user),
+        ctx.keys.mailbox(user),
+        ctx.keys.mailbox_bytes(user),
+    ]
+}
+
+/// Remove `h`'s entry under node id `me`: the user's field first (only if
+/// it still names `me`), then the per-node index, so the index always
+/// holds whatever the user hash may name (reconciliation and reapers work
+/// from it).
+pub async fn unregister_under(
+    ctx: &Ctx,
+    me: &NodeId,
+    h: &ConnHandle,
+) -> Result<(), redis::RedisError> {
+    let mut conn = ctx.conn.clone();
+    let mut batch = Batch::new();
+    batch
+        .eval(lua::UNREGISTER_IF, &[&ctx.keys.user(&h.user)], false)
+        .arg(h.conn.as_str())
+        .arg(me.as_str());
+    if conn.is_cluster() {
+        std::mem::take(&mut batch).run(&mut conn).await?;
+    }
+    batch
+        .cmd_ignored("HDEL", &ctx.keys.node_conns(me))
+        .arg(h.conn.as_str());
+    batch.run(&mut conn).await?;
+    Ok(())
+}
+
+/// Read a `{more, entries}` reply; `cursor`: where the page before ended.
+pub fn mailbox_page(v: Option<&Value>, cursor: Option<String>) -> Mailbox {
+    let Some(Value::Array(parts)) = v else {
+        return Mailbox {
+            cursor,
+            ..Mailbox::default()
+        };
+    };
+    let entries = parts.get(1).map(stream::entries).unwrap_or_default();
+    let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+    let msgs = entries
+        .iter()
+        .filter_map(|e| {
+            let m = crate::cluster::entry::parse_internal(e);
+            if m.is_none() {
+                tracing::warn!(id = %e.id, "unreadable mailbox entry dropped");
+            }
+            m
+        })
+        .map(Arc::new)
+        .collect();
+    Mailbox {
+        cursor: ids.last().cloned().or(cursor),
+        more: parts.first().and_then(stream::int) == Some(1),
+        msgs,
+        ids,
+    }
+}
