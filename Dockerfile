@@ -10,8 +10,10 @@
 FROM rust:1-bookworm AS builder
 WORKDIR /src
 # .dockerignore keeps target/, .git/, .cache/ and helm/ out of the context.
+# The workspace's other members (bench/, testkit/) are copied for cargo to
+# read the workspace, but only the server package is built.
 COPY . .
-RUN cargo build --release --locked --bin wscluster \
+RUN cargo build --release --locked -p wscluster --bin wscluster \
  && install -D -m 0755 target/release/wscluster /out/wscluster
 
 # ---- run ---------------------------------------------------------------------

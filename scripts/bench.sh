@@ -31,7 +31,9 @@ need_pkg redis-cli redis-tools
 need_pkg /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf fonts-dejavu-core
 
 echo "== build (release)"
-cargo build --release --bins --quiet || exit 1
+# The server and the tool (bench/ in the workspace), side by side in
+# target/release: the tool starts the wscluster binary next to it.
+cargo build --release --workspace --bins --quiet || exit 1
 
 T=${CARGO_TARGET_DIR:-target}
 B=$T/release/wscluster-bench
@@ -89,8 +91,9 @@ for _ in $(seq "${RC_REPEAT:-3}"); do
 done
 echo "== report"
 commit=$(git rev-parse --short HEAD 2>/dev/null || true)
-# The server's code, not this tool's, decides whether the tree is "dirty".
-if [ -n "$commit" ] && [ -n "$(git status --porcelain -- src ':!src/bin/bench' ':!src/bin/wscluster-bench.rs' 2>/dev/null)" ]; then
+# The server's code (src/), not this tool's (bench/), decides whether the
+# tree is "dirty".
+if [ -n "$commit" ] && [ -n "$(git status --porcelain -- src 2>/dev/null)" ]; then
   commit="$commit + uncommitted changes"
 fi
 "$B" report --json "$R" --out BENCHMARKS.md --plot BENCHMARKS-latency.png ${commit:+--commit "$commit"} || failed+=(report)

@@ -23,9 +23,11 @@ need_pkg npm npm
 [ -d tests/browser/node_modules/playwright-core ] || (cd tests/browser && npm ci --no-audit --no-fund --silent)
 
 # redis-server is started per test on a free port; the Debian service is not needed.
+# The workspace: the server (root package), bench/ (wscluster-bench, wsc-lb)
+# and testkit/ (the launchers the tests and the bench share).
 echo "== format and lints"
-cargo fmt --check
-cargo clippy --all-targets --quiet -- -D warnings
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 # Run `cargo test ARGS…`, print the summary lines; on failure the log's
 # tail, and exit with cargo's status.
@@ -49,7 +51,7 @@ run_tests() {
 }
 
 echo "== unit and integration tests (single Redis; tests/redis_cluster.rs on Redis Cluster)"
-run_tests --all-targets
+run_tests --workspace --all-targets
 
 # The core, failure and chaos tests again, each on a fresh 3-primary Redis
 # Cluster (a shorter soak, to keep the suite well under 10 minutes). Left out:
@@ -61,7 +63,9 @@ WSC_TEST_REDIS_CLUSTER=1 CHAOS_SECS=12 CHAOS_MESSAGES=10000 \
   --skip redis_restart_empty --skip redis_down_at_boot
 
 echo "== benchmark tool smoke run (figures printed, never asserted as timings)"
-cargo run --quiet --bin wscluster-bench -- smoke
+# The bench starts the wscluster binary built next to it.
+cargo build --quiet -p wscluster --bin wscluster
+cargo run --quiet -p wscluster-bench --bin wscluster-bench -- smoke
 
 if [ -x scripts/chart-check.sh ]; then
   echo "== helm chart"

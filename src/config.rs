@@ -1,7 +1,7 @@
 //! Configuration: flags and `WSC_*` environment variables (contract §2).
 //!
-//! `Config::parse_from_env_and_args` refuses bad settings with one line that
-//! names the setting, so `main` can print it and exit non-zero.
+//! [`Config::from_args`] refuses bad settings with one line that names the
+//! setting, so `main` can print it and exit non-zero.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,6 +12,9 @@ use clap::Parser;
 /// Why a configuration was refused. Each message names the setting.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// Flags that do not parse (clap's own message names the flag).
+    #[error("{0}")]
+    Flags(String),
     #[error("--redis-url (WSC_REDIS_URL): {0}")]
     RedisUrl(String),
     #[error(
@@ -387,20 +390,18 @@ impl Config {
     }
 
     /// Parse from an argument list (the first item is the program name).
-    pub fn try_parse_from<I, T>(it: I) -> Result<Self, String>
+    pub fn try_parse_from<I, T>(it: I) -> Result<Self, ConfigError>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let args = Args::try_parse_from(it).map_err(|e| e.to_string())?;
-        Config::from_args(args).map_err(|e| e.to_string())
+        let args = Args::try_parse_from(it).map_err(|e| ConfigError::Flags(e.to_string()))?;
+        Config::from_args(args)
     }
 
     /// The listen address as a socket address.
-    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
-        self.listen
-            .parse()
-            .map_err(|e| format!("--listen (WSC_LISTEN): {e}"))
+    pub fn listen_addr(&self) -> Result<SocketAddr, std::net::AddrParseError> {
+        self.listen.parse()
     }
 }
 
@@ -411,7 +412,7 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Config, String> {
         let mut v = vec!["wscluster"];
         v.extend_from_slice(args);
-        Config::try_parse_from(v)
+        Config::try_parse_from(v).map_err(|e| e.to_string())
     }
 
     #[test]

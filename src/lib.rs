@@ -37,21 +37,27 @@
 //!   (the node's registry), [`shutdown`] (signals and the drain schedule),
 //!   [`backoff`] (jittered exponential backoff).
 
-pub mod ack;
-pub mod backoff;
-pub mod bus;
-pub mod cluster;
+mod ack;
+mod backoff;
+mod bus;
+mod cluster;
 pub mod config;
-pub mod gateway;
+mod gateway;
 pub mod ids;
 pub mod keys;
-pub mod local;
+mod local;
 pub mod message;
-pub mod metrics;
-pub mod node;
-pub mod redis;
+mod metrics;
+mod node;
+mod redis;
 pub mod shutdown;
 pub mod stream;
 
+pub use cluster::entry::{DeadReason, parse_send};
 pub use config::Config;
-pub use node::Node;
+pub use gateway::frames;
+pub use node::{Node, NodeError};
+/// Redis the node's way (single or cluster), for tools and tests.
+pub use redis::conn::{Batch, Connector};
+/// The atomic scripts, for tests that run them on their own Redis.
+pub use redis::lua;

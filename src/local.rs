@@ -139,10 +139,6 @@ impl ConnHandle {
             .map(|g| g.as_ref() == Some(node))
             .unwrap_or(false)
     }
-
-    pub fn topic_count(&self) -> usize {
-        self.topics.lock().map(|t| t.len()).unwrap_or(0)
-    }
 }
 
 /// All connections of this node.
@@ -200,10 +196,6 @@ impl Registry {
         self.conns.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
-    }
-
     pub fn all(&self) -> Vec<Arc<ConnHandle>> {
         self.conns.iter().map(|e| e.value().clone()).collect()
     }
@@ -214,10 +206,6 @@ impl Registry {
 
     pub fn user_conns(&self, user: &UserId) -> Vec<Arc<ConnHandle>> {
         self.users.get(user).map(|v| v.clone()).unwrap_or_default()
-    }
-
-    pub fn has_user(&self, user: &UserId) -> bool {
-        self.users.contains_key(user)
     }
 
     /// Queue `out` for every connection of `user` here. A ready connection
@@ -316,8 +304,8 @@ mod tests {
         assert_eq!(r.deliver_topic(&t, &out), (0, 0));
         assert_eq!(r.deliver_user(&u, &out).queued, 1);
         r.remove(&b.conn);
-        assert!(!r.has_user(&u));
-        assert!(r.is_empty());
+        assert!(r.user_conns(&u).is_empty());
+        assert_eq!(r.len(), 0);
     }
 
     #[test]

@@ -128,6 +128,20 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// The counters the operator page shows, read from the registry's
+    /// metrics themselves (names as exposed).
+    pub fn overview(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("wsc_connections", self.connections.get().max(0) as u64),
+            ("wsc_messages_delivered_total", self.delivered.get()),
+            ("wsc_messages_routed_total", self.routed.get()),
+            ("wsc_messages_rerouted_total", self.rerouted.get()),
+            ("wsc_messages_mailboxed_total", self.mailboxed.get()),
+            ("wsc_messages_dead_total", self.dead.get()),
+            ("wsc_nodes_reaped_total", self.reaped.get()),
+        ]
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -143,6 +157,7 @@ mod tests {
     fn names() {
         let m = super::Metrics::new();
         m.delivered.inc();
+        assert!(m.overview().contains(&("wsc_messages_delivered_total", 1)));
         let text = m.render();
         for name in [
             "wsc_connections",

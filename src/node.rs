@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -20,7 +19,7 @@ use crate::gateway::{self, Shared};
 use crate::ids::NodeId;
 use crate::local::Registry;
 use crate::metrics::Metrics;
-use crate::shutdown::drain_schedule;
+use crate::shutdown::{Lifecycle, Phase, drain_schedule};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -52,6 +51,10 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 pub struct Node {
     shared: Arc<Shared>,
+    /// The Redis back-end, when there is one (else the in-process bus).
+    cluster: Option<Arc<RedisBus>>,
+    /// The node's phase: this node is its one owner.
+    life: Lifecycle,
     listener: TcpListener,
     addr: SocketAddr,
 }
@@ -62,19 +65,26 @@ impl Node {
     pub async fn build(cfg: Config) -> Result<Node, NodeError> {
         let cfg = Arc::new(cfg);
         let auth = Auth::new(&cfg)?;
-        let addr = cfg.listen_addr().map_err(NodeError::Listen)?;
+        let addr = cfg
+            .listen_addr()
+            .map_err(|e| NodeError::Listen(e.to_string()))?;
         let listener = bind(addr).map_err(|e| NodeError::Listen(format!("{addr}: {e}")))?;
         let addr = listener
             .local_addr()
             .map_err(|e| NodeError::Listen(e.to_string()))?;
         let registry = Arc::new(Registry::new());
         let metrics = Arc::new(Metrics::new());
-        let bus: Arc<dyn Bus> = match &cfg.redis_url {
-            Some(_) => Arc::new(RedisBus::new(
+        let life = Lifecycle::new();
+        let cluster = cfg.redis_url.as_ref().map(|_| {
+            Arc::new(RedisBus::new(
                 cfg.clone(),
                 registry.clone(),
                 metrics.clone(),
-            )),
+                life.clone(),
+            ))
+        });
+        let bus: Arc<dyn Bus> = match &cluster {
+            Some(c) => c.clone(),
             None => Arc::new(MemoryBus::new(
                 registry.clone(),
                 cfg.mailbox_max,
@@ -82,18 +92,20 @@ impl Node {
                 cfg.mailbox_max_bytes,
             )),
         };
-        let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
+        let conn_slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
         Ok(Node {
             shared: Arc::new(Shared {
-                slots,
+                conn_slots,
                 cfg,
                 registry,
                 bus,
                 metrics,
                 auth,
                 sessions: TaskTracker::new(),
-                draining: AtomicBool::new(false),
+                life: life.clone(),
             }),
+            cluster,
+            life,
             listener,
             addr,
         })
@@ -113,35 +125,40 @@ impl Node {
     pub async fn run(self, cancel: CancellationToken) -> Result<(), NodeError> {
         let Node {
             shared,
+            cluster,
+            life,
             listener,
             addr,
         } = self;
         tracing::info!(listen = %addr, "starting");
         let background = TaskTracker::new();
-        let stop = CancellationToken::new();
-        shared.bus.clone().start(&background, stop.clone());
+        let cluster = cluster.map(|c| c.spawn(&background));
 
-        let app = gateway::router(shared.clone());
-        let server_stop = CancellationToken::new();
+        let app = gateway::routes(shared.clone());
         let server = {
-            let server_stop = server_stop.clone();
+            let life = life.clone();
             tokio::spawn(async move {
                 let listener = GuardedListener::new(listener, MAX_PENDING_HANDSHAKES);
                 axum::serve(listener, app)
-                    .with_graceful_shutdown(server_stop.cancelled_owned())
+                    .with_graceful_shutdown(async move { life.reached(Phase::SelfReaping).await })
                     .await
             })
         };
         tracing::info!(node = %shared.bus.node_id(), "listening");
         cancel.cancelled().await;
 
-        // Leave: not ready, no routing to us, then close sockets in
-        // jittered batches over the drain window, then reap ourselves.
+        // Leave (contract §6), in order. 1. Not ready, no new upgrades;
+        // routers, reaper and heartbeat stop; the lease expires and the
+        // router leases are released, so nothing is routed to us any more.
         let started = tokio::time::Instant::now();
         let drain = shared.cfg.drain;
-        shared.draining.store(true, Ordering::SeqCst);
         tracing::info!(node = %shared.bus.node_id(), connections = shared.registry.len(), drain_ms = drain.as_millis() as u64, "draining");
-        shared.bus.leave_begin().await;
+        life.advance(Phase::Leaving);
+        if let Some(c) = &cluster {
+            c.leave_begin().await;
+        }
+        // 2. Close the sockets with 1012 in jittered batches over the drain
+        //    window (their unwritten messages are routed again).
         for (at, batch) in drain_schedule(shared.registry.all(), drain) {
             tokio::time::sleep_until(started + at).await;
             for h in batch {
@@ -154,9 +171,14 @@ impl Node {
         }
         shared.sessions.close();
         let _ = tokio::time::timeout_at(started + drain, shared.sessions.wait()).await;
-        server_stop.cancel();
-        shared.bus.leave_finish().await;
-        stop.cancel();
+        // 3. Readers and the HTTP server stop; reap ourselves as a survivor
+        //    would: route what is left, delete the inbox, leave `<p>:nodes`.
+        life.advance(Phase::SelfReaping);
+        if let Some(c) = &cluster {
+            c.leave_finish().await;
+        }
+        // 4. The rest stops (the acker and publisher drain first).
+        life.advance(Phase::Stopped);
         background.close();
         let _ = tokio::time::timeout(Duration::from_millis(500), background.wait()).await;
         let _ = tokio::time::timeout(Duration::from_millis(200), server).await;

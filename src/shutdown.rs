@@ -1,9 +1,84 @@
-//! Shutdown: the signals that start a leave, and the drain schedule.
+//! Shutdown: the node's [`Lifecycle`] (one owner, the node, moves it
+//! forward; every loop watches it), the signals that start a leave, and
+//! the drain schedule.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 use rand::Rng;
 use rand::seq::SliceRandom;
+
+/// Where a node is in its life. It only moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Serving.
+    Running,
+    /// Leaving (contract §6): not ready, no new upgrades; routers, the
+    /// reaper and the heartbeat stop; sockets are drained.
+    Leaving,
+    /// Sockets are closed: the node reaps itself, its readers stop.
+    SelfReaping,
+    /// Everything stops (the acker and publisher drain first).
+    Stopped,
+}
+
+/// The node's phase, shared by everything that must stop in time. Cheap to
+/// clone.
+#[derive(Clone)]
+pub struct Lifecycle {
+    tx: Arc<watch::Sender<Phase>>,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Lifecycle {
+    pub fn new() -> Self {
+        Lifecycle {
+            tx: Arc::new(watch::Sender::new(Phase::Running)),
+        }
+    }
+
+    /// Move forward to `p` (never back).
+    pub fn advance(&self, p: Phase) {
+        self.tx.send_if_modified(|cur| {
+            let later = p > *cur;
+            if later {
+                *cur = p;
+            }
+            later
+        });
+    }
+
+    pub fn phase(&self) -> Phase {
+        *self.tx.borrow()
+    }
+
+    /// True once the node is at `p` or later.
+    pub fn at_least(&self, p: Phase) -> bool {
+        self.phase() >= p
+    }
+
+    /// Resolves once the node is at `p` or later.
+    pub async fn reached(&self, p: Phase) {
+        let mut rx = self.tx.subscribe();
+        let _ = rx.wait_for(|cur| *cur >= p).await;
+    }
+
+    /// Sleep for `d` unless the node reaches `p` first: true if the sleep
+    /// ran out (go on), false if it is time to stop.
+    pub async fn sleep(&self, d: Duration, p: Phase) -> bool {
+        tokio::select! {
+            _ = self.reached(p) => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+}
 
 /// Wait for SIGTERM or SIGINT.
 pub async fn signal() {
@@ -64,6 +139,25 @@ pub fn drain_schedule<T>(mut items: Vec<T>, window: Duration) -> Vec<(Duration, 
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn phases_only_move_forward() {
+        use super::{Lifecycle, Phase};
+        let l = Lifecycle::new();
+        assert!(
+            l.sleep(std::time::Duration::from_millis(1), Phase::Leaving)
+                .await
+        );
+        l.advance(Phase::SelfReaping);
+        l.advance(Phase::Leaving);
+        assert_eq!(l.phase(), Phase::SelfReaping);
+        assert!(
+            !l.sleep(std::time::Duration::from_secs(60), Phase::Leaving)
+                .await
+        );
+        l.reached(Phase::SelfReaping).await;
+        assert!(!l.at_least(Phase::Stopped));
+    }
+
     use super::*;
 
     #[test]

@@ -28,8 +28,18 @@ impl Drop for Lb {
 }
 
 /// Start `wsc-lb` on a free port in front of `backends`; its address.
+/// It is the bench package's binary, which this package's tests do not
+/// get built: cargo builds it (or finds it up to date) into this test's
+/// target directory and profile.
 fn start_lb(backends: &[String]) -> (Lb, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wsc-lb"))
+    let lb = wscluster_testkit::workspace_bin(
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+        "wscluster-bench",
+        "wsc-lb",
+        Path::new(env!("CARGO_BIN_EXE_wscluster")),
+    )
+    .unwrap_or_else(|e| panic!("wsc-lb: {e:#}"));
+    let mut child = Command::new(lb)
         .arg("127.0.0.1:0")
         .args(backends)
         .stdout(Stdio::piped())

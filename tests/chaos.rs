@@ -9,8 +9,25 @@
 //! background reader that does the same while the client reconnects
 //! elsewhere at once (the node may wake and write to it).
 //!
-//! Short form (default) runs in `scripts/test.sh`; the long form is
-//! `scripts/chaos.sh` (CHAOS_MESSAGES / CHAOS_SECS).
+//! Two more faults, off by default (the long form in `scripts/chaos.sh`
+//! turns them on):
+//! - `CHAOS_REDIS_RESTART=1` (single Redis only): once, mid-run, Redis is
+//!   restarted empty at a quiet point: the producer pauses, every id sent
+//!   so far is received, then Redis restarts without its data (which the
+//!   contract does not promise to survive), the nodes heal under new ids,
+//!   and the producer goes on.
+//! - `CHAOS_STALLERS=N`: N more users, sent to like the others, whose
+//!   clients stop reading for 3–15 s at a time (on sockets with a small
+//!   receive buffer), then read on until the server closes the connection
+//!   (a stall that blocks the server's writes for 10 s: close 1013; or a
+//!   fault), and reconnect. `CHAOS_STALLER_PAYLOAD=B` makes their messages'
+//!   payload a JSON string of B bytes (default: the others' payload), so
+//!   more than their receive buffer waits unread in a stall.
+//!
+//! `CHAOS_SECS` sets the run's length: the producer and the faults take its
+//! first 80 %; settling and collecting follow (seconds when all is well). Short form (default) runs in
+//! `scripts/test.sh`; the long form is `scripts/chaos.sh` (CHAOS_MESSAGES /
+//! CHAOS_SECS / CHAOS_USERS / CHAOS_REDIS_RESTART / CHAOS_STALLERS).
 
 mod common;
 
@@ -24,7 +41,7 @@ use rand::Rng;
 use redis::Commands;
 use redis::streams::{StreamId, StreamRangeReply};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, client_async, connect_async};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -51,6 +68,8 @@ const LEAVE_ON_STOP: Duration = Duration::from_secs(10);
 const LEAVE_ABANDONED: Duration = Duration::from_secs(30);
 /// Silence after which a client takes its node for frozen and moves on.
 const SILENCE: Duration = Duration::from_secs(3);
+/// A staller's socket receive buffer (set before connect).
+const STALLER_RCVBUF: u32 = 4096;
 
 #[derive(Default)]
 struct Seen {
@@ -62,6 +81,15 @@ struct Seen {
     /// on a silent node): the server `closed`, the `bound` passed, or the
     /// test finished collecting first (`cut`).
     left: BTreeMap<String, u64>,
+    /// Ids sent and not received yet, id → user (the producer adds what it
+    /// sent unless already received; receiving removes), so "all delivered
+    /// so far" is cheap to ask with a million ids.
+    outstanding: HashMap<String, String>,
+    /// Stallers: `stalls` begun, and how their connections ended (`close
+    /// <code>` from the server, `eof` without a Close frame, `silent`).
+    stallers: BTreeMap<String, u64>,
+    /// Each staller connection's story, for a failure report.
+    staller_conns: Vec<StallerConn>,
 }
 
 impl Seen {
@@ -72,15 +100,31 @@ impl Seen {
         };
         if v["type"] == "message"
             && let Some(id) = v["id"].as_str()
-            && !self.ids.insert(id.to_owned())
         {
-            self.duplicates += 1;
+            if self.ids.insert(id.to_owned()) {
+                self.outstanding.remove(id);
+            } else {
+                self.duplicates += 1;
+            }
         }
         if v["type"] == "welcome"
             && let Some(n) = v["node"].as_str()
         {
             self.nodes.insert(n.to_owned());
         }
+    }
+
+    /// The producer sent these ids (a client may have received some already).
+    fn sent(&mut self, ids: &[String], to: &[String]) {
+        for (id, user) in ids.iter().zip(to) {
+            if !self.ids.contains(id) {
+                self.outstanding.insert(id.clone(), user.clone());
+            }
+        }
+    }
+
+    fn tally_staller(&mut self, what: String) {
+        *self.stallers.entry(what).or_default() += 1;
     }
 
     fn missing<'a>(&self, sent: &'a [(String, String)]) -> Vec<&'a (String, String)> {
@@ -100,21 +144,27 @@ async fn leave(
     seen: Arc<Mutex<Seen>>,
     bound: Duration,
     cut: CancellationToken,
-) {
+) -> String {
     let deadline = tokio::time::Instant::now() + bound;
     // A frozen node does not read; the frame waits in the socket buffers.
-    let _ = tokio::time::timeout_at(deadline, ws.close(None)).await;
-    let how = loop {
+    let sent_close = tokio::time::timeout_at(deadline, ws.close(None)).await;
+    let (mut read, mut close) = (0u64, None);
+    let (how, detail) = loop {
         let next = tokio::select! {
-            _ = cut.cancelled() => break "cut",
+            _ = cut.cancelled() => break ("cut", String::new()),
             n = tokio::time::timeout_at(deadline, ws.next()) => n,
         };
         match next {
-            Ok(Some(Ok(WsMessage::Text(t)))) => seen.lock().unwrap().record(t.as_str()),
-            // Pings, and the server's Close (the stream ends next).
+            Ok(Some(Ok(WsMessage::Text(t)))) => {
+                read += 1;
+                seen.lock().unwrap().record(t.as_str());
+            }
+            Ok(Some(Ok(WsMessage::Close(f)))) => close = f.map(|f| u16::from(f.code)),
+            // Pings.
             Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(_))) | Ok(None) => break "closed",
-            Err(_) => break "bound",
+            Ok(Some(Err(e))) => break ("closed", format!(" ({e})")),
+            Ok(None) => break ("closed", String::new()),
+            Err(_) => break ("bound", String::new()),
         }
     };
     *seen
@@ -123,6 +173,10 @@ async fn leave(
         .left
         .entry(format!("{why}/{how}"))
         .or_default() += 1;
+    format!(
+        "left ({why}, own Close sent: {}): read {read} more, server close {close:?}, {how}{detail}",
+        matches!(sent_close, Ok(Ok(())))
+    )
 }
 
 /// Sockets the clients abandoned on silent nodes, read in the background
@@ -213,16 +267,17 @@ async fn user_loop(
 }
 
 fn spawn_users(
-    users: u64,
+    users: &[String],
     addrs: &Arc<Mutex<Vec<String>>>,
     seen: &Arc<Mutex<Seen>>,
     stop: &CancellationToken,
     abandoned: &Abandoned,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..users)
+    users
+        .iter()
         .map(|u| {
             tokio::spawn(user_loop(
-                format!("cu{u}"),
+                u.clone(),
                 addrs.clone(),
                 seen.clone(),
                 stop.clone(),
@@ -230,6 +285,199 @@ fn spawn_users(
             ))
         })
         .collect()
+}
+
+/// Connect as `user` on a socket whose receive buffer is set small before
+/// connecting (so the window stays small and a stall soon blocks the
+/// server's writes).
+async fn connect_small(addr: &str, user: &str) -> Option<Ws> {
+    let sa: std::net::SocketAddr = addr.parse().ok()?;
+    let sock = if sa.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .ok()?;
+    sock.set_recv_buffer_size(STALLER_RCVBUF).ok()?;
+    let tcp = sock.connect(sa).await.ok()?;
+    let url = format!("ws://{addr}/ws?user={user}");
+    let (ws, _) = client_async(url, MaybeTlsStream::Plain(tcp)).await.ok()?;
+    Some(ws)
+}
+
+/// A user whose client stops reading now and then: on each connection it
+/// reads for a random 1–10 s, stops reading for a random 3–15 s, reads
+/// again, and so on until the server closes the connection (a stall that
+/// blocks its writes for 10 s: close 1013; or a fault), then
+/// reconnects elsewhere. It records every id it reads, and leaves on `stop`
+/// as [`user_loop`] does.
+async fn staller_loop(
+    user: String,
+    addrs: Arc<Mutex<Vec<String>>>,
+    seen: Arc<Mutex<Seen>>,
+    stop: CancellationToken,
+    abandoned: Abandoned,
+) {
+    let mut i = rand::rng().random_range(0..4usize);
+    while !stop.is_cancelled() {
+        let addr = {
+            let a = addrs.lock().unwrap();
+            i = (i + 1) % a.len();
+            a[i].clone()
+        };
+        let conn = tokio::time::timeout(Duration::from_secs(2), connect_small(&addr, &user)).await;
+        let Ok(Some(mut ws)) = conn else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let mut log = StallerConn::new(&user, &addr);
+        let mut close_code: Option<u16> = None;
+        let ended = 'conn: loop {
+            // Read for a while.
+            let read_until = tokio::time::Instant::now()
+                + Duration::from_millis(rand::rng().random_range(1000..=10_000));
+            loop {
+                let next = tokio::select! {
+                    _ = stop.cancelled() => {
+                        log.note("stop");
+                        let left = leave("stop", ws, seen.clone(), LEAVE_ON_STOP, CancellationToken::new()).await;
+                        log.event(left);
+                        seen.lock().unwrap().staller_conns.push(log);
+                        return;
+                    }
+                    _ = tokio::time::sleep_until(read_until) => break,
+                    n = tokio::time::timeout(SILENCE, ws.next()) => n,
+                };
+                match next {
+                    Ok(Some(Ok(WsMessage::Text(t)))) => {
+                        log.read(t.as_str());
+                        seen.lock().unwrap().record(t.as_str());
+                    }
+                    Ok(Some(Ok(WsMessage::Close(f)))) => {
+                        close_code = f.map(|f| u16::from(f.code));
+                        log.note(&format!("close {close_code:?}"));
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    Ok(Some(Err(e))) => {
+                        log.note(&format!("error {e}"));
+                        break 'conn false;
+                    }
+                    Ok(None) => {
+                        log.note("end of stream");
+                        break 'conn false;
+                    }
+                    Err(_) => {
+                        // A silent (frozen) node, as in `user_loop`; its
+                        // story ends when the background reader is done.
+                        log.note("silent: abandoned");
+                        let (seen, cut) = (seen.clone(), abandoned.collected.clone());
+                        let mut log = std::mem::replace(&mut log, StallerConn::new(&user, &addr));
+                        abandoned.tasks.spawn(async move {
+                            let left =
+                                leave("abandoned", ws, seen.clone(), LEAVE_ABANDONED, cut).await;
+                            log.event(left);
+                            seen.lock().unwrap().staller_conns.push(log);
+                        });
+                        break 'conn true;
+                    }
+                }
+            }
+            // Then stop reading for a while.
+            seen.lock().unwrap().tally_staller("stalls".to_owned());
+            let stall = Duration::from_millis(rand::rng().random_range(3000..=15_000));
+            log.note(&format!("stall {stall:?}"));
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    log.event("stop".to_owned());
+                    let left = leave("stop", ws, seen.clone(), LEAVE_ON_STOP, CancellationToken::new()).await;
+                    log.event(left);
+                    seen.lock().unwrap().staller_conns.push(log);
+                    return;
+                }
+                _ = tokio::time::sleep(stall) => {}
+            }
+            log.event("resume".to_owned());
+        };
+        let how = match (ended, close_code) {
+            (true, _) => "silent".to_owned(),
+            (false, Some(code)) => format!("close {code}"),
+            (false, None) => "eof".to_owned(),
+        };
+        let mut s = seen.lock().unwrap();
+        s.tally_staller(how);
+        if !ended {
+            s.staller_conns.push(log);
+        }
+    }
+}
+
+/// What happened on one staller connection, for a failure report.
+struct StallerConn {
+    user: String,
+    addr: String,
+    /// (Unix ms, what).
+    events: Vec<(u64, String)>,
+    /// Messages read since the last event, and the last id read.
+    read: u64,
+    last_id: Option<String>,
+}
+
+impl StallerConn {
+    fn new(user: &str, addr: &str) -> Self {
+        let mut c = StallerConn {
+            user: user.to_owned(),
+            addr: addr.to_owned(),
+            events: Vec::new(),
+            read: 0,
+            last_id: None,
+        };
+        c.event("connected".to_owned());
+        c
+    }
+
+    fn event(&mut self, what: String) {
+        self.events.push((unix_ms(), what));
+    }
+
+    fn read(&mut self, text: &str) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
+            return;
+        };
+        if v["type"] == "welcome" {
+            self.event(format!("welcome node {} conn {}", v["node"], v["conn"]));
+        } else if let Some(id) = v["id"].as_str() {
+            self.read += 1;
+            self.last_id = Some(id.to_owned());
+        }
+    }
+
+    /// An event, after what was read since the last one: "read N (last
+    /// id X); what".
+    fn note(&mut self, what: &str) {
+        let s = format!("read {} (last {:?}); {what}", self.read, self.last_id);
+        self.read = 0;
+        self.event(s);
+    }
+
+    fn report(&self, t0_unix_ms: u64, names: &HashMap<String, String>) -> String {
+        let name = names.get(&self.addr).map_or("?", String::as_str);
+        let events: Vec<String> = self
+            .events
+            .iter()
+            .map(|(ms, what)| {
+                format!(
+                    "{:.1}s {what}",
+                    ms.saturating_sub(t0_unix_ms) as f64 / 1000.0
+                )
+            })
+            .collect();
+        format!(
+            "  {} on {name} ({}): {}",
+            self.user,
+            self.addr,
+            events.join("; ")
+        )
+    }
 }
 
 /// Wait for the user tasks (each leaves within [`LEAVE_ON_STOP`] after its
@@ -342,7 +590,17 @@ async fn chaos_soak() {
     let messages = env_or("CHAOS_MESSAGES", 20_000);
     let secs = env_or("CHAOS_SECS", 25);
     let users = env_or("CHAOS_USERS", 40);
-    let redis = Redis::start();
+    let stallers = env_or("CHAOS_STALLERS", 0);
+    let staller_payload = match env_or("CHAOS_STALLER_PAYLOAD", 0) {
+        0 => "1".to_owned(),
+        b => serde_json::to_string(&"x".repeat((b as usize).saturating_sub(2))).unwrap(),
+    };
+    let restart_redis = env_or("CHAOS_REDIS_RESTART", 0) == 1;
+    if restart_redis && on_redis_cluster() {
+        println!("chaos: CHAOS_REDIS_RESTART ignored on Redis Cluster");
+    }
+    let restart_redis = restart_redis && !on_redis_cluster();
+    let mut redis = Redis::start();
     let args = fast_args(&redis);
     let mut nodes: Vec<NodeProc> = (0..4)
         .map(|i| NodeProc::start(&format!("c{i}"), &args))
@@ -353,60 +611,109 @@ async fn chaos_soak() {
     let addrs = Arc::new(Mutex::new(
         nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>(),
     ));
+    // For a failure report: node names by address, and the logs of the
+    // nodes replaced.
+    let mut names: HashMap<String, String> = nodes
+        .iter()
+        .map(|n| (n.addr.clone(), n.name.clone()))
+        .collect();
+    let mut retired: Vec<(String, String)> = Vec::new();
     let seen = Arc::new(Mutex::new(Seen::default()));
     let abandoned = Abandoned::new();
     let stop_clients = CancellationToken::new();
-    let tasks = spawn_users(users, &addrs, &seen, &stop_clients, &abandoned);
+    let plain_users: Vec<String> = (0..users).map(|u| format!("cu{u}")).collect();
+    let staller_users: Vec<String> = (0..stallers).map(|u| format!("cs{u}")).collect();
+    let mut tasks = spawn_users(&plain_users, &addrs, &seen, &stop_clients, &abandoned);
+    tasks.extend(staller_users.iter().map(|u| {
+        tokio::spawn(staller_loop(
+            u.clone(),
+            addrs.clone(),
+            seen.clone(),
+            stop_clients.clone(),
+            abandoned.clone(),
+        ))
+    }));
 
-    // Producer: pipelined XADDs spread over the run; (id, user) of each.
+    // Producer: pipelined XADDs spread over the first 80 % of the run;
+    // (id, user) of each. Each round holds `pause`, so whoever takes it
+    // (the Redis restart) finds every id sent so far recorded. The pace is
+    // the time left over the rounds left, so a pause is caught up evenly.
+    let pause = Arc::new(tokio::sync::Mutex::new(()));
     let producer = {
         let url = redis.url();
+        let seen = seen.clone();
+        let pause = pause.clone();
+        let recipients = users + stallers;
         tokio::spawn(async move {
             // The node's own connection type: one Redis or a Redis Cluster
             // (the pipeline has one key, so one slot).
-            let redis = wscluster::bus::conn::Connector::open(&url, on_redis_cluster()).unwrap();
+            let redis = wscluster::Connector::open(&url, on_redis_cluster()).unwrap();
             let mut conn = redis.shared().await.unwrap();
             let batch = 50u64;
             let rounds = messages / batch;
-            let pace = Duration::from_secs(secs).mul_f64(0.8) / rounds as u32;
+            let end = Instant::now() + Duration::from_secs(secs).mul_f64(0.8);
             let mut sent = Vec::with_capacity(messages as usize);
-            for _ in 0..rounds {
-                let mut pipe = redis::pipe();
-                let to: Vec<String> = (0..batch)
-                    .map(|_| format!("cu{}", rand::rng().random_range(0..users)))
-                    .collect();
-                for u in &to {
-                    pipe.cmd("XADD")
-                        .arg("wsc:send")
-                        .arg("*")
-                        .arg("to")
-                        .arg(u)
-                        .arg("payload")
-                        .arg("1");
-                }
-                loop {
-                    match pipe.query_async::<Vec<String>>(&mut conn).await {
-                        Ok(ids) => {
-                            sent.extend(ids.into_iter().zip(to));
-                            break;
+            for round in 0..rounds {
+                {
+                    let _round = pause.lock().await;
+                    let mut pipe = redis::pipe();
+                    let to: Vec<String> = (0..batch)
+                        .map(|_| match rand::rng().random_range(0..recipients) {
+                            u if u < users => format!("cu{u}"),
+                            u => format!("cs{}", u - users),
+                        })
+                        .collect();
+                    for u in &to {
+                        let payload = if u.starts_with("cs") {
+                            staller_payload.as_str()
+                        } else {
+                            "1"
+                        };
+                        pipe.cmd("XADD")
+                            .arg("wsc:send")
+                            .arg("*")
+                            .arg("to")
+                            .arg(u)
+                            .arg("payload")
+                            .arg(payload);
+                    }
+                    loop {
+                        match pipe.query_async::<Vec<String>>(&mut conn).await {
+                            Ok(ids) => {
+                                seen.lock().unwrap().sent(&ids, &to);
+                                sent.extend(ids.into_iter().zip(to));
+                                break;
+                            }
+                            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                         }
-                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                     }
                 }
-                tokio::time::sleep(pace).await;
+                let left = (rounds - round) as u32;
+                tokio::time::sleep(end.saturating_duration_since(Instant::now()) / left).await;
             }
             sent
         })
     };
 
     // Chaos: every ~1.5 s, one fault on one node; at least three stay up.
+    // With CHAOS_REDIS_RESTART, once past the middle, Redis restarts empty
+    // instead.
     let t0 = Instant::now();
     let t0_unix_ms = unix_ms();
     let mut faults: HashMap<&str, u32> = HashMap::new();
     let mut timeline: Vec<String> = Vec::new();
     let mut generation = 4;
+    let mut restart_pending = restart_redis;
     while t0.elapsed() < Duration::from_secs(secs).mul_f64(0.8) {
         tokio::time::sleep(Duration::from_millis(1500)).await;
+        if restart_pending && t0.elapsed() >= Duration::from_secs(secs).mul_f64(0.4) {
+            restart_pending = false;
+            *faults.entry("redis_restart").or_default() += 1;
+            let line = restart_redis_empty(&mut redis, &nodes, &seen, &pause, t0).await;
+            println!("chaos: {line}");
+            timeline.push(line);
+            continue;
+        }
         let victim = rand::rng().random_range(0..nodes.len());
         let kind = ["kill", "term", "stop"][rand::rng().random_range(0..3)];
         *faults.entry(kind).or_default() += 1;
@@ -434,7 +741,9 @@ async fn chaos_soak() {
         generation += 1;
         fresh.wait_ready().await;
         addrs.lock().unwrap()[victim] = fresh.addr.clone();
-        nodes[victim] = fresh;
+        names.insert(fresh.addr.clone(), fresh.name.clone());
+        let old = std::mem::replace(&mut nodes[victim], fresh);
+        retired.push((old.name.clone(), old.log()));
     }
     let sent = producer.await.unwrap();
 
@@ -475,8 +784,10 @@ async fn chaos_soak() {
     if late > 0 {
         println!("chaos: {late} clients still leaving after the stop");
     }
+    // Everyone (the stallers too) reads normally in the final round.
     let final_round = CancellationToken::new();
-    let tasks = spawn_users(users, &addrs, &seen, &final_round, &abandoned);
+    let everyone: Vec<String> = plain_users.iter().chain(&staller_users).cloned().collect();
+    let tasks = spawn_users(&everyone, &addrs, &seen, &final_round, &abandoned);
     let total = sent.len();
     // Poll until every id has arrived or 30 s have passed; the check comes
     // after the readers have finished.
@@ -485,7 +796,7 @@ async fn chaos_soak() {
         "every message accounted for, or 30 s",
         Duration::from_secs(40),
         || {
-            let done = seen.lock().unwrap().missing(&sent).is_empty();
+            let done = seen.lock().unwrap().outstanding.is_empty();
             async move { (done || Instant::now() > collect_until).then_some(()) }
         },
     )
@@ -501,8 +812,14 @@ async fn chaos_soak() {
     let s = seen.lock().unwrap();
     let missing = s.missing(&sent);
     let lost = missing.len();
+    let faults: BTreeMap<&str, u32> = faults.into_iter().collect();
+    let stalled = if stallers > 0 {
+        format!(" stallers={stallers} {:?}", s.stallers)
+    } else {
+        String::new()
+    };
     println!(
-        "sent={total} delivered={} lost={lost} duplicates={} faults={faults:?} sockets_left={:?} elapsed={:?}",
+        "sent={total} delivered={} lost={lost} duplicates={} faults={faults:?}{stalled} sockets_left={:?} elapsed={:?}",
         total - lost,
         s.duplicates,
         s.left,
@@ -514,20 +831,157 @@ async fn chaos_soak() {
             .iter()
             .take(10)
             .map(|(id, _)| {
-                let ms = id
-                    .rsplit('/')
-                    .next()
-                    .and_then(|raw| raw.split('-').next())
-                    .and_then(|ms| ms.parse::<u64>().ok())
-                    .unwrap_or(0);
-                let at = ms.saturating_sub(t0_unix_ms) as f64 / 1000.0;
+                let at = id_ms(id).saturating_sub(t0_unix_ms) as f64 / 1000.0;
                 format!("{id} at {at:.1}s")
             })
             .collect();
+        // Per user, runs of missing ids (by send time, split at gaps of
+        // over 5 s): "user: count sent from–to".
+        let mut by_user: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+        for (id, user) in &missing {
+            by_user.entry(user.as_str()).or_default().push(id_ms(id));
+        }
+        let mut runs: Vec<String> = Vec::new();
+        for (user, mut ms) in by_user {
+            ms.sort_unstable();
+            let mut start = 0;
+            for i in 1..=ms.len() {
+                if i == ms.len() || ms[i] - ms[i - 1] > 5000 {
+                    let at = |m: u64| m.saturating_sub(t0_unix_ms) as f64 / 1000.0;
+                    runs.push(format!(
+                        "{user}: {} sent {:.1}–{:.1}s",
+                        i - start,
+                        at(ms[start]),
+                        at(ms[i - 1])
+                    ));
+                    start = i;
+                }
+            }
+        }
         println!(
-            "chaos: {lost} missing; sample {ages:?}\nfaults: {timeline:?}\n{}",
+            "chaos: {lost} missing: {runs:?}; sample {ages:?}\nfaults: {timeline:?}\n{}",
             where_are(&redis, &missing, &s.nodes)
         );
+        // The staller connections that were open (give or take 5 s) when
+        // a missing message to their user was sent.
+        for c in &s.staller_conns {
+            let (Some(first), Some(last)) = (c.events.first(), c.events.last()) else {
+                continue;
+            };
+            let open = first.0.saturating_sub(5000)..=last.0 + 5000;
+            if missing
+                .iter()
+                .any(|(id, user)| *user == c.user && open.contains(&id_ms(id)))
+            {
+                println!("chaos: staller{}", c.report(t0_unix_ms, &names));
+            }
+        }
+        // Every node's log, the replaced ones too.
+        let dir = std::env::temp_dir().join(format!("chaos-logs-{}", std::process::id()));
+        if std::fs::create_dir_all(&dir).is_ok() {
+            for (name, log) in retired
+                .iter()
+                .cloned()
+                .chain(nodes.iter().map(|n| (n.name.clone(), n.log())))
+            {
+                let _ = std::fs::write(dir.join(format!("{name}.log")), log);
+            }
+            println!("chaos: node logs in {}", dir.display());
+        }
     }
     assert_eq!(lost, 0, "every message id sent is received");
+}
+
+/// The Unix ms an entry id starts with (`<ms>-<n>`, maybe after `<shard>/`).
+fn id_ms(id: &str) -> u64 {
+    id.rsplit('/')
+        .next()
+        .and_then(|raw| raw.split('-').next())
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+/// Restart Redis empty at a quiet point: pause the producer, wait until
+/// every id sent so far has been received, restart Redis without its data,
+/// wait until every node is back (under a new id in the new `wsc:nodes`,
+/// /readyz 200), then let the producer go on. A line for the fault
+/// timeline.
+async fn restart_redis_empty(
+    redis: &mut Redis,
+    nodes: &[NodeProc],
+    seen: &Arc<Mutex<Seen>>,
+    pause: &tokio::sync::Mutex<()>,
+    t0: Instant,
+) -> String {
+    let at = t0.elapsed();
+    let _paused = pause.lock().await;
+    let quiet = Instant::now();
+    let bound = Duration::from_secs(90);
+    loop {
+        let outstanding: Vec<(String, String)> = {
+            let s = seen.lock().unwrap();
+            s.outstanding
+                .iter()
+                .take(10)
+                .map(|(id, user)| (id.clone(), user.clone()))
+                .collect()
+        };
+        if outstanding.is_empty() {
+            break;
+        }
+        if quiet.elapsed() > bound {
+            // Not delivered in all that time: most likely lost already.
+            // Report where they are, and go on: they count as lost in the
+            // final check.
+            let s = seen.lock().unwrap();
+            let sample: Vec<&(String, String)> = outstanding.iter().collect();
+            println!(
+                "chaos: before the Redis restart, {} ids sent were still not received after \
+                 {bound:?} (restarting anyway; the final check counts them), e.g.\n{}",
+                s.outstanding.len(),
+                where_are(redis, &sample, &s.nodes)
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let quiet_took = quiet.elapsed();
+    let before: HashSet<String> = redis.conn().zrange("wsc:nodes", 0, -1).unwrap_or_default();
+    tokio::task::block_in_place(|| redis.restart_empty());
+    let down = Instant::now();
+    let want = nodes.len();
+    let urls: Vec<String> = nodes.iter().map(|n| n.http("/readyz")).collect();
+    eventually(
+        "every node back under a new id after the empty Redis restart",
+        Duration::from_secs(30),
+        || {
+            let mut r = redis.conn();
+            let urls = urls.clone();
+            let before = &before;
+            async move {
+                let members: Vec<String> = r.zrange("wsc:nodes", 0, -1).ok()?;
+                // A node never writes under its old id again (contract §6).
+                assert!(
+                    members.iter().all(|m| !before.contains(m)),
+                    "a node rejoined under its old id: {members:?}"
+                );
+                if members.len() < want {
+                    return None;
+                }
+                for u in &urls {
+                    if reqwest::get(u).await.ok()?.status() != 200 {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        },
+    )
+    .await;
+    format!(
+        "{:.1}s redis restart empty (quiet after {:.1}s, nodes back in {:.1}s)",
+        at.as_secs_f64(),
+        quiet_took.as_secs_f64(),
+        down.elapsed().as_secs_f64()
+    )
 }

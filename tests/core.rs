@@ -176,7 +176,12 @@ async fn routing_and_multi_device() {
         assert_eq!(m["from"], "alice");
         assert_eq!(m["payload"], json!([1, 2]));
     }
-    // Routed entries leave <p>:send, delivered ones leave the inboxes.
+    // Routed entries leave <p>:send; delivered ones leave the inboxes once
+    // the clients confirm reading them (their pong to the ping after the
+    // messages, sent as a client reads on).
+    for d in devices.iter_mut() {
+        assert!(d.next_frame(Duration::from_millis(100)).await.is_none());
+    }
     eventually("streams drained", T, || {
         let mut r = redis.conn();
         async move {

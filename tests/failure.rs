@@ -586,7 +586,7 @@ async fn lost_mailbox_take_reply_is_taken_again() {
                 del: &[String]|
      -> (i64, Vec<(String, String)>) {
         let v: redis::Value = redis::cmd("EVAL")
-            .arg(wscluster::redis::lua::TAKE_MAILBOX)
+            .arg(wscluster::lua::TAKE_MAILBOX)
             .arg(3)
             .arg(user)
             .arg(mailbox)

@@ -5,10 +5,10 @@
 
 use proptest::prelude::*;
 use serde_json::{Value, json};
-use wscluster::gateway::frames::{self, ClientFrame};
+use wscluster::frames::{self, ClientFrame};
 use wscluster::ids::{Topic, UserId};
-use wscluster::cluster::entry::{DeadReason, parse_send};
 use wscluster::stream::RawEntry;
+use wscluster::{DeadReason, parse_send};
 
 /// The contract's user id: ^[A-Za-z0-9_\-.@:+=]{1,128}$ (written here
 /// independently of `src/ids.rs`).

@@ -1023,7 +1023,17 @@ async fn slow_consumer_closed_and_nothing_lost() {
     let redis = Redis::start();
     let nodes = start_nodes(vec![(
         "n",
-        timed_args(&redis.url(), "1000", "5000", &["--mailbox-max", "100000"]),
+        timed_args(
+            &redis.url(),
+            "1000",
+            "5000",
+            &[
+                "--mailbox-max",
+                "100000",
+                "--mailbox-max-bytes",
+                "100000000",
+            ],
+        ),
     )])
     .await;
     let mut slow = Conn::token(&nodes[0], &token("slow", None)).await;

@@ -9,8 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::{Bus, BusError, ClusterView, Mailbox, NodeView, Publish};
 use crate::ack::AckGuard;
@@ -114,8 +112,6 @@ impl Bus for MemoryBus {
         true
     }
 
-    fn start(self: Arc<Self>, _tracker: &TaskTracker, _stop: CancellationToken) {}
-
     async fn register(&self, conn: &ConnHandle) -> Result<Mailbox, BusError> {
         self.take_mailbox(conn, &Mailbox::default()).await
     }
@@ -187,8 +183,4 @@ impl Bus for MemoryBus {
             }],
         })
     }
-
-    async fn leave_begin(&self) {}
-
-    async fn leave_finish(&self) {}
 }

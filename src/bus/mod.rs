@@ -14,8 +14,6 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::ack::AckGuard;
 use crate::ids::{NodeId, UserId};
@@ -81,10 +79,6 @@ pub trait Bus: Send + Sync + 'static {
     /// True while the node can serve: holds its lease (standalone: always).
     fn is_ready(&self) -> bool;
 
-    /// Start background work (heartbeat, routers, readers, reaper) on
-    /// `tracker`; it stops when `stop` is cancelled.
-    fn start(self: Arc<Self>, tracker: &TaskTracker, stop: CancellationToken);
-
     /// Register a connection already in the registry; returns the first
     /// page of the user's mailbox, oldest first (read in one atomic step
     /// with registering). Take the rest with [`Bus::take_mailbox`].
@@ -112,12 +106,4 @@ pub trait Bus: Send + Sync + 'static {
     async fn user_connections(&self, user: &UserId) -> Result<usize, BusError>;
 
     async fn cluster_view(&self) -> Result<ClusterView, BusError>;
-
-    /// Leave, first half (contract §6): stop taking new work, expire the
-    /// lease, release router leases. Sockets are still open.
-    async fn leave_begin(&self);
-
-    /// Leave, second half, once sockets are closed: route what is left,
-    /// delete the inbox, leave `<p>:nodes`.
-    async fn leave_finish(&self);
 }

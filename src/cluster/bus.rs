@@ -1,6 +1,6 @@
 //! The Redis back-end: a cluster node.
 //!
-//! [`RedisBus::start`] connects (retrying with backoff while Redis is
+//! [`RedisBus::spawn`] connects (retrying with backoff while Redis is
 //! unreachable), joins, and spawns the node's loops, all sharing one
 //! [`Ctx`]:
 //! heartbeat ([`cluster::lease`]), reaper ([`cluster::reaper`]), one router
@@ -8,20 +8,20 @@
 //! ([`router::inbox`]), the re-route worker, the batching publisher and the
 //! acker.
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::Value;
-use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::ack::AckGuard;
 use crate::backoff::Backoff;
 use crate::bus::{Bus, BusError, ClusterView, Mailbox, NodeView, Publish};
-use crate::cluster::route::{self as router, publish::PublishReq};
+use crate::cluster::route::acker::Acker;
+use crate::cluster::route::publish::Publisher;
+use crate::cluster::route::send::ShardSet;
+use crate::cluster::route::{self as router, Rerouter};
 use crate::cluster::sessions::{
     MAILBOX_PAGE, mailbox_page, register_under, take_cmd, unregister_under,
 };
@@ -33,6 +33,7 @@ use crate::local::{ConnHandle, Registry};
 use crate::message::{Message, Target};
 use crate::metrics::Metrics;
 use crate::redis::conn::{Batch, Conn, Connector};
+use crate::shutdown::{Lifecycle, Phase};
 use crate::stream;
 
 /// The Redis bus handle.
@@ -47,10 +48,16 @@ pub struct RedisBus {
     /// polled, it costs Redis at most one read per heartbeat (concurrent
     /// polls wait for one read).
     view: tokio::sync::Mutex<Option<(std::time::Instant, ClusterView)>>,
+    life: Lifecycle,
 }
 
 impl RedisBus {
-    pub fn new(cfg: Arc<Config>, registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        cfg: Arc<Config>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        life: Lifecycle,
+    ) -> Self {
         RedisBus {
             cfg,
             registry,
@@ -58,6 +65,7 @@ impl RedisBus {
             ctx: OnceLock::new(),
             boot_id: NodeId::random(),
             view: tokio::sync::Mutex::new(None),
+            life,
         }
     }
 
@@ -65,8 +73,53 @@ impl RedisBus {
         self.ctx.get().ok_or(BusError::Unavailable)
     }
 
+    /// Connect (retrying with backoff while Redis is unreachable), join,
+    /// and spawn the node's loops on `tracker`; they stop as the node's
+    /// [`Lifecycle`] moves on. The handle leaves the cluster.
+    pub fn spawn(self: &Arc<Self>, tracker: &TaskTracker) -> ClusterHandle {
+        let bus = self.clone();
+        let tracker2 = tracker.clone();
+        tracker.spawn(async move {
+            let Some((connector, conn, lease_conn)) = bus.connect().await else {
+                return;
+            };
+            let (rerouter, reroute_rx) = Rerouter::channel();
+            let (acker, ack_rx) = Acker::channel();
+            let (publisher, pub_rx) = Publisher::channel();
+            let ctx = Arc::new(Ctx {
+                cfg: bus.cfg.clone(),
+                keys: Keys::new(&bus.cfg.prefix),
+                connector,
+                conn,
+                lease_conn,
+                membership: Membership::new(bus.boot_id.clone(), bus.life.clone()),
+                registry: bus.registry.clone(),
+                metrics: bus.metrics.clone(),
+                rerouter,
+                acker,
+                publisher,
+                shards: ShardSet::default(),
+                life: bus.life.clone(),
+            });
+            let _ = bus.ctx.set(ctx.clone());
+            // The acker and publisher outlive the loops that feed them:
+            // they stop last (`Stopped`) and drain.
+            tracker2.spawn(router::acker::run(ctx.clone(), ack_rx));
+            tracker2.spawn(router::publish::run(ctx.clone(), pub_rx));
+            tracker2.spawn(router::reroute_worker(ctx.clone(), reroute_rx));
+            tracker2.spawn(cluster::lease::run(ctx.clone()));
+            tracker2.spawn(cluster::reaper::run(ctx.clone()));
+            tracker2.spawn(router::inbox::run_inbox(ctx.clone()));
+            tracker2.spawn(router::inbox::run_topics(ctx.clone()));
+            for shard in 0..bus.cfg.send_shards {
+                tracker2.spawn(router::send::run(ctx.clone(), shard));
+            }
+        });
+        ClusterHandle { bus: self.clone() }
+    }
+
     /// Connect, retrying with backoff; `None` if stopped first.
-    async fn connect(&self, stop: &CancellationToken) -> Option<(Connector, Conn, Conn)> {
+    async fn connect(&self) -> Option<(Connector, Conn, Conn)> {
         let url = self.cfg.redis_url.clone().unwrap_or_default();
         let mut backoff = Backoff::redis();
         loop {
@@ -82,12 +135,35 @@ impl RedisBus {
                     self.metrics.redis_errors.inc();
                     let delay = backoff.next_delay();
                     tracing::warn!(redis = %redact_url(&url), error = %e, retry_in_ms = delay.as_millis() as u64, "redis unreachable at boot");
-                    tokio::select! {
-                        _ = stop.cancelled() => return None,
-                        _ = tokio::time::sleep(delay) => {}
+                    if !self.life.sleep(delay, Phase::Leaving).await {
+                        return None;
                     }
                 }
             }
+        }
+    }
+}
+
+/// Leaves the cluster (see [`cluster::leave`]); the node calls it as its
+/// phase moves on.
+pub struct ClusterHandle {
+    bus: Arc<RedisBus>,
+}
+
+impl ClusterHandle {
+    /// Leave, first half (the node is `Leaving`): expire the lease, release
+    /// router leases. Sockets are still open.
+    pub async fn leave_begin(&self) {
+        if let Some(ctx) = self.bus.ctx.get() {
+            cluster::leave::leave_begin(ctx).await;
+        }
+    }
+
+    /// Leave, second half (the node is `SelfReaping`), once sockets are
+    /// closed: route what is left, delete the inbox, leave `<p>:nodes`.
+    pub async fn leave_finish(&self) {
+        if let Some(ctx) = self.bus.ctx.get() {
+            cluster::leave::leave_finish(ctx).await;
         }
     }
 }
@@ -103,54 +179,6 @@ impl Bus for RedisBus {
 
     fn is_ready(&self) -> bool {
         self.ctx.get().is_some_and(|c| c.membership.holds_lease())
-    }
-
-    fn start(self: Arc<Self>, tracker: &TaskTracker, stop: CancellationToken) {
-        let tracker2 = tracker.clone();
-        tracker.spawn(async move {
-            let Some((connector, conn, lease_conn)) = self.connect(&stop).await else {
-                return;
-            };
-            let (reroute_tx, reroute_rx) = mpsc::unbounded_channel();
-            let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-            let (pub_tx, pub_rx) = mpsc::channel(4096);
-            let membership = Membership::new();
-            membership.set_id(self.boot_id.clone());
-            let ctx = Arc::new(Ctx {
-                cfg: self.cfg.clone(),
-                keys: Keys::new(&self.cfg.prefix),
-                connector,
-                conn,
-                lease_conn,
-                membership,
-                registry: self.registry.clone(),
-                metrics: self.metrics.clone(),
-                reroute: reroute_tx,
-                acks: ack_tx,
-                publisher: pub_tx,
-                routing: Mutex::new(BTreeSet::new()),
-                handed_off_at: Mutex::new(None),
-                leaving: CancellationToken::new(),
-                readers_stop: CancellationToken::new(),
-            });
-            let _ = self.ctx.set(ctx.clone());
-            // Stop order matters: the acker and publisher outlive the
-            // loops that feed them, so they stop on `stop` and drain.
-            tracker2.spawn(router::acker::run(ctx.clone(), ack_rx, stop.clone()));
-            tracker2.spawn(router::publish::run(ctx.clone(), pub_rx, stop.clone()));
-            tracker2.spawn(router::reroute_worker(
-                ctx.clone(),
-                reroute_rx,
-                stop.clone(),
-            ));
-            tracker2.spawn(cluster::lease::run(ctx.clone(), stop.clone()));
-            tracker2.spawn(cluster::reaper::run(ctx.clone(), stop.clone()));
-            tracker2.spawn(router::inbox::run_inbox(ctx.clone(), stop.clone()));
-            tracker2.spawn(router::inbox::run_topics(ctx.clone(), stop.clone()));
-            for shard in 0..self.cfg.send_shards {
-                tracker2.spawn(router::send::run(ctx.clone(), shard, stop.clone()));
-            }
-        });
     }
 
     async fn register(&self, h: &ConnHandle) -> Result<Mailbox, BusError> {
@@ -223,10 +251,8 @@ impl Bus for RedisBus {
 
     fn hand_back(&self, msg: Arc<Message>, guard: Option<Arc<AckGuard>>) {
         let Ok(ctx) = self.ctx() else { return };
-        let mut again = (*msg).clone();
-        again.hops += 1;
         let guard = guard.unwrap_or_else(|| Arc::new(AckGuard::noop()));
-        let _ = ctx.reroute.send((Arc::new(again), guard));
+        ctx.rerouter.hand_back(&msg, guard);
     }
 
     async fn publish(&self, p: Publish) -> Result<String, BusError> {
@@ -240,16 +266,7 @@ impl Bus for RedisBus {
         if let Some(f) = p.from {
             fields.push(("from", f.to_string()));
         }
-        let (tx, rx) = oneshot::channel();
-        ctx.publisher
-            .send(PublishReq {
-                key: ctx.keys.send(shard),
-                fields,
-                reply: tx,
-            })
-            .await
-            .map_err(|_| BusError::Unavailable)?;
-        let id = rx.await.map_err(|_| BusError::Unavailable)??;
+        let id = ctx.publisher.add(ctx.keys.send(shard), fields).await?;
         Ok(crate::cluster::entry::public_id(shard, &id))
     }
 
@@ -280,23 +297,13 @@ impl Bus for RedisBus {
             // Our own part is always current.
             let mut v = v.clone();
             v.node = ctx.membership.id().to_string();
-            v.shards = ctx.shards_routed();
+            v.shards = ctx.shards.list();
             v.router = !v.shards.is_empty();
             return Ok(v);
         }
         let v = read_cluster_view(ctx).await?;
         *cached = Some((std::time::Instant::now(), v.clone()));
         Ok(v)
-    }
-
-    async fn leave_begin(&self) {
-        let Some(ctx) = self.ctx.get() else { return };
-        cluster::reaper::leave_begin(ctx).await;
-    }
-
-    async fn leave_finish(&self) {
-        let Some(ctx) = self.ctx.get() else { return };
-        cluster::reaper::leave_finish(ctx).await;
     }
 }
 
@@ -348,7 +355,7 @@ async fn read_cluster_view(ctx: &Ctx) -> Result<ClusterView, BusError> {
             counts.insert((*id).clone(), stream::int(&v).unwrap_or(0).max(0) as u64);
         }
     }
-    let shards = ctx.shards_routed();
+    let shards = ctx.shards.list();
     Ok(ClusterView {
         node: ctx.membership.id().to_string(),
         router: !shards.is_empty(),

@@ -1,20 +1,17 @@
 //! What the node's Redis loops share.
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
-
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use std::sync::Arc;
 
 use super::Membership;
-use super::route::{Reroute, acker::AckJob, publish::PublishReq};
+use super::route::{Rerouter, acker::Acker, publish::Publisher, send::ShardSet};
 use crate::config::Config;
 use crate::keys::Keys;
 use crate::local::Registry;
 use crate::metrics::Metrics;
 use crate::redis::conn::{Conn, Connector};
+use crate::shutdown::Lifecycle;
 
-/// Everything the node's Redis loops share.
+/// Everything the node's Redis loops share: read-only handles.
 pub struct Ctx {
     pub cfg: Arc<Config>,
     pub keys: Keys,
@@ -29,18 +26,14 @@ pub struct Ctx {
     pub membership: Membership,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
-    pub reroute: mpsc::UnboundedSender<Reroute>,
-    pub acks: mpsc::UnboundedSender<AckJob>,
-    pub publisher: mpsc::Sender<PublishReq>,
-    /// Send shards this node routes now.
-    pub routing: Mutex<BTreeSet<u32>>,
-    /// When this node last handed a shard over to spread the routers.
-    pub handed_off_at: Mutex<Option<std::time::Instant>>,
-    /// Cancelled when the node starts to leave: routers and the reaper stop.
-    pub leaving: CancellationToken,
-    /// Cancelled when a leaving node starts to reap itself: its readers
-    /// stop so they do not race the self-reap.
-    pub readers_stop: CancellationToken,
+    pub rerouter: Rerouter,
+    pub acker: Acker,
+    pub publisher: Publisher,
+    /// Send shards this node routes now (its routers keep it).
+    pub shards: ShardSet,
+    /// The node's phase: `Leaving` stops routers, the reaper and the
+    /// heartbeat; `SelfReaping` the readers; `Stopped` the rest.
+    pub life: Lifecycle,
 }
 
 impl Ctx {
@@ -51,20 +44,6 @@ impl Ctx {
     /// A connection for blocking reads (see [`Connector::blocking`]).
     pub async fn blocking_conn(&self) -> Result<Conn, redis::RedisError> {
         self.connector.blocking().await
-    }
-
-    /// The shards a node should route, spreading them over the live
-    /// nodes: ceil(shards / live nodes).
-    pub fn fair_share(&self) -> usize {
-        let live = self.membership.live.live_count().max(1);
-        (self.cfg.send_shards as usize).div_ceil(live)
-    }
-
-    pub fn shards_routed(&self) -> Vec<u32> {
-        self.routing
-            .lock()
-            .map(|s| s.iter().copied().collect())
-            .unwrap_or_default()
     }
 
     /// Count a Redis error (logging is left to the caller, once).

@@ -8,10 +8,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::shutdown::Phase;
 use redis::Value;
-use tokio_util::sync::CancellationToken;
 
-use crate::ack::AckGuard;
 use crate::backoff::Backoff;
 use crate::bus::Mailbox;
 use crate::cluster::Ctx;
@@ -190,11 +189,10 @@ fn deliver_page(ctx: &Ctx, h: &Arc<ConnHandle>, page: Mailbox) -> Option<Mailbox
     if !h.is_ready() {
         return None;
     }
-    let acks = ctx.acks.clone();
-    let (user, ids) = (h.user.clone(), page.ids.clone());
-    let guard = Arc::new(AckGuard::new(move || {
-        let _ = acks.send(AckJob::Mailbox { user, ids });
-    }));
+    let guard = ctx.acker.guard(AckJob::Mailbox {
+        user: h.user.clone(),
+        ids: page.ids.clone(),
+    });
     for m in &page.msgs {
         let out = Outgoing {
             text: m.frame(),
@@ -204,9 +202,7 @@ fn deliver_page(ctx: &Ctx, h: &Arc<ConnHandle>, page: Mailbox) -> Option<Mailbox
         if !h.push(out) {
             // Outbox full or closed: route it again; its mailbox entry
             // goes once that is done.
-            let mut again = (**m).clone();
-            again.hops += 1;
-            let _ = ctx.reroute.send((Arc::new(again), guard.clone()));
+            ctx.rerouter.hand_back(m, guard.clone());
         }
     }
     page.more.then(|| Mailbox {
@@ -283,7 +279,7 @@ fn stale_entries(
 
 /// The heartbeat loop: join, then renew every heartbeat; on a lost lease,
 /// a new id; on Redis errors, retry with backoff (capped at 2 s, jittered).
-pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
+pub async fn run(ctx: Arc<Ctx>) {
     let hb = ctx.cfg.heartbeat;
     let mut backoff = Backoff::redis();
     // First join under the boot id.
@@ -300,9 +296,8 @@ pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
                 ctx.redis_error();
                 let d = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "join failed");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(d) => {}
+                if !ctx.life.sleep(d, Phase::Leaving).await {
+                    return;
                 }
             }
         }
@@ -317,17 +312,15 @@ pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
     let mut reconcile_task: Option<tokio::task::JoinHandle<()>> = None;
     let mut rereg_task: Option<tokio::task::JoinHandle<Result<(), redis::RedisError>>> = None;
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ctx.leaving.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+        if !ctx.life.sleep(delay, Phase::Leaving).await {
+            return;
         }
         let id = ctx.membership.id();
         let started = Instant::now();
         let result = match renew(&ctx, &id).await {
             Ok(Renewal::Held { expiry, now }) => {
                 // Leaving may have begun while the request was in flight.
-                if ctx.leaving.is_cancelled() {
+                if ctx.life.at_least(Phase::Leaving) {
                     return;
                 }
                 ctx.membership
@@ -338,7 +331,7 @@ pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
             Ok(Renewal::Lost) => {
                 ctx.membership.clear_lease();
                 ctx.metrics.lease_losses.inc();
-                if ctx.leaving.is_cancelled() {
+                if ctx.life.at_least(Phase::Leaving) {
                     return;
                 }
                 take_new_id(&ctx, &mut next_id)

@@ -9,7 +9,8 @@
 //!   format.
 //! - [`lease`]: join, heartbeat, a new id after a lost lease, pipelined
 //!   re-registration, reconciliation of stale entries.
-//! - [`reaper`]: reaping nodes whose lease expired (and leaving).
+//! - [`reaper`]: reaping nodes whose lease expired.
+//! - [`leave`]: leaving (SIGTERM), top to bottom.
 //! - [`route`]: routing, the send-shard router, the inbox and topic
 //!   readers, batched publishing and acknowledging.
 //! - [`Membership`]: this node's identity and lease, and its view of the
@@ -19,6 +20,7 @@ pub mod bus;
 mod ctx;
 pub mod entry;
 pub mod lease;
+pub mod leave;
 pub mod reaper;
 pub mod route;
 pub mod sessions;
@@ -26,13 +28,13 @@ pub mod sessions;
 pub use ctx::Ctx;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
 use crate::ids::NodeId;
+use crate::shutdown::{Lifecycle, Phase};
 
 /// This node's identity and lease, as known locally.
 pub struct Membership {
@@ -40,23 +42,17 @@ pub struct Membership {
     /// Local deadline of the lease: the instant the renewal request was
     /// sent plus the TTL, never later than the expiry Redis holds.
     lease_until: Mutex<Option<Instant>>,
-    leaving: AtomicBool,
+    life: Lifecycle,
     acquired: Notify,
     pub live: LiveNodes,
 }
 
-impl Default for Membership {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Membership {
-    pub fn new() -> Self {
+    pub fn new(id: NodeId, life: Lifecycle) -> Self {
         Membership {
-            id: RwLock::new(NodeId::random()),
+            id: RwLock::new(id),
             lease_until: Mutex::new(None),
-            leaving: AtomicBool::new(false),
+            life,
             acquired: Notify::new(),
             live: LiveNodes::default(),
         }
@@ -100,11 +96,7 @@ impl Membership {
     }
 
     pub fn is_leaving(&self) -> bool {
-        self.leaving.load(Ordering::SeqCst)
-    }
-
-    pub(crate) fn set_leaving(&self) {
-        self.leaving.store(true, Ordering::SeqCst);
+        self.life.at_least(Phase::Leaving)
     }
 
     /// Wait until the lease is held, at most `timeout`.

@@ -7,8 +7,7 @@
 //! the inbox, remove the node's connections from the users' hashes, delete
 //! the inbox in the step that finds it drained, and last leave `<p>:nodes`.
 //!
-//! A leaving node reaps itself the same way ([`leave_begin`] /
-//! [`leave_finish`]).
+//! A leaving node reaps itself the same way (see [`super::leave`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +22,7 @@ use crate::ids::{ConnId, NodeId, UserId};
 use crate::message::Message;
 use crate::redis::conn::Batch;
 use crate::redis::lua;
+use crate::shutdown::Phase;
 use crate::stream;
 
 /// Entries re-routed per round while reaping.
@@ -39,14 +39,12 @@ pub enum ReapError {
 /// The reaper loop: every half heartbeat (jittered), reap expired nodes.
 /// Looking costs nothing (the cached view of `<p>:nodes` holds a dead
 /// node's exact expiry); Redis is asked only when one has expired.
-pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
+pub async fn run(ctx: Arc<Ctx>) {
     let hb = ctx.cfg.heartbeat;
     loop {
         let jitter = rand::rng().random_range(Duration::ZERO..=hb / 4);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ctx.leaving.cancelled() => return,
-            _ = tokio::time::sleep(hb / 2 + jitter) => {}
+        if !ctx.life.sleep(hb / 2 + jitter, Phase::Leaving).await {
+            return;
         }
         // A node cut off from Redis, or without a lease, does not reap.
         if !ctx.membership.holds_lease() {
@@ -54,7 +52,7 @@ pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
         }
         let me = ctx.membership.id();
         for dead in ctx.membership.live.expired() {
-            if dead == me || ctx.leaving.is_cancelled() {
+            if dead == me || ctx.life.at_least(Phase::Leaving) {
                 continue;
             }
             match try_reap(&ctx, &dead, &me).await {
@@ -97,9 +95,13 @@ async fn try_reap(ctx: &Arc<Ctx>, dead: &NodeId, me: &NodeId) -> Result<bool, Re
 }
 
 /// Reap `dead` while holding its lock as `holder` (renewed meanwhile).
-async fn reap_locked(ctx: &Arc<Ctx>, dead: &NodeId, holder: &NodeId) -> Result<(), ReapError> {
+pub(super) async fn reap_locked(
+    ctx: &Arc<Ctx>,
+    dead: &NodeId,
+    holder: &NodeId,
+) -> Result<(), ReapError> {
     let done = CancellationToken::new();
-    let lock_lost = spawn_lock_renewer(ctx.clone(), dead.clone(), done.clone());
+    let lock_lost = spawn_lock_renewer(ctx.clone(), dead.clone(), done.clone().cancelled_owned());
     let result = reap_steps(ctx, dead, &lock_lost).await;
     done.cancel();
     let mut conn = ctx.conn.clone();
@@ -109,17 +111,23 @@ async fn reap_locked(ctx: &Arc<Ctx>, dead: &NodeId, holder: &NodeId) -> Result<(
 }
 
 /// Renew the reap lock on `node` (held as this node's id) every third of
-/// a TTL until `done`. Cancels the returned token if the lock is lost.
-fn spawn_lock_renewer(ctx: Arc<Ctx>, node: NodeId, done: CancellationToken) -> CancellationToken {
+/// a TTL until `done` resolves. Cancels the returned token if the lock is
+/// lost.
+pub(super) fn spawn_lock_renewer(
+    ctx: Arc<Ctx>,
+    node: NodeId,
+    done: impl std::future::Future<Output = ()> + Send + 'static,
+) -> CancellationToken {
     let lost = CancellationToken::new();
     let lost2 = lost.clone();
     let holder = ctx.membership.id();
     tokio::spawn(async move {
         let key = ctx.keys.reap_lock(&node);
         let every = ctx.cfg.lease_ttl / 3;
+        tokio::pin!(done);
         loop {
             tokio::select! {
-                _ = done.cancelled() => return,
+                _ = &mut done => return,
                 _ = tokio::time::sleep(every) => {}
             }
             let mut conn = ctx.lease_conn.clone();
@@ -163,10 +171,7 @@ async fn reap_steps(
             let msgs: Vec<Arc<Message>> = entries
                 .iter()
                 .filter_map(crate::cluster::entry::parse_internal)
-                .map(|mut m| {
-                    m.hops += 1;
-                    Arc::new(m)
-                })
+                .map(|m| Arc::new(router::again(&m)))
                 .collect();
             router::route(ctx, msgs.clone()).await?;
             ctx.metrics.rerouted.inc_by(msgs.len() as u64);
@@ -205,10 +210,7 @@ async fn reap_steps(
                 .iter()
                 .flat_map(stream::entries)
                 .filter_map(|e| crate::cluster::entry::parse_internal(&e))
-                .map(|mut m| {
-                    m.hops += 1;
-                    Arc::new(m)
-                })
+                .map(|m| Arc::new(router::again(&m)))
                 .collect();
             if !msgs.is_empty() {
                 let n = msgs.len() as u64;
@@ -250,52 +252,4 @@ async fn reap_steps(
         .await?;
     ctx.membership.live.mark_gone(dead.as_str());
     Ok(())
-}
-
-/// Leave, first half: take the reap lock on ourselves, expire our lease
-/// (routers stop sending to us), release router leases.
-pub async fn leave_begin(ctx: &Arc<Ctx>) {
-    let me = ctx.membership.id();
-    ctx.membership.set_leaving();
-    ctx.leaving.cancel();
-    let mut conn = ctx.conn.clone();
-    let r: Result<(), redis::RedisError> = async {
-        let _: i64 = lua::eval_cmd(lua::LEASE_ACQUIRE, &[&ctx.keys.reap_lock(&me)])?
-            .arg(me.as_str())
-            .arg(ctx.ttl_ms())
-            .query_async(&mut conn)
-            .await?;
-        // Renewed for the whole drain; a node that dies midway lets it
-        // lapse within a lease TTL and a survivor finishes the reap.
-        spawn_lock_renewer(ctx.clone(), me.clone(), ctx.readers_stop.clone());
-        let _: u64 = lua::eval_cmd(lua::EXPIRE_NOW, &[&ctx.keys.nodes()])?
-            .arg(me.as_str())
-            .query_async(&mut conn)
-            .await?;
-        for shard in 0..ctx.cfg.send_shards {
-            lua::release_lease(&mut conn, &ctx.keys.router_lease(shard), me.as_str()).await?;
-        }
-        Ok(())
-    }
-    .await;
-    match r {
-        Ok(()) => tracing::info!(node = %me, "leaving: lease expired, router leases released"),
-        Err(e) => {
-            ctx.redis_error();
-            tracing::warn!(node = %me, error = %e, "leaving without redis; a survivor will reap this node");
-        }
-    }
-}
-
-/// Leave, second half: reap ourselves as a survivor would.
-pub async fn leave_finish(ctx: &Arc<Ctx>) {
-    ctx.readers_stop.cancel();
-    let me = ctx.membership.id();
-    match reap_locked(ctx, &me, &me).await {
-        Ok(()) => tracing::info!(node = %me, "left the cluster"),
-        Err(e) => {
-            ctx.redis_error();
-            tracing::warn!(node = %me, error = %e, "self-reap interrupted; a survivor will finish it");
-        }
-    }
 }

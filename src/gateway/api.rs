@@ -5,13 +5,13 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use super::{Shared, bearer};
+use super::{ApiKey, Shared};
 use crate::bus::Publish;
 use crate::ids::{Topic, UserId};
 use crate::message::{Target, is_json};
@@ -29,14 +29,7 @@ fn bad(status: StatusCode, reason: impl Into<String>) -> Response {
     (status, Json(json!({"error": reason.into()}))).into_response()
 }
 
-pub async fn send(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    let Some(key) = &s.cfg.api_key else {
-        return StatusCode::NOT_FOUND.into_response();
-    };
-    let given = bearer(&headers).unwrap_or("");
-    if !constant_time_eq::constant_time_eq(given.as_bytes(), key.as_bytes()) {
-        return bad(StatusCode::UNAUTHORIZED, "bad api key");
-    }
+pub async fn send(_: ApiKey, State(s): State<Arc<Shared>>, body: Bytes) -> Response {
     let b: Body = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => return bad(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")),

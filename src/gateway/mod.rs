@@ -17,7 +17,6 @@ pub mod session;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::{Query, State, WebSocketUpgrade};
@@ -30,6 +29,7 @@ use crate::bus::Bus;
 use crate::config::{Config, Origins};
 use crate::local::Registry;
 use crate::metrics::Metrics;
+use crate::shutdown::{Lifecycle, Phase};
 use auth::Auth;
 
 /// Read buffer per WebSocket: tungstenite's default (128 KiB) would cost
@@ -47,18 +47,19 @@ pub struct Shared {
     /// WebSocket sessions (axum's graceful shutdown does not wait for
     /// upgraded connections).
     pub sessions: TaskTracker,
-    pub draining: AtomicBool,
+    /// The node's phase: from `Leaving` on, not ready and no upgrades.
+    pub life: Lifecycle,
     /// `--max-connections` slots; a session holds one for its whole life.
-    pub slots: Arc<tokio::sync::Semaphore>,
+    pub conn_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
+        self.life.at_least(Phase::Leaving)
     }
 }
 
-pub fn router(shared: Arc<Shared>) -> Router {
+pub fn routes(shared: Arc<Shared>) -> Router {
     let mut r = Router::new()
         .route("/ws", get(ws))
         .route("/api/send", post(api::send))
@@ -100,56 +101,36 @@ async fn admin(State(s): State<Arc<Shared>>) -> Response {
     Html(include_str!("admin.html")).into_response()
 }
 
-/// Counters of this node that the operator page shows, from its metrics.
-const ADMIN_COUNTERS: &[&str] = &[
-    "wsc_connections",
-    "wsc_messages_delivered_total",
-    "wsc_messages_routed_total",
-    "wsc_messages_rerouted_total",
-    "wsc_messages_mailboxed_total",
-    "wsc_messages_dead_total",
-    "wsc_nodes_reaped_total",
-];
+/// The app's API key (bearer), checked before a handler runs: 404 when no
+/// `--api-key` is configured, 401 when the key is wrong.
+pub struct ApiKey;
 
-/// Sample values of the named metrics in a Prometheus text exposition
-/// (unlabelled samples only).
-fn parse_counters(text: &str) -> serde_json::Map<String, serde_json::Value> {
-    let mut out = serde_json::Map::new();
-    for line in text.lines() {
-        if line.starts_with('#') {
-            continue;
-        }
-        let mut parts = line.split_whitespace();
-        let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
-            continue;
+impl axum::extract::FromRequestParts<Arc<Shared>> for ApiKey {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &Arc<Shared>,
+    ) -> Result<Self, Response> {
+        let Some(key) = &s.cfg.api_key else {
+            return Err(StatusCode::NOT_FOUND.into_response());
         };
-        if ADMIN_COUNTERS.contains(&name)
-            && let Ok(v) = value.parse::<f64>()
-        {
-            // Counters and gauges print as integers when they are whole.
-            let n = if v.fract() == 0.0 && (0.0..9.0e15).contains(&v) {
-                serde_json::Number::from(v as u64)
-            } else if let Some(n) = serde_json::Number::from_f64(v) {
-                n
-            } else {
-                continue;
-            };
-            out.insert(name.to_owned(), serde_json::Value::Number(n));
+        let given = bearer(&parts.headers).unwrap_or("");
+        if constant_time_eq::constant_time_eq(given.as_bytes(), key.as_bytes()) {
+            Ok(ApiKey)
+        } else {
+            Err((
+                StatusCode::UNAUTHORIZED,
+                axum::Json(serde_json::json!({"error": "bad api key"})),
+            )
+                .into_response())
         }
     }
-    out
 }
 
 /// `GET /admin/api/cluster`: the `/cluster` view plus this node's counters,
 /// behind the API key (bearer).
-async fn admin_cluster(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    let Some(key) = &s.cfg.api_key else {
-        return StatusCode::NOT_FOUND.into_response();
-    };
-    let given = bearer(&headers).unwrap_or("");
-    if !constant_time_eq::constant_time_eq(given.as_bytes(), key.as_bytes()) {
-        return (StatusCode::UNAUTHORIZED, "bad api key\n").into_response();
-    }
+async fn admin_cluster(_: ApiKey, State(s): State<Arc<Shared>>) -> Response {
     let view = match s.bus.cluster_view().await {
         Ok(v) => v,
         Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
@@ -158,7 +139,13 @@ async fn admin_cluster(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Resp
         Ok(v) => v,
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     };
-    v["counters"] = serde_json::Value::Object(parse_counters(&s.metrics.render()));
+    v["counters"] = s
+        .metrics
+        .overview()
+        .into_iter()
+        .map(|(k, n)| (k.to_owned(), serde_json::Value::from(n)))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
     v["now_ms"] = serde_json::json!(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -219,7 +206,7 @@ async fn ws(
     }
     // A slot is taken before the upgrade and held by the session, so
     // concurrent upgrades cannot overshoot --max-connections.
-    let Ok(slot) = s.slots.clone().try_acquire_owned() else {
+    let Ok(slot) = s.conn_slots.clone().try_acquire_owned() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
     };
     match s.bus.user_connections(&who.user).await {
@@ -262,15 +249,5 @@ mod tests {
         assert!(!origin_allowed(&Origins::List(vec![]), &h));
         h.insert(header::ORIGIN, "https://evil.com".parse().unwrap());
         assert!(!origin_allowed(&list, &h));
-    }
-
-    #[test]
-    fn counters_from_metrics() {
-        let c = parse_counters(
-            "# TYPE wsc_connections gauge\nwsc_connections 3\nwsc_messages_delivered_total 7\nwsc_route_latency_seconds_sum 0.5\n# EOF\n",
-        );
-        assert_eq!(c["wsc_connections"], 3);
-        assert_eq!(c["wsc_messages_delivered_total"], 7);
-        assert!(!c.contains_key("wsc_route_latency_seconds_sum"));
     }
 }

@@ -27,6 +27,9 @@ pub const CLOSE_POLICY: u16 = 1008;
 pub const CLOSE_GOING_AWAY: u16 = 1012;
 pub const CLOSE_TRY_LATER: u16 = 1013;
 
+/// Live messages written and not confirmed by a pong before the client
+/// counts as not reading.
+const MAX_UNCONFIRMED: usize = 4 * crate::local::OUTBOX;
 /// Frames written per flush when the outbox has a backlog.
 const WRITE_BATCH: usize = 64;
 /// Longest a batch may take to write before the client counts as stuck.
@@ -104,27 +107,24 @@ async fn pump(
             }
             n = rx.recv_many(&mut batch, WRITE_BATCH) => {
                 if n == 0 { break; }
-                let write = async {
-                    for out in &batch {
-                        sink.feed(WsMessage::Text(out.text.clone())).await?;
-                    }
-                    sink.flush().await
-                };
-                // A client that does not read blocks this write: a close
-                // request (its outbox overflowed) or the deadline ends it.
-                r = tokio::select! {
-                    r = tokio::time::timeout(WRITE_DEADLINE, write) => r.unwrap_or_else(|_| {
-                        h.close(CLOSE_TRY_LATER);
-                        Err(axum::Error::new("write deadline passed"))
-                    }),
-                    _ = h.closed().cancelled() => Err(axum::Error::new("closed while writing")),
-                };
+                // User messages are followed by a ping: they stay
+                // unconfirmed (their inbox entries kept) until its pong.
+                let ping = acks.live(&batch).map(WsMessage::Ping);
+                let frames = batch
+                    .iter()
+                    .map(|out| WsMessage::Text(out.text.clone()))
+                    .chain(ping);
+                r = write_bounded(&mut sink, h, frames).await;
                 if r.is_ok() {
-                    for out in batch.drain(..) {
+                    for out in &batch {
                         if let Some(m) = &out.msg {
                             delivered(shared, m.sent_ms);
                         }
-                        // Dropping `out` releases its guard: written.
+                    }
+                    acks.hold(batch.drain(..).filter(|out| out.msg.is_some()));
+                    if acks.unconfirmed() > MAX_UNCONFIRMED {
+                        // Written but never confirmed: it does not read.
+                        h.close(CLOSE_TRY_LATER);
                     }
                 } else {
                     // Not (surely) written: hand them back with the rest.
@@ -176,6 +176,12 @@ async fn pump(
     }
     // Leave first — hand back what was not written, unregister — so
     // nothing waits on a client that may never read its close frame.
+    // Messages written but not confirmed may never have been read (a
+    // reset, a client that stopped reading, this node leaving): route them
+    // again rather than trust the kernel's buffers.
+    for out in acks.take_unconfirmed() {
+        requeue(shared, out);
+    }
     finish(shared, h, rx).await;
     if h.closed().is_cancelled() {
         let code = h.close_code();
@@ -251,10 +257,11 @@ async fn handle(
     }
 }
 
-/// Mailbox pages written and not yet known to be read. Each page is
-/// followed by a WebSocket ping; the client's pong for it (which every
-/// WebSocket client sends once it has read that far, RFC 6455) is what
-/// deletes the page from the mailbox. A client that resets its connection,
+/// Frames written and not yet known to be read: mailbox pages and live
+/// messages. Each page, and each batch of live messages, is followed by a
+/// WebSocket ping; the client's pong for it (which every WebSocket client
+/// sends once it has read that far, RFC 6455) is what deletes the page from
+/// the mailbox, or releases the messages' inbox entries. A client that resets its connection,
 /// or a node that dies, before the pong leaves the page in the mailbox for
 /// the next connection (duplicates with the same id, never loss).
 #[derive(Default)]
@@ -263,6 +270,13 @@ struct PageAcks {
     pending: std::collections::VecDeque<(u64, Mailbox)>,
     /// The last mailbox entry read: a later read starts after it.
     cursor: Option<String>,
+    /// Live messages written and not yet confirmed by a pong, with the
+    /// token of the ping that followed them. They hold their guards (their
+    /// inbox entries stay), and go back to be routed again if the
+    /// connection ends first.
+    live: std::collections::VecDeque<(u64, Outgoing)>,
+    /// The token of the ping that follows the batch being written.
+    live_token: Option<u64>,
 }
 
 impl PageAcks {
@@ -285,9 +299,40 @@ impl PageAcks {
         Some(bytes::Bytes::copy_from_slice(&self.next.to_be_bytes()))
     }
 
-    /// A pong: the pages it covers (every page up to its token), now read.
+    /// The ping to follow a batch of live frames, if it holds messages.
+    fn live(&mut self, batch: &[Outgoing]) -> Option<bytes::Bytes> {
+        self.live_token = None;
+        if !batch.iter().any(|o| o.msg.is_some()) {
+            return None;
+        }
+        self.next += 1;
+        self.live_token = Some(self.next);
+        Some(bytes::Bytes::copy_from_slice(&self.next.to_be_bytes()))
+    }
+
+    /// The batch's messages are written: hold them until the pong.
+    fn hold(&mut self, written: impl Iterator<Item = Outgoing>) {
+        if let Some(t) = self.live_token.take() {
+            self.live.extend(written.map(|o| (t, o)));
+        }
+    }
+
+    fn unconfirmed(&self) -> usize {
+        self.live.len()
+    }
+
+    fn take_unconfirmed(&mut self) -> impl Iterator<Item = Outgoing> + '_ {
+        self.live.drain(..).map(|(_, o)| o)
+    }
+
+    /// A pong: the live messages it covers are read (dropping them
+    /// releases their guards), and so are the mailbox pages (returned, to
+    /// be deleted).
     fn acked(&mut self, data: &[u8]) -> Option<Mailbox> {
         let token = u64::from_be_bytes(data.try_into().ok()?);
+        while self.live.front().is_some_and(|(t, _)| *t <= token) {
+            self.live.pop_front();
+        }
         let mut read = Mailbox::default();
         while self.pending.front().is_some_and(|(t, _)| *t <= token) {
             if let Some((_, p)) = self.pending.pop_front() {

@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
+use crate::shutdown::Phase;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
+use crate::ack::AckGuard;
 use crate::bus::Mailbox;
 use crate::cluster::Ctx;
 use crate::cluster::sessions::take_cmd;
@@ -29,25 +30,49 @@ pub enum AckJob {
     Barrier(oneshot::Sender<()>),
 }
 
-/// Wait until every acknowledgement queued so far has been sent to Redis
-/// (at most `timeout`).
-pub async fn flush(ctx: &Ctx, timeout: std::time::Duration) {
-    let (tx, rx) = oneshot::channel();
-    if ctx.acks.send(AckJob::Barrier(tx)).is_ok() {
-        let _ = tokio::time::timeout(timeout, rx).await;
+/// Queues acknowledgements for the acker ([`run`]).
+#[derive(Clone)]
+pub struct Acker(mpsc::UnboundedSender<AckJob>);
+
+impl Acker {
+    pub fn channel() -> (Acker, mpsc::UnboundedReceiver<AckJob>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Acker(tx), rx)
+    }
+
+    pub fn send(&self, job: AckJob) {
+        let _ = self.0.send(job);
+    }
+
+    /// A guard that queues `job` when its last clone drops (every hand-off
+    /// it covers is done).
+    pub fn guard(&self, job: AckJob) -> Arc<AckGuard> {
+        let tx = self.0.clone();
+        Arc::new(AckGuard::new(move || {
+            let _ = tx.send(job);
+        }))
+    }
+
+    /// Wait until every acknowledgement queued so far has been sent to
+    /// Redis (at most `timeout`).
+    pub async fn flush(&self, timeout: std::time::Duration) {
+        let (tx, rx) = oneshot::channel();
+        if self.0.send(AckJob::Barrier(tx)).is_ok() {
+            let _ = tokio::time::timeout(timeout, rx).await;
+        }
     }
 }
 
 /// Jobs coalesced per round.
 const MAX_JOBS: usize = 256;
 
-pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<AckJob>, stop: CancellationToken) {
+pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<AckJob>) {
     let mut jobs = Vec::new();
     loop {
         let n = tokio::select! {
             biased;
             n = rx.recv_many(&mut jobs, MAX_JOBS) => n,
-            _ = stop.cancelled() => {
+            _ = ctx.life.reached(Phase::Stopped) => {
                 // Drain what is queued so a clean leave deletes what it
                 // delivered, then stop.
                 rx.close();
@@ -94,7 +119,7 @@ pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<AckJob>, stop: C
         for tx in barriers {
             let _ = tx.send(());
         }
-        if stop.is_cancelled() && rx.is_closed() && rx.is_empty() {
+        if ctx.life.at_least(Phase::Stopped) && rx.is_closed() && rx.is_empty() {
             return;
         }
     }

@@ -9,11 +9,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::shutdown::Phase;
 use redis::Value;
-use tokio_util::sync::CancellationToken;
 
 use super::acker::AckJob;
-use crate::ack::AckGuard;
 use crate::backoff::Backoff;
 use crate::cluster::Ctx;
 use crate::cluster::entry;
@@ -58,13 +57,13 @@ async fn xread(
 
 /// Read the inbox and hand messages to local connections; a message whose
 /// user is no longer here is routed again (hops + 1).
-pub async fn run_inbox(ctx: Arc<Ctx>, stop: CancellationToken) {
+pub async fn run_inbox(ctx: Arc<Ctx>) {
     let mut conn = None;
     let mut backoff = Backoff::redis();
     let mut reading: Option<NodeId> = None;
     let mut last = "0-0".to_owned();
     loop {
-        if stop.is_cancelled() || ctx.readers_stop.is_cancelled() {
+        if ctx.life.at_least(Phase::SelfReaping) {
             return;
         }
         let me = ctx.membership.id();
@@ -75,8 +74,7 @@ pub async fn run_inbox(ctx: Arc<Ctx>, stop: CancellationToken) {
         }
         let key = ctx.keys.inbox(&me);
         let read = tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ctx.readers_stop.cancelled() => return,
+            _ = ctx.life.reached(Phase::SelfReaping) => return,
             r = xread(&ctx, &mut conn, &key, &last) => r,
         };
         let entries = match read {
@@ -89,9 +87,8 @@ pub async fn run_inbox(ctx: Arc<Ctx>, stop: CancellationToken) {
                 conn = None;
                 let d = backoff.next_delay();
                 tracing::debug!(error = %e, retry_in_ms = d.as_millis() as u64, "inbox read failed");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(d) => {}
+                if !ctx.life.sleep(d, Phase::SelfReaping).await {
+                    return;
                 }
                 continue;
             }
@@ -99,11 +96,10 @@ pub async fn run_inbox(ctx: Arc<Ctx>, stop: CancellationToken) {
         let Some(tail) = entries.last() else { continue };
         last = tail.id.clone();
         let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-        let acks = ctx.acks.clone();
-        let key2 = key.clone();
-        let guard = Arc::new(AckGuard::new(move || {
-            let _ = acks.send(AckJob::Inbox { key: key2, ids });
-        }));
+        let guard = ctx.acker.guard(AckJob::Inbox {
+            key: key.clone(),
+            ids,
+        });
         for e in &entries {
             if let Some(user) = entry::parse_mailbox_nudge(e) {
                 for h in ctx.registry.user_conns(&user) {
@@ -124,9 +120,7 @@ pub async fn run_inbox(ctx: Arc<Ctx>, stop: CancellationToken) {
             };
             if ctx.registry.deliver_user(user, &out).queued == 0 {
                 // The user is not (or no longer) here.
-                let mut again = (*m).clone();
-                again.hops += 1;
-                let _ = ctx.reroute.send((Arc::new(again), guard.clone()));
+                ctx.rerouter.hand_back(&m, guard.clone());
             }
         }
     }
@@ -134,14 +128,14 @@ pub async fn run_inbox(ctx: Arc<Ctx>, stop: CancellationToken) {
 
 /// Read the shared topic stream and hand each message to this node's
 /// subscribers of its topic. At-most-once: nothing is kept or re-sent.
-pub async fn run_topics(ctx: Arc<Ctx>, stop: CancellationToken) {
+pub async fn run_topics(ctx: Arc<Ctx>) {
     let key = ctx.keys.topics();
     let mut conn = None;
     let mut backoff = Backoff::redis();
     // Start after the newest entry: history is not replayed.
     let mut last: Option<String> = None;
     loop {
-        if stop.is_cancelled() || ctx.readers_stop.is_cancelled() {
+        if ctx.life.at_least(Phase::SelfReaping) {
             return;
         }
         if last.is_none() {
@@ -166,9 +160,8 @@ pub async fn run_topics(ctx: Arc<Ctx>, stop: CancellationToken) {
                 Err(_) => {
                     ctx.redis_error();
                     let d = backoff.next_delay();
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(d) => {}
+                    if !ctx.life.sleep(d, Phase::SelfReaping).await {
+                        return;
                     }
                     continue;
                 }
@@ -176,8 +169,7 @@ pub async fn run_topics(ctx: Arc<Ctx>, stop: CancellationToken) {
         }
         let from = last.clone().unwrap_or_else(|| "0-0".to_owned());
         let read = tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ctx.readers_stop.cancelled() => return,
+            _ = ctx.life.reached(Phase::SelfReaping) => return,
             r = xread(&ctx, &mut conn, &key, &from) => r,
         };
         match read {
@@ -203,9 +195,8 @@ pub async fn run_topics(ctx: Arc<Ctx>, stop: CancellationToken) {
                 // stream's end again.
                 last = None;
                 let d = backoff.next_delay();
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(d) => {}
+                if !ctx.life.sleep(d, Phase::SelfReaping).await {
+                    return;
                 }
             }
         }

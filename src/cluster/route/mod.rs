@@ -17,9 +17,9 @@ pub mod send;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::shutdown::Phase;
 use redis::Value;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::ack::AckGuard;
 use crate::backoff::Backoff;
@@ -35,6 +35,31 @@ use crate::stream;
 
 /// A message to route again, with the guard of whatever it came from.
 pub type Reroute = (Arc<Message>, Arc<AckGuard>);
+
+/// `m` routed once more: the one place a message's hop count goes up
+/// (contract §6: at most 3 re-routes, then the mailbox).
+pub fn again(m: &Message) -> Message {
+    let mut m = m.clone();
+    m.hops += 1;
+    m
+}
+
+/// Hands messages to the re-route worker ([`reroute_worker`]).
+#[derive(Clone)]
+pub struct Rerouter(mpsc::UnboundedSender<Reroute>);
+
+impl Rerouter {
+    pub fn channel() -> (Rerouter, mpsc::UnboundedReceiver<Reroute>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Rerouter(tx), rx)
+    }
+
+    /// Route `m` again, one hop more; `guard` (what it came from) is
+    /// released once that is done.
+    pub fn hand_back(&self, m: &Message, guard: Arc<AckGuard>) {
+        let _ = self.0.send((Arc::new(again(m)), guard));
+    }
+}
 
 /// Largest batch the re-route worker takes at once.
 const REROUTE_BATCH: usize = 256;
@@ -294,15 +319,11 @@ fn mailbox_cmd(
 
 /// Routes messages that reached this node after their user left it (and
 /// queued messages of connections that closed), in batches.
-pub async fn reroute_worker(
-    ctx: Arc<Ctx>,
-    mut rx: mpsc::UnboundedReceiver<Reroute>,
-    stop: CancellationToken,
-) {
+pub async fn reroute_worker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Reroute>) {
     let mut batch: Vec<Reroute> = Vec::new();
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = ctx.life.reached(Phase::Stopped) => return,
             n = rx.recv_many(&mut batch, REROUTE_BATCH) => if n == 0 { return },
         }
         let msgs: Vec<Arc<Message>> = batch.iter().map(|(m, _)| m.clone()).collect();
@@ -323,17 +344,158 @@ pub async fn reroute_worker(
                     ctx.redis_error();
                     let d = backoff.next_delay();
                     tracing::warn!(error = %e, messages = n, retry_in_ms = d.as_millis() as u64, "re-route failed");
-                    tokio::select! {
-                        _ = stop.cancelled() => {
-                            // Not handed off: their entries must stay (a
-                            // reaper, or our own leave, routes them again).
-                            held.iter().for_each(|g| g.disarm());
-                            return;
-                        }
-                        _ = tokio::time::sleep(d) => {}
+                    if !ctx.life.sleep(d, Phase::Stopped).await {
+                        // Not handed off: their entries must stay (a
+                        // reaper, or our own leave, routes them again).
+                        held.iter().for_each(|g| g.disarm());
+                        return;
                     }
                 }
             }
         }
+    }
+}
+
+/// Routing in-process against a real redis-server, without a node: the
+/// routing step's three outcomes (an inbox, the mailbox, a gone node's
+/// stale field skipped) and the hop bound.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::Membership;
+    use crate::cluster::route::acker::Acker;
+    use crate::cluster::route::publish::Publisher;
+    use crate::cluster::route::send::ShardSet;
+    use crate::config::Config;
+    use crate::keys::Keys;
+    use crate::local::Registry;
+    use crate::metrics::Metrics;
+    use crate::redis::conn::Connector;
+    use crate::shutdown::Lifecycle;
+
+    async fn ctx(url: &str) -> Ctx {
+        let cfg = Arc::new(
+            Config::try_parse_from(["wscluster", "--dev", "--redis-url", url]).expect("config"),
+        );
+        let connector = Connector::new(&cfg).expect("connector");
+        let conn = connector.shared().await.expect("redis");
+        let lease_conn = connector.shared().await.expect("redis");
+        let life = Lifecycle::new();
+        Ctx {
+            keys: Keys::new(&cfg.prefix),
+            membership: Membership::new(crate::ids::NodeId::random(), life.clone()),
+            registry: Arc::new(Registry::new()),
+            metrics: Arc::new(Metrics::new()),
+            rerouter: Rerouter::channel().0,
+            acker: Acker::channel().0,
+            publisher: Publisher::channel().0,
+            shards: ShardSet::default(),
+            cfg,
+            connector,
+            conn,
+            lease_conn,
+            life,
+        }
+    }
+
+    fn msg(id: &str, to: &str, hops: u32) -> Arc<Message> {
+        Arc::new(Message {
+            id: id.into(),
+            target: Target::User(UserId::parse(to).unwrap()),
+            from: None,
+            payload: "1".into(),
+            hops,
+            sent_ms: 0,
+        })
+    }
+
+    #[tokio::test]
+    async fn route_to_inbox_mailbox_and_past_stale_fields() {
+        let dir = std::env::temp_dir().join(format!("wsc-route-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let redis = wscluster_testkit::RedisServer::start(&dir).expect("redis-server");
+        let ctx = ctx(&redis.url()).await;
+        let mut c = ctx.conn.clone();
+        // A live node "n1" with an inbox, holding ann's connection; bob is
+        // offline; cy's only field names a node that is gone.
+        let now: u64 = redis::cmd("TIME")
+            .query_async::<(u64, u64)>(&mut c)
+            .await
+            .map(|(s, _)| s * 1000)
+            .unwrap();
+        let n1 = NodeId::from_redis("n1".into());
+        let _: () = redis::cmd("ZADD")
+            .arg(ctx.keys.nodes())
+            .arg(now + 60_000)
+            .arg("n1")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(ctx.keys.inbox(&n1))
+            .arg("node")
+            .arg("$")
+            .arg("MKSTREAM")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        for (user, node) in [("ann", "n1"), ("cy", "gone")] {
+            let _: () = redis::cmd("HSET")
+                .arg(ctx.keys.user(&UserId::parse(user).unwrap()))
+                .arg(format!("c-{user}"))
+                .arg(node)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+        route(
+            &ctx,
+            vec![
+                msg("1-1", "ann", 0),
+                msg("1-2", "bob", 0),
+                msg("1-3", "cy", 0),
+                msg("1-4", "ann", MAX_HOPS + 1),
+            ],
+        )
+        .await
+        .expect("routed");
+        let xlen = |key: String| {
+            let mut c = ctx.conn.clone();
+            async move {
+                redis::cmd("XLEN")
+                    .arg(key)
+                    .query_async::<usize>(&mut c)
+                    .await
+                    .unwrap()
+            }
+        };
+        let user = |u: &str| UserId::parse(u).unwrap();
+        // ann's message, and a nudge to read the mailbox for the one past
+        // the hop bound (she is online there).
+        assert_eq!(xlen(ctx.keys.inbox(&n1)).await, 2, "n1's inbox");
+        assert_eq!(
+            xlen(ctx.keys.mailbox(&user("bob"))).await,
+            1,
+            "bob offline: mailbox"
+        );
+        assert_eq!(
+            xlen(ctx.keys.mailbox(&user("cy"))).await,
+            1,
+            "cy's node is gone: mailbox"
+        );
+        assert_eq!(
+            xlen(ctx.keys.mailbox(&user("ann"))).await,
+            1,
+            "past the hop bound: mailbox"
+        );
+        let cy: usize = redis::cmd("HLEN")
+            .arg(ctx.keys.user(&user("cy")))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(cy, 0, "the stale field is removed");
+        drop(redis);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

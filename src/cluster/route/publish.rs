@@ -11,10 +11,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::shutdown::Phase;
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
+use crate::bus::BusError;
 use crate::cluster::Ctx;
 use crate::redis::conn::Batch;
 
@@ -27,12 +28,38 @@ pub struct PublishReq {
 
 const MAX_BATCH: usize = 256;
 
-pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::Receiver<PublishReq>, stop: CancellationToken) {
+/// Queues adds for the publisher ([`run`]).
+#[derive(Clone)]
+pub struct Publisher(mpsc::Sender<PublishReq>);
+
+impl Publisher {
+    pub fn channel() -> (Publisher, mpsc::Receiver<PublishReq>) {
+        let (tx, rx) = mpsc::channel(4096);
+        (Publisher(tx), rx)
+    }
+
+    /// Add an entry with `fields` to stream `key`; its entry id once the
+    /// `XADD` is done. `BusError::Unavailable` if the publisher stopped.
+    pub async fn add(
+        &self,
+        key: String,
+        fields: Vec<(&'static str, String)>,
+    ) -> Result<String, BusError> {
+        let (reply, rx) = oneshot::channel();
+        self.0
+            .send(PublishReq { key, fields, reply })
+            .await
+            .map_err(|_| BusError::Unavailable)?;
+        Ok(rx.await.map_err(|_| BusError::Unavailable)??)
+    }
+}
+
+pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::Receiver<PublishReq>) {
     let mut batch = Vec::new();
     loop {
         let n = tokio::select! {
             n = rx.recv_many(&mut batch, MAX_BATCH) => n,
-            _ = stop.cancelled() => return,
+            _ = ctx.life.reached(Phase::Stopped) => return,
         };
         if n == 0 {
             return;

@@ -7,15 +7,15 @@
 //! reads new entries in batches until it loses the lease, leaves, or its
 //! node id changes.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::shutdown::Phase;
 use rand::Rng;
 use redis::Value;
-use tokio_util::sync::CancellationToken;
 
 use super::acker::AckJob;
-use crate::ack::AckGuard;
 use crate::backoff::Backoff;
 use crate::cluster::Ctx;
 use crate::cluster::entry::{self, DeadReason};
@@ -39,22 +39,18 @@ enum RouterError {
     LeaseLost,
 }
 
-pub async fn run(ctx: Arc<Ctx>, shard: u32, stop: CancellationToken) {
+pub async fn run(ctx: Arc<Ctx>, shard: u32) {
     let hb = ctx.cfg.heartbeat;
     let mut backoff = Backoff::redis();
     let mut blocking: Option<Conn> = None;
     loop {
         let jitter = rand::rng().random_range(Duration::ZERO..=hb / 4);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ctx.leaving.cancelled() => return,
-            _ = tokio::time::sleep(jitter) => {}
+        if !ctx.life.sleep(jitter, Phase::Leaving).await {
+            return;
         }
         if !ctx.membership.holds_lease() {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = ctx.leaving.cancelled() => return,
-                _ = tokio::time::sleep(hb) => {}
+            if !ctx.life.sleep(hb, Phase::Leaving).await {
+                return;
             }
             continue;
         }
@@ -65,22 +61,18 @@ pub async fn run(ctx: Arc<Ctx>, shard: u32, stop: CancellationToken) {
         // quarter heartbeat: when a node leaves, the survivors' share grows
         // at their next view of `<p>:nodes` and they take over at once.
         let patient_until = Instant::now() + 2 * hb;
-        while ctx.shards_routed().len() >= ctx.fair_share() && Instant::now() < patient_until {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = ctx.leaving.cancelled() => return,
-                _ = tokio::time::sleep(hb / 4) => {}
+        while ctx.shards.list().len() >= fair_share(&ctx) && Instant::now() < patient_until {
+            if !ctx.life.sleep(hb / 4, Phase::Leaving).await {
+                return;
             }
         }
         let me = ctx.membership.id();
-        match lead(&ctx, shard, &me, &mut blocking, &stop).await {
+        match lead(&ctx, shard, &me, &mut blocking).await {
             Ok(true) => backoff.reset(),
             Ok(false) => {
                 // Someone else routes: stand by for a heartbeat.
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = ctx.leaving.cancelled() => return,
-                    _ = tokio::time::sleep(hb) => {}
+                if !ctx.life.sleep(hb, Phase::Leaving).await {
+                    return;
                 }
             }
             Err(e) => {
@@ -90,15 +82,12 @@ pub async fn run(ctx: Arc<Ctx>, shard: u32, stop: CancellationToken) {
                 }
                 let d = backoff.next_delay();
                 tracing::warn!(shard, node = %me, error = %e, retry_in_ms = d.as_millis() as u64, "router stopped");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(d) => {}
+                if !ctx.life.sleep(d, Phase::Leaving).await {
+                    return;
                 }
             }
         }
-        if let Ok(mut s) = ctx.routing.lock() {
-            s.remove(&shard);
-        }
+        ctx.shards.set(shard, false);
     }
 }
 
@@ -109,7 +98,6 @@ async fn lead(
     shard: u32,
     me: &NodeId,
     blocking: &mut Option<Conn>,
-    stop: &CancellationToken,
 ) -> Result<bool, RouterError> {
     let lease_key = ctx.keys.router_lease(shard);
     let ttl = ctx.cfg.lease_ttl;
@@ -128,9 +116,7 @@ async fn lead(
     // from when the request was sent, less a heartbeat of margin.
     let mut lease_until = started + ttl - hb;
     let mut renewed_at = started;
-    if let Ok(mut s) = ctx.routing.lock() {
-        s.insert(shard);
-    }
+    ctx.shards.set(shard, true);
     let key = ctx.keys.send(shard);
     ensure_group(ctx, &key).await?;
     tracing::info!(shard, node = %me, "routing send shard");
@@ -142,8 +128,8 @@ async fn lead(
 
     let block_ms = (hb / 2).clamp(Duration::from_millis(5), crate::redis::conn::MAX_BLOCK / 2);
     loop {
-        if stop.is_cancelled() || ctx.leaving.is_cancelled() || ctx.membership.id() != *me {
-            super::acker::flush(ctx, ttl / 2).await;
+        if ctx.life.at_least(Phase::Leaving) || ctx.membership.id() != *me {
+            ctx.acker.flush(ttl / 2).await;
             release(ctx, &lease_key, me).await;
             return Ok(true);
         }
@@ -170,11 +156,11 @@ async fn lead(
             }
             lease_until = started + ttl - hb;
             renewed_at = started;
-            if should_hand_off(ctx, shard) {
+            if ctx.shards.should_hand_off(shard, fair_share(ctx), ttl) {
                 tracing::info!(shard, node = %me, "handing the send shard over (more than a fair share)");
                 // What we routed must be acknowledged before the successor
                 // claims the pending list, or it routes it again.
-                super::acker::flush(ctx, ttl / 2).await;
+                ctx.acker.flush(ttl / 2).await;
                 release(ctx, &lease_key, me).await;
                 return Ok(true);
             }
@@ -226,24 +212,59 @@ async fn lead(
     }
 }
 
-/// True if this node routes more than its fair share of shards and `shard`
-/// is the one to give up (its highest), at most once per lease TTL per node
-/// so views that briefly disagree cannot make shards flap. What the
-/// successor claims from the pending list is routed again: duplicates with
-/// the same id, never loss.
-fn should_hand_off(ctx: &Ctx, shard: u32) -> bool {
-    let routed = ctx.shards_routed();
-    if routed.len() <= ctx.fair_share() || routed.last() != Some(&shard) {
-        return false;
+/// The send shards this node routes now, for its routers only (and the
+/// `/cluster` view).
+#[derive(Default)]
+pub struct ShardSet {
+    routing: Mutex<BTreeSet<u32>>,
+    /// When this node last handed a shard over to spread the routers.
+    handed_off_at: Mutex<Option<Instant>>,
+}
+
+impl ShardSet {
+    pub fn list(&self) -> Vec<u32> {
+        self.routing
+            .lock()
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
     }
-    let Ok(mut at) = ctx.handed_off_at.lock() else {
-        return false;
-    };
-    if at.is_some_and(|t| t.elapsed() < ctx.cfg.lease_ttl) {
-        return false;
+
+    fn set(&self, shard: u32, routing: bool) {
+        if let Ok(mut s) = self.routing.lock() {
+            if routing {
+                s.insert(shard);
+            } else {
+                s.remove(&shard);
+            }
+        }
     }
-    *at = Some(Instant::now());
-    true
+
+    /// True if this node routes more than `fair` shards and `shard` is the
+    /// one to give up (its highest), at most once per `every` so views
+    /// that briefly disagree cannot make shards flap. What the successor
+    /// claims from the pending list is routed again: duplicates with the
+    /// same id, never loss.
+    fn should_hand_off(&self, shard: u32, fair: usize, every: Duration) -> bool {
+        let routed = self.list();
+        if routed.len() <= fair || routed.last() != Some(&shard) {
+            return false;
+        }
+        let Ok(mut at) = self.handed_off_at.lock() else {
+            return false;
+        };
+        if at.is_some_and(|t| t.elapsed() < every) {
+            return false;
+        }
+        *at = Some(Instant::now());
+        true
+    }
+}
+
+/// The shards a node should route, spreading them over the live nodes:
+/// ceil(shards / live nodes).
+fn fair_share(ctx: &Ctx) -> usize {
+    let live = ctx.membership.live.live_count().max(1);
+    (ctx.cfg.send_shards as usize).div_ceil(live)
 }
 
 /// Claim (`XAUTOCLAIM`) and route every entry of the router group idle for
@@ -278,7 +299,7 @@ async fn claim_pending(
             _ => Vec::new(),
         };
         if !deleted.is_empty() {
-            let _ = ctx.acks.send(AckJob::Send {
+            ctx.acker.send(AckJob::Send {
                 key: key.to_owned(),
                 ids: deleted,
             });
@@ -387,14 +408,10 @@ async fn route_batch(
         }
     }
     let n = msgs.len() as u64;
-    let acks = ctx.acks.clone();
-    let key_owned = key.to_owned();
-    let guard = Arc::new(AckGuard::new(move || {
-        let _ = acks.send(AckJob::Send {
-            key: key_owned,
-            ids,
-        });
-    }));
+    let guard = ctx.acker.guard(AckJob::Send {
+        key: key.to_owned(),
+        ids,
+    });
     match super::route(ctx, msgs).await {
         Ok(()) => {
             ctx.metrics.routed.inc_by(n);

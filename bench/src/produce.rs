@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use wscluster::redis::conn::{Batch, Connector};
+use wscluster::{Batch, Connector};
 
 use crate::ws::{now_us, payload};
 

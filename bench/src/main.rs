@@ -17,13 +17,9 @@
 //! - `report`, `plot`: `BENCHMARKS.md` and the latency plot from the JSON
 //!   lines the scenarios wrote (`--json FILE` appends one per run).
 
-#[path = "bench/cluster.rs"]
 mod cluster;
-#[path = "bench/produce.rs"]
 mod produce;
-#[path = "bench/report.rs"]
 mod report;
-#[path = "bench/ws.rs"]
 mod ws;
 
 use std::io::Write;
@@ -1137,7 +1133,7 @@ fn redis_limit(url: Option<String>, requests: u64, clients: u32) -> Result<Value
             (None, port)
         }
         None => {
-            let r = cluster::RedisProc::start(&dir)?;
+            let r = wscluster_testkit::RedisServer::start(&dir)?;
             let p = r.port;
             (Some(r), p)
         }

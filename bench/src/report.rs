@@ -645,7 +645,8 @@ pub fn write(runs: &[Value], out: &Path, plot_path: &Path, commit: Option<&str>)
         w,
         "## Reproduce\n\n```sh\nscripts/bench.sh            # builds release, runs the standard set, rewrites this file\n```\n\n\
          The raw JSON lines of the run are in `target/bench/results.jsonl`; each scenario can be \
-         run alone (`target/release/wscluster-bench s1 --help`), also against an existing \
+         run alone (`cargo build --release --workspace`, then `target/release/wscluster-bench s1 \
+         --help`; the tool is the workspace's `bench/` crate), also against an existing \
          cluster with `--ws-urls` and `--redis-url` (a Redis Cluster: its seeds, comma-separated, \
          and `--redis-cluster`)."
     );

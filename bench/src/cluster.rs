@@ -4,16 +4,15 @@
 //! `--redis-cluster-primaries N`, a Redis Cluster of N of them) and N nodes
 //! of the built `wscluster` binary.
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use wscluster::redis::conn::Connector;
+use wscluster::Connector;
+use wscluster_testkit::http::{get as http_get, wait_ready};
+use wscluster_testkit::{ClusterSpec, NodeLog, NodeProcess, RedisCluster, RedisServer, tmpdir};
+
+pub use wscluster_testkit::http::resolve;
 
 /// Where the cluster comes from and how local nodes are started.
 #[derive(clap::Args, Clone, Debug)]
@@ -70,215 +69,49 @@ impl ClusterOpts {
     }
 }
 
-pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// The Redis of a local cluster (testkit's launchers).
+pub enum LocalRedis {
+    Single(RedisServer),
+    /// Primaries only, all on this machine.
+    Cluster(RedisCluster),
 }
 
-fn tmpdir() -> Result<PathBuf> {
-    let d = std::env::temp_dir().join(format!(
-        "wsc-bench-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
-    Ok(d)
-}
-
-/// A `redis-server` child on a free port, no persistence: a plain one, or
-/// one cluster-enabled node of a local Redis Cluster ([`start_redis_cluster`]).
-pub struct RedisProc {
-    pub port: u16,
-    child: Child,
-}
-
-impl RedisProc {
-    /// A plain `redis-server` (its files and `redis.log` in `dir`).
-    pub fn start(dir: &Path) -> Result<RedisProc> {
-        RedisProc::launch(dir, false)
-    }
-
-    /// A cluster-enabled `redis-server` holding no slots yet: its own
-    /// `--dir`, `nodes-<port>.conf` and `redis-<port>.log` in `dir`.
-    fn start_cluster_node(dir: &Path) -> Result<RedisProc> {
-        RedisProc::launch(dir, true)
-    }
-
-    fn launch(dir: &Path, cluster: bool) -> Result<RedisProc> {
-        for _ in 0..8 {
-            let port = if cluster {
-                free_cluster_port()?
-            } else {
-                free_port()?
-            };
-            let mut cmd = Command::new("redis-server");
-            cmd.args(["--port", &port.to_string()])
-                .args(["--bind", "127.0.0.1"])
-                .args(["--save", ""])
-                .args(["--appendonly", "no"]);
-            if cluster {
-                let own = dir.join(format!("redis-{port}"));
-                std::fs::create_dir_all(&own)
-                    .with_context(|| format!("create {}", own.display()))?;
-                let conf = dir.join(format!("nodes-{port}.conf"));
-                let log = dir.join(format!("redis-{port}.log"));
-                cmd.args(["--cluster-enabled", "yes"])
-                    .args(["--cluster-config-file", &conf.to_string_lossy()])
-                    .args(["--cluster-node-timeout", "2000"])
-                    .args(["--dir", &own.to_string_lossy()])
-                    .args(["--logfile", &log.to_string_lossy()]);
-            } else {
-                cmd.args(["--dir", &dir.to_string_lossy()])
-                    .args(["--logfile", &dir.join("redis.log").to_string_lossy()]);
-            }
-            let child = cmd
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("start redis-server (is the redis-server package installed?)")?;
-            let mut r = RedisProc { port, child };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                if let Ok(Some(_)) = r.child.try_wait() {
-                    break; // port clash: try another
-                }
-                if r.query(&redis::cmd("PING")).is_ok() {
-                    return Ok(r);
-                }
-                if Instant::now() > deadline {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        bail!("could not start redis-server (see {})", dir.display())
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// A command on this very process (not routed), as text.
-    fn query(&self, cmd: &redis::Cmd) -> redis::RedisResult<String> {
-        let mut c = redis::Client::open(self.url())?
-            .get_connection_with_timeout(Duration::from_millis(200))?;
-        cmd.query(&mut c)
-    }
-}
-
-impl Drop for RedisProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A free port for a cluster node: its bus port (+10000) must be free too,
-/// and so at most 65535.
-fn free_cluster_port() -> Result<u16> {
-    for _ in 0..100 {
-        let p = free_port()?;
-        if p <= 55_535 && TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
-            return Ok(p);
+impl LocalRedis {
+    /// `--redis-url` for the nodes: a URL, or a comma list of seed URLs.
+    fn url(&self) -> String {
+        match self {
+            LocalRedis::Single(r) => r.url(),
+            LocalRedis::Cluster(c) => c.seeds(),
         }
     }
-    bail!("no free port pair (p, p + 10000) for a Redis Cluster node")
-}
 
-/// A local Redis Cluster: `n` cluster-enabled `redis-server`s, no replicas,
-/// the 16384 slots split evenly, every one reporting `cluster_state:ok`.
-/// Joined by `redis-cli --cluster create` (which wants 3 primaries at
-/// least; below that the slots are assigned and the nodes met by hand).
-pub fn start_redis_cluster(dir: &Path, n: usize) -> Result<Vec<RedisProc>> {
-    let procs = (0..n.max(1))
-        .map(|_| RedisProc::start_cluster_node(dir))
-        .collect::<Result<Vec<_>>>()?;
-    if procs.len() >= 3 {
-        let out = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(procs.iter().map(|r| format!("127.0.0.1:{}", r.port)))
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .stdin(Stdio::null())
-            .output()
-            .context("run redis-cli --cluster create (redis-tools package)")?;
-        if !out.status.success() {
-            bail!(
-                "redis-cli --cluster create failed ({}):\n{}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    } else {
-        let k = procs.len();
-        for (i, r) in procs.iter().enumerate() {
-            let (lo, hi) = (16_384 * i / k, 16_384 * (i + 1) / k - 1);
-            r.query(redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(lo).arg(hi))
-                .with_context(|| format!("CLUSTER ADDSLOTSRANGE on port {}", r.port))?;
-        }
-        for r in &procs[1..] {
-            procs[0]
-                .query(
-                    redis::cmd("CLUSTER")
-                        .arg("MEET")
-                        .arg("127.0.0.1")
-                        .arg(r.port),
-                )
-                .with_context(|| format!("CLUSTER MEET port {}", r.port))?;
+    /// The process ids (a Redis Cluster's in the order they were started).
+    fn pids(&self) -> Vec<i32> {
+        match self {
+            LocalRedis::Single(r) => r.pid().into_iter().collect(),
+            LocalRedis::Cluster(c) => c.pids(),
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for r in &procs {
-        loop {
-            let info = r.query(redis::cmd("CLUSTER").arg("INFO"));
-            if info
-                .as_deref()
-                .is_ok_and(|i| i.contains("cluster_state:ok"))
-            {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "Redis Cluster node on port {} not ok within 30 s: {info:?} (logs in {})",
-                    r.port,
-                    dir.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    Ok(procs)
 }
 
 /// A node of the cluster: its address, and its process if local.
 pub struct Node {
     /// `host:port` of its HTTP/WebSocket listener.
     pub addr: String,
-    pub child: Option<Child>,
+    /// The local process (killed on drop); None for an existing cluster.
+    pub process: Option<NodeProcess>,
 }
 
 impl Node {
     pub fn pid(&self) -> Option<i32> {
-        self.child.as_ref().map(|c| c.id() as i32)
+        self.process.as_ref().map(NodeProcess::pid)
     }
 
     /// SIGKILL the local process and reap it.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(mut p) = self.process.take() {
+            p.kill9();
         }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill9();
     }
 }
 
@@ -289,9 +122,9 @@ pub struct Cluster {
     pub prefix: String,
     pub send_shards: u32,
     pub nodes: Vec<Node>,
-    /// The local Redis processes: one `redis-server`, or the primaries of
-    /// a local Redis Cluster; none for an existing cluster.
-    pub redis: Vec<RedisProc>,
+    /// The local Redis: one `redis-server`, or a local Redis Cluster; None
+    /// for an existing cluster.
+    pub redis: Option<LocalRedis>,
     dir: Option<PathBuf>,
     keep_logs: bool,
 }
@@ -300,7 +133,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         // Nodes first, then Redis.
         self.nodes.clear();
-        self.redis.clear();
+        self.redis = None;
         if let Some(d) = &self.dir {
             if self.keep_logs {
                 eprintln!("logs kept in {}", d.display());
@@ -322,7 +155,8 @@ fn node_bin(opts: &ClusterOpts) -> Result<PathBuf> {
     let p = dir.join("wscluster");
     if !p.exists() {
         bail!(
-            "{} not found: build it (cargo build --release --bins) or pass --node-bin",
+            "{} not found: build it (cargo build -p wscluster, with this program's profile) \
+                 or pass --node-bin",
             p.display()
         );
     }
@@ -354,7 +188,7 @@ impl Cluster {
                 .iter()
                 .map(|u| Node {
                     addr: host_port(u),
-                    child: None,
+                    process: None,
                 })
                 .collect();
             return Ok(Cluster {
@@ -363,7 +197,7 @@ impl Cluster {
                 prefix: opts.prefix.clone(),
                 send_shards: opts.send_shards.max(1),
                 nodes,
-                redis: Vec::new(),
+                redis: None,
                 dir: None,
                 keep_logs: false,
             });
@@ -375,21 +209,26 @@ impl Cluster {
             );
         }
         let bin = node_bin(opts)?;
-        let dir = tmpdir()?;
+        let dir = tmpdir("bench").context("scratch directory")?;
         let redis_cluster = opts.redis_cluster_primaries > 0;
         let redis = if redis_cluster {
-            start_redis_cluster(&dir, opts.redis_cluster_primaries)?
+            // No replicas; a node timeout of 2 s, so a loaded machine does
+            // not fail a primary in the middle of a run.
+            LocalRedis::Cluster(RedisCluster::launch(&ClusterSpec {
+                node_timeout_ms: 2000,
+                dir: Some(dir.join("redis-cluster")),
+                ..ClusterSpec::new(opts.redis_cluster_primaries, 0)
+            })?)
         } else {
-            vec![RedisProc::start(&dir)?]
+            LocalRedis::Single(RedisServer::start(&dir)?)
         };
-        let urls: Vec<String> = redis.iter().map(RedisProc::url).collect();
         let mut c = Cluster {
-            redis_url: urls.join(","),
+            redis_url: redis.url(),
             redis_cluster,
             prefix: opts.prefix.clone(),
             send_shards: opts.send_shards.max(1),
             nodes: Vec::new(),
-            redis,
+            redis: Some(redis),
             dir: Some(dir.clone()),
             keep_logs: opts.keep_logs,
         };
@@ -421,32 +260,19 @@ impl Cluster {
             args.extend(["--send-shards".into(), opts.send_shards.to_string()]);
         }
         args.extend(opts.node_args.iter().cloned());
-        let mut pending = Vec::new();
+        // All started at once, then each waited for.
         for i in 0..n {
-            pending.push(spawn_node(&bin, &args, &dir, i)?);
-        }
-        for (i, (child, log_path, addr)) in pending.into_iter().enumerate() {
-            let node = Node {
+            let log = NodeLog::File(dir.join(format!("node{i}.log")));
+            let p = NodeProcess::spawn(&bin, &i.to_string(), &args, &[("RUST_LOG", "info")], log)?;
+            c.nodes.push(Node {
                 addr: String::new(),
-                child: Some(child),
-            };
-            c.nodes.push(node);
-            let deadline = Instant::now() + Duration::from_secs(15);
-            let a = loop {
-                if let Some(a) = addr.lock().ok().and_then(|a| a.clone()) {
-                    break a;
-                }
-                let exited = c.nodes[i]
-                    .child
-                    .as_mut()
-                    .and_then(|ch| ch.try_wait().ok().flatten());
-                if exited.is_some() || Instant::now() > deadline {
-                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                    bail!("node {i} did not start ({exited:?}):\n{log}");
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            };
-            c.nodes[i].addr = a;
+                process: Some(p),
+            });
+        }
+        for node in &mut c.nodes {
+            if let Some(p) = &mut node.process {
+                node.addr = p.wait_addr(Duration::from_secs(15))?;
+            }
         }
         for (i, node) in c.nodes.iter().enumerate() {
             wait_ready(&node.addr, Duration::from_secs(15))
@@ -477,13 +303,19 @@ impl Cluster {
 
     /// The local Redis processes (so their CPU can be read).
     pub fn redis_pids(&self) -> Vec<i32> {
-        self.redis.iter().map(RedisProc::pid).collect()
+        self.redis
+            .as_ref()
+            .map(LocalRedis::pids)
+            .unwrap_or_default()
     }
 
     /// The primaries of a local Redis Cluster (None: a single Redis, or an
     /// existing cluster).
     pub fn redis_primaries(&self) -> Option<usize> {
-        (self.redis_cluster && !self.redis.is_empty()).then_some(self.redis.len())
+        match &self.redis {
+            Some(LocalRedis::Cluster(c)) => Some(c.pids().len()),
+            _ => None,
+        }
     }
 
     pub fn node_pids(&self) -> Vec<i32> {
@@ -491,153 +323,14 @@ impl Cluster {
     }
 
     pub fn local(&self) -> bool {
-        !self.redis.is_empty()
+        self.redis.is_some()
     }
-}
-
-type Spawned = (Child, PathBuf, Arc<Mutex<Option<String>>>);
-
-fn spawn_node(bin: &Path, args: &[String], dir: &Path, i: usize) -> Result<Spawned> {
-    let mut child = Command::new(bin)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("spawn {}", bin.display()))?;
-    let log_path = dir.join(format!("node{i}.log"));
-    let log = Arc::new(Mutex::new(
-        std::fs::File::create(&log_path).context("node log file")?,
-    ));
-    let addr = Arc::new(Mutex::new(None::<String>));
-    let pipes: Vec<Box<dyn Read + Send>> = [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    for pipe in pipes {
-        let log = log.clone();
-        let addr = addr.clone();
-        std::thread::spawn(move || {
-            use std::io::Write;
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let line = strip_ansi(&line);
-                if let Some(rest) = line.split("listen=").nth(1)
-                    && let Ok(mut a) = addr.lock()
-                    && a.is_none()
-                {
-                    *a = Some(rest.split_whitespace().next().unwrap_or("").to_owned());
-                }
-                if let Ok(mut f) = log.lock() {
-                    let _ = writeln!(f, "{line}");
-                }
-            }
-        });
-    }
-    Ok((child, log_path, addr))
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c2 in chars.by_ref() {
-                if c2.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// `ws://h:p/...`, `http://h:p` or `h:p` → `h:p`.
 pub fn host_port(url: &str) -> String {
     let s = url.split("://").nth(1).unwrap_or(url);
     s.split('/').next().unwrap_or(s).to_owned()
-}
-
-pub async fn resolve(addr: &str) -> Result<SocketAddr> {
-    if let Ok(a) = addr.parse() {
-        return Ok(a);
-    }
-    tokio::net::lookup_host(addr)
-        .await?
-        .next()
-        .ok_or_else(|| anyhow!("cannot resolve {addr}"))
-}
-
-/// A minimal HTTP/1.1 GET: status and body.
-pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(resolve(addr).await?).await?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status: u16 = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow!("bad HTTP answer from {addr}"))?;
-        let chunked = head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked");
-        let body = if chunked {
-            dechunk(body)
-        } else {
-            body.to_owned()
-        };
-        Ok::<_, anyhow::Error>((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(5), fut)
-        .await
-        .map_err(|_| anyhow!("GET {path} on {addr}: timeout"))?
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((len, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(len.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-pub async fn wait_ready(addr: &str, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok((200, _)) = http_get(addr, "/readyz").await {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("/readyz not 200 within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 /// `/cluster` of a node, as JSON.

@@ -1,0 +1,63 @@
+//! Leaving the cluster (contract §6, Leave), top to bottom. The node owns
+//! the order (see `Node::run`): it moves its [`Lifecycle`] to `Leaving`
+//! (not ready, routers, reaper and heartbeat stop), calls [`leave_begin`],
+//! drains its sockets, moves to `SelfReaping` (readers stop) and calls
+//! [`leave_finish`]; a node that dies midway leaves its reap lock to lapse
+//! and a survivor finishes the reap.
+//!
+//! [`Lifecycle`]: crate::shutdown::Lifecycle
+
+use std::sync::Arc;
+
+use super::Ctx;
+use super::reaper::{reap_locked, spawn_lock_renewer};
+use crate::redis::lua;
+use crate::shutdown::Phase;
+
+/// Leave, first half: take the reap lock on ourselves, expire our lease
+/// (routers stop sending to us), release router leases.
+pub async fn leave_begin(ctx: &Arc<Ctx>) {
+    let me = ctx.membership.id();
+    let mut conn = ctx.conn.clone();
+    let r: Result<(), redis::RedisError> = async {
+        let _: i64 = lua::eval_cmd(lua::LEASE_ACQUIRE, &[&ctx.keys.reap_lock(&me)])?
+            .arg(me.as_str())
+            .arg(ctx.ttl_ms())
+            .query_async(&mut conn)
+            .await?;
+        // Renewed for the whole drain; a node that dies midway lets it
+        // lapse within a lease TTL and a survivor finishes the reap.
+        let life = ctx.life.clone();
+        spawn_lock_renewer(ctx.clone(), me.clone(), async move {
+            life.reached(Phase::SelfReaping).await
+        });
+        let _: u64 = lua::eval_cmd(lua::EXPIRE_NOW, &[&ctx.keys.nodes()])?
+            .arg(me.as_str())
+            .query_async(&mut conn)
+            .await?;
+        for shard in 0..ctx.cfg.send_shards {
+            lua::release_lease(&mut conn, &ctx.keys.router_lease(shard), me.as_str()).await?;
+        }
+        Ok(())
+    }
+    .await;
+    match r {
+        Ok(()) => tracing::info!(node = %me, "leaving: lease expired, router leases released"),
+        Err(e) => {
+            ctx.redis_error();
+            tracing::warn!(node = %me, error = %e, "leaving without redis; a survivor will reap this node");
+        }
+    }
+}
+
+/// Leave, second half: reap ourselves as a survivor would.
+pub async fn leave_finish(ctx: &Arc<Ctx>) {
+    let me = ctx.membership.id();
+    match reap_locked(ctx, &me, &me).await {
+        Ok(()) => tracing::info!(node = %me, "left the cluster"),
+        Err(e) => {
+            ctx.redis_error();
+            tracing::warn!(node = %me, error = %e, "self-reap interrupted; a survivor will finish it");
+        }
+    }
+}

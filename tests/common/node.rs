@@ -1,0 +1,165 @@
+//! Nodes: child processes of the built `wscluster` binary (launched by the
+//! testkit, their log kept in memory and printed if the test fails), the
+//! arguments tests give them, and whole clusters of them.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+use wscluster_testkit::{NodeLog, NodeProcess};
+
+use super::redis::Redis;
+use super::{API_KEY, SECRET};
+
+/// A node: a child process of the built binary. Its log is captured and
+/// printed if the test failed.
+pub struct NodeProc {
+    pub addr: String,
+    pub name: String,
+    process: NodeProcess,
+}
+
+/// Node arguments without `--dev`, with the given heartbeat and lease TTL.
+pub fn timed_args(
+    redis_url: &str,
+    heartbeat_ms: &str,
+    ttl_ms: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    // A comma list is a Redis Cluster seed list (the node insists on the
+    // flag for one).
+    let cluster: &[&str] = if redis_url.contains(',') {
+        &["--redis-cluster"]
+    } else {
+        &[]
+    };
+    let mut v: Vec<String> = [
+        "--redis-url",
+        redis_url,
+        "--heartbeat-ms",
+        heartbeat_ms,
+        "--lease-ttl-ms",
+        ttl_ms,
+        "--drain-ms",
+        "1000",
+        "--jwt-secret",
+        SECRET,
+        "--api-key",
+        API_KEY,
+    ]
+    .iter()
+    .chain(cluster)
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Fast timings for tests (heartbeat 200 ms, lease 1 s), with `--dev`.
+pub fn fast_args(redis: &Redis) -> Vec<String> {
+    timed_args(&redis.url(), "200", "1000", &["--dev"])
+}
+
+impl NodeProc {
+    pub fn start(name: &str, args: &[String]) -> NodeProc {
+        Self::start_env(name, args, &[])
+    }
+
+    /// Start it (`--listen 127.0.0.1:0`, debug logs, `env` on top) and
+    /// wait until it listens.
+    pub fn start_env(name: &str, args: &[String], env: &[(&str, &str)]) -> NodeProc {
+        let mut all: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into()];
+        all.extend(args.iter().cloned());
+        let mut vars = vec![("RUST_LOG", "info,wscluster=debug")];
+        vars.extend_from_slice(env);
+        let bin = Path::new(env!("CARGO_BIN_EXE_wscluster"));
+        let mut process =
+            NodeProcess::spawn(bin, name, &all, &vars, NodeLog::Memory).expect("spawn wscluster");
+        let addr = match process.wait_addr(Duration::from_secs(10)) {
+            Ok(a) => a,
+            Err(e) => {
+                // Killed before the panic, which then prints its log once.
+                drop(process);
+                panic!("{e:#}");
+            }
+        };
+        NodeProc {
+            addr,
+            name: name.to_owned(),
+            process,
+        }
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/ws?{}", self.addr, query)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.process.pid()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        self.process.signal(sig);
+    }
+
+    pub fn kill9(&mut self) {
+        self.process.kill9();
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+
+    /// Wait for the process to exit; its status code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        self.process.wait_exit(timeout).await
+    }
+
+    pub async fn wait_ready(&self) {
+        let timeout = Duration::from_secs(10);
+        if let Err(e) = wscluster_testkit::http::wait_ready(&self.addr, timeout).await {
+            panic!(
+                "timed out after {timeout:?} waiting for: {} ready ({e:#})",
+                self.name
+            );
+        }
+    }
+
+    pub async fn cluster(&self) -> Value {
+        reqwest::get(self.http("/cluster"))
+            .await
+            .expect("GET /cluster")
+            .json()
+            .await
+            .expect("cluster json")
+    }
+
+    pub async fn node_id(&self) -> String {
+        self.cluster().await["node"]
+            .as_str()
+            .expect("node id")
+            .to_owned()
+    }
+}
+
+/// Start a redis-server and `n` nodes with fast timings, all ready.
+pub async fn cluster(n: usize) -> (Redis, Vec<NodeProc>) {
+    cluster_with(n, &[]).await
+}
+
+pub async fn cluster_with(n: usize, extra: &[&str]) -> (Redis, Vec<NodeProc>) {
+    let redis = Redis::start();
+    let mut args = fast_args(&redis);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let nodes: Vec<NodeProc> = (0..n)
+        .map(|i| NodeProc::start(&format!("n{i}"), &args))
+        .collect();
+    for node in &nodes {
+        node.wait_ready().await;
+    }
+    (redis, nodes)
+}
