@@ -216,6 +216,13 @@ impl Abandoned {
     }
 }
 
+/// The next node address, round-robin from `i`.
+fn next_addr(addrs: &Mutex<Vec<String>>, i: &mut usize) -> String {
+    let a = addrs.lock().unwrap();
+    *i = (*i + 1) % a.len();
+    a[*i].clone()
+}
+
 /// A user's client: connects to the nodes round-robin, reconnects on any
 /// close, records every message id. On `stop` it leaves its socket with a
 /// closing handshake; a socket on a silent node is handed to `abandoned`.
@@ -228,11 +235,7 @@ async fn user_loop(
 ) {
     let mut i = rand::rng().random_range(0..4usize);
     while !stop.is_cancelled() {
-        let addr = {
-            let a = addrs.lock().unwrap();
-            i = (i + 1) % a.len();
-            a[i].clone()
-        };
+        let addr = next_addr(&addrs, &mut i);
         let url = format!("ws://{addr}/ws?user={user}");
         let conn = tokio::time::timeout(Duration::from_secs(2), connect_async(url.as_str())).await;
         let Ok(Ok((mut ws, _))) = conn else {
@@ -320,11 +323,7 @@ async fn staller_loop(
 ) {
     let mut i = rand::rng().random_range(0..4usize);
     while !stop.is_cancelled() {
-        let addr = {
-            let a = addrs.lock().unwrap();
-            i = (i + 1) % a.len();
-            a[i].clone()
-        };
+        let addr = next_addr(&addrs, &mut i);
         let conn = tokio::time::timeout(Duration::from_secs(2), connect_small(&addr, &user)).await;
         let Ok(Some(mut ws)) = conn else {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -30,6 +30,11 @@ pub const CLOSE_TRY_LATER: u16 = 1013;
 /// Live messages written and not confirmed by a pong before the client
 /// counts as not reading.
 const MAX_UNCONFIRMED: usize = 4 * crate::local::OUTBOX;
+/// At most one confirmation ping per connection per this long while
+/// messages flow (and one this long after the last message).
+const PING_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+/// …or sooner, when this many messages wait for one.
+const PING_AFTER: usize = 256;
 /// Frames written per flush when the outbox has a backlog.
 const WRITE_BATCH: usize = 64;
 /// Longest a batch may take to write before the client counts as stuck.
@@ -95,6 +100,10 @@ async fn pump(
         tokio::select! {
             biased;
             _ = h.closed().cancelled() => break,
+            _ = tokio::time::sleep_until(acks.ping_due().unwrap_or_else(far_future)), if acks.ping_due().is_some() => {
+                let ping = WsMessage::Ping(acks.ping());
+                r = write_bounded(&mut sink, h, std::iter::once(ping)).await;
+            }
             _ = h.mailbox_wanted() => {
                 let after = Mailbox { cursor: acks.cursor.clone(), ..Mailbox::default() };
                 r = match shared.bus.take_mailbox(h, &after).await {
@@ -277,6 +286,9 @@ struct PageAcks {
     live: std::collections::VecDeque<(u64, Outgoing)>,
     /// The token of the ping that follows the batch being written.
     live_token: Option<u64>,
+    /// Held messages no ping has followed yet, since when: a ping goes
+    /// out with a later batch, or on its own once [`PING_EVERY`] passed.
+    unpinged_since: Option<tokio::time::Instant>,
 }
 
 impl PageAcks {
@@ -299,15 +311,34 @@ impl PageAcks {
         Some(bytes::Bytes::copy_from_slice(&self.next.to_be_bytes()))
     }
 
-    /// The ping to follow a batch of live frames, if it holds messages.
+    /// The ping to follow a batch of live frames: one per [`PING_EVERY`]
+    /// at most (a pong confirms everything before it), or when many wait.
+    /// Messages without a ping of their own are held under the next one.
     fn live(&mut self, batch: &[Outgoing]) -> Option<bytes::Bytes> {
-        self.live_token = None;
-        if !batch.iter().any(|o| o.msg.is_some()) {
+        let has_msgs = batch.iter().any(|o| o.msg.is_some());
+        self.live_token = has_msgs.then_some(self.next + 1);
+        if !has_msgs {
             return None;
         }
+        let since = *self
+            .unpinged_since
+            .get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() < PING_EVERY && self.live.len() < PING_AFTER {
+            return None;
+        }
+        Some(self.ping())
+    }
+
+    /// A ping now: it confirms every message held so far.
+    fn ping(&mut self) -> bytes::Bytes {
         self.next += 1;
-        self.live_token = Some(self.next);
-        Some(bytes::Bytes::copy_from_slice(&self.next.to_be_bytes()))
+        self.unpinged_since = None;
+        bytes::Bytes::copy_from_slice(&self.next.to_be_bytes())
+    }
+
+    /// When held messages need a ping of their own (none followed them).
+    fn ping_due(&self) -> Option<tokio::time::Instant> {
+        self.unpinged_since.map(|t| t + PING_EVERY)
     }
 
     /// The batch's messages are written: hold them until the pong.
@@ -388,6 +419,10 @@ where
             }
         };
     }
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(3600)
 }
 
 /// Queue a reply to a client frame. Replies go through the bounded outbox
