@@ -45,6 +45,8 @@ pub enum ConfigError {
     Prefix,
     #[error("--{0} must be at least 1")]
     Zero(&'static str),
+    #[error("--history-size (WSC_HISTORY_SIZE) must be at most 10000")]
+    HistorySize,
     #[error("--log-format (WSC_LOG_FORMAT) must be text or json")]
     LogFormat,
 }
@@ -99,6 +101,18 @@ pub struct Args {
     /// Payload bytes kept per user's mailbox (oldest dropped first).
     #[arg(long, env = "WSC_MAILBOX_MAX_BYTES", default_value_t = 8_388_608)]
     pub mailbox_max_bytes: u64,
+    /// Messages kept per user for resume (contract §9); 0 turns history off.
+    #[arg(long, env = "WSC_HISTORY_SIZE", default_value_t = 200)]
+    pub history_size: u64,
+    /// A user's history expires this long after its last message.
+    #[arg(long, env = "WSC_HISTORY_TTL_S", default_value_t = 300)]
+    pub history_ttl_s: u64,
+    /// How long an `idem` key is remembered (contract §4).
+    #[arg(long, env = "WSC_IDEMPOTENCY_TTL_S", default_value_t = 600)]
+    pub idempotency_ttl_s: u64,
+    /// Newest entries kept in `<p>:events` (contract §10).
+    #[arg(long, env = "WSC_EVENTS_MAX", default_value_t = 100_000)]
+    pub events_max: u64,
     /// Largest client message (uncompressed).
     #[arg(long, env = "WSC_MAX_FRAME_BYTES", default_value_t = 65536)]
     pub max_frame_bytes: usize,
@@ -194,6 +208,10 @@ pub struct Config {
     pub mailbox_max: u64,
     pub mailbox_ttl: Duration,
     pub mailbox_max_bytes: u64,
+    pub history_size: u64,
+    pub history_ttl: Duration,
+    pub idempotency_ttl: Duration,
+    pub events_max: u64,
     pub max_frame_bytes: usize,
     pub max_payload_bytes: usize,
     pub max_msgs_per_sec: u32,
@@ -299,6 +317,10 @@ impl Config {
         if args.send_shards == 0 || args.send_shards > 1024 {
             return Err(ConfigError::Shards);
         }
+        // A resume replays up to this many messages in one reply.
+        if args.history_size > 10_000 {
+            return Err(ConfigError::HistorySize);
+        }
         for (name, v) in [
             ("mailbox-max (WSC_MAILBOX_MAX)", args.mailbox_max as usize),
             (
@@ -309,6 +331,15 @@ impl Config {
                 "mailbox-ttl-s (WSC_MAILBOX_TTL_S)",
                 args.mailbox_ttl_s as usize,
             ),
+            (
+                "history-ttl-s (WSC_HISTORY_TTL_S)",
+                args.history_ttl_s as usize,
+            ),
+            (
+                "idempotency-ttl-s (WSC_IDEMPOTENCY_TTL_S)",
+                args.idempotency_ttl_s as usize,
+            ),
+            ("events-max (WSC_EVENTS_MAX)", args.events_max as usize),
             (
                 "max-frame-bytes (WSC_MAX_FRAME_BYTES)",
                 args.max_frame_bytes,
@@ -372,6 +403,10 @@ impl Config {
             mailbox_max: args.mailbox_max,
             mailbox_ttl: Duration::from_secs(args.mailbox_ttl_s),
             mailbox_max_bytes: args.mailbox_max_bytes,
+            history_size: args.history_size,
+            history_ttl: Duration::from_secs(args.history_ttl_s),
+            idempotency_ttl: Duration::from_secs(args.idempotency_ttl_s),
+            events_max: args.events_max,
             max_frame_bytes: args.max_frame_bytes,
             max_payload_bytes: args.max_payload_bytes,
             max_msgs_per_sec: args.max_msgs_per_sec,

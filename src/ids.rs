@@ -113,6 +113,12 @@ impl ConnId {
     }
 }
 
+/// A fresh epoch for a user's seq counter (contract §9): random, so a
+/// counter that starts again can never be mistaken for the old one.
+pub fn new_epoch() -> String {
+    Uuid::new_v4().simple().to_string()[..16].to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

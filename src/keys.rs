@@ -74,6 +74,23 @@ impl Keys {
         format!("{}:mailbox-bytes:{{{}}}", self.prefix, user)
     }
 
+    /// A user's history (contract §9): the newest messages, stream ids
+    /// `0-<seq>`.
+    pub fn history(&self, user: &UserId) -> String {
+        format!("{}:history:{{{}}}", self.prefix, user)
+    }
+
+    /// A user's history position: hash `epoch`, `seq` (contract §9).
+    pub fn seq(&self, user: &UserId) -> String {
+        format!("{}:seq:{{{}}}", self.prefix, user)
+    }
+
+    /// An idempotency key of a user's (contract §4): holds the id of the
+    /// first message sent with it.
+    pub fn idem(&self, user: &UserId, key: &str) -> String {
+        format!("{}:idem:{{{}}}:{}", self.prefix, user, key)
+    }
+
     /// Mailbox pages an earlier release moved aside per connection until
     /// written. This release never writes them (a mailbox entry now stays
     /// in the mailbox until written); its reaper still routes what a node
@@ -142,6 +159,8 @@ mod tests {
             let n = NodeId::random();
             // REGISTER / TAKE_MAILBOX, MAILBOX, UNREGISTER_IF.
             proptest::prop_assert!(one_slot(&[&k.user(&u), &k.mailbox(&u), &k.mailbox_bytes(&u), &k.taking(&u, &c)]));
+            // ROUTE and REGISTER with history and idempotency keys.
+            proptest::prop_assert!(one_slot(&[&k.user(&u), &k.seq(&u), &k.history(&u), &k.idem(&u, &user)]));
             // DELETE_IF_DRAINED, and the reap lock in the node's slot.
             proptest::prop_assert!(one_slot(&[&k.inbox(&n), &k.node_conns(&n), &k.reap_lock(&n)]));
         }

@@ -3,6 +3,8 @@
 //! Frames are serialized once per message per node and shared (cheaply
 //! cloned bytes) between every connection that gets them.
 
+use std::sync::Arc;
+
 use axum::extract::ws::Utf8Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -30,6 +32,16 @@ pub struct Message {
     pub hops: u32,
     /// Unix ms when it entered the send stream (for the latency histogram).
     pub sent_ms: u64,
+    /// Position in the user's history (contract §9): 0 until the router
+    /// numbers it (and with history off); never changed once set.
+    pub seq: u64,
+    /// The user's epoch `seq` counts in (empty while `seq` is 0).
+    pub epoch: Arc<str>,
+    /// The app's idempotency key (`idem`, contract §4), until routed.
+    pub idem: Option<String>,
+    /// May have been routed before (read again from a pending list after a
+    /// router stopped): the router looks for the `seq` it was given then.
+    pub repeat: bool,
 }
 
 /// Re-route bound (contract §6): past it, the message goes to the mailbox.
@@ -44,9 +56,35 @@ struct MessageFrame<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     topic: Option<&'a str>,
     payload: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<&'a str>,
 }
 
 impl Message {
+    /// A message not yet routed: no hops, no `seq`.
+    pub fn new(
+        id: String,
+        target: Target,
+        from: Option<UserId>,
+        payload: String,
+        sent_ms: u64,
+    ) -> Message {
+        Message {
+            id,
+            target,
+            from,
+            payload,
+            hops: 0,
+            sent_ms,
+            seq: 0,
+            epoch: Arc::from(""),
+            idem: None,
+            repeat: false,
+        }
+    }
+
     pub fn user(&self) -> Option<&UserId> {
         match &self.target {
             Target::User(u) => Some(u),
@@ -78,6 +116,8 @@ impl Message {
                 Target::User(_) => None,
             },
             payload: raw,
+            seq: (self.seq > 0).then_some(self.seq),
+            epoch: (self.seq > 0).then_some(&*self.epoch),
         };
         Utf8Bytes::from(serde_json::to_string(&frame).unwrap_or_default())
     }
@@ -89,10 +129,25 @@ pub fn is_json(s: &str) -> bool {
     serde_json::from_str::<serde_json::Value>(s).is_ok()
 }
 
-/// The `welcome` frame.
-pub fn welcome(node: &NodeId, conn: &ConnId, user: &UserId) -> Utf8Bytes {
+/// A user's history position (contract §9): the epoch and the last `seq`
+/// given under it. History off: `""` and 0.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: String,
+    pub seq: u64,
+}
+
+/// The `welcome` frame; `recovered` answers a resume request (§9).
+pub fn welcome(
+    node: &NodeId,
+    conn: &ConnId,
+    user: &UserId,
+    pos: &Position,
+    recovered: Option<bool>,
+) -> Utf8Bytes {
     json_frame(serde_json::json!({
-        "type": "welcome", "node": node.as_str(), "conn": conn.as_str(), "user": user.as_str()
+        "type": "welcome", "node": node.as_str(), "conn": conn.as_str(), "user": user.as_str(),
+        "epoch": pos.epoch, "seq": pos.seq, "recovered": recovered
     }))
 }
 
@@ -148,18 +203,27 @@ mod tests {
 
     #[test]
     fn message_frame() {
-        let m = Message {
-            id: "1-0".into(),
-            target: Target::User(UserId::parse("bob").unwrap()),
-            from: Some(UserId::parse("al").unwrap()),
-            payload: r#"{"x": 1}"#.into(),
-            hops: 0,
-            sent_ms: 0,
-        };
+        let m = Message::new(
+            "1-0".into(),
+            Target::User(UserId::parse("bob").unwrap()),
+            Some(UserId::parse("al").unwrap()),
+            r#"{"x": 1}"#.into(),
+            0,
+        );
         let v: serde_json::Value = serde_json::from_str(m.frame().as_str()).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"type":"message","id":"1-0","from":"al","payload":{"x":1}})
+        );
+        let numbered = Message {
+            seq: 7,
+            epoch: Arc::from("e1"),
+            ..m.clone()
+        };
+        let v: serde_json::Value = serde_json::from_str(numbered.frame().as_str()).unwrap();
+        assert_eq!(
+            (v["seq"].as_u64(), v["epoch"].as_str()),
+            (Some(7), Some("e1"))
         );
         let t = Message {
             target: Target::Topic(Topic::parse("news").unwrap()),

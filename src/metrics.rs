@@ -24,6 +24,9 @@ pub struct Metrics {
     pub dropped_topic: Counter,
     pub mailbox_dropped: Counter,
     pub reconciled: Counter,
+    pub deduplicated: Counter,
+    pub resumed: Counter,
+    pub resume_failed: Counter,
 }
 
 impl Default for Metrics {
@@ -53,6 +56,9 @@ impl Metrics {
             dropped_topic: Counter::default(),
             mailbox_dropped: Counter::default(),
             reconciled: Counter::default(),
+            deduplicated: Counter::default(),
+            resumed: Counter::default(),
+            resume_failed: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -89,6 +95,21 @@ impl Metrics {
             "wsc_stale_registrations_removed",
             "Connection entries naming this node without a socket here, removed by reconciliation",
             m.reconciled.clone(),
+        );
+        registry.register(
+            "wsc_messages_deduplicated",
+            "Messages not delivered again: their idempotency key was seen before (contract §4)",
+            m.deduplicated.clone(),
+        );
+        registry.register(
+            "wsc_resumes_recovered",
+            "Resume requests answered recovered:true (contract §9)",
+            m.resumed.clone(),
+        );
+        registry.register(
+            "wsc_resumes_not_recovered",
+            "Resume requests answered recovered:false (contract §9)",
+            m.resume_failed.clone(),
         );
         registry.register(
             "wsc_messages_dead",

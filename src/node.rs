@@ -90,6 +90,11 @@ impl Node {
                 cfg.mailbox_max,
                 cfg.mailbox_ttl,
                 cfg.mailbox_max_bytes,
+                crate::bus::memory::HistoryConfig {
+                    size: cfg.history_size,
+                    ttl: cfg.history_ttl,
+                    idempotency_ttl: cfg.idempotency_ttl,
+                },
             )),
         };
         let conn_slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));

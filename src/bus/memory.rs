@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Bus, BusError, ClusterView, Mailbox, NodeView, Publish};
+use super::{Bus, BusError, ClusterView, Mailbox, NodeView, Publish, Registered, Resume};
 use crate::ack::AckGuard;
 use crate::ids::{NodeId, UserId};
 use crate::local::{ConnHandle, Outgoing, Registry};
-use crate::message::{Message, Target, now_ms};
+use crate::message::{Message, Position, Target, now_ms};
 
 pub struct MemoryBus {
     id: NodeId,
@@ -22,7 +22,18 @@ pub struct MemoryBus {
     mailbox_max: usize,
     mailbox_ttl: Duration,
     mailbox_max_bytes: usize,
+    history_size: usize,
+    history_ttl: Duration,
+    idem_ttl: Duration,
     state: Mutex<State>,
+}
+
+/// How a standalone node keeps history and idempotency keys: as the Redis
+/// back-end does (contract §9, §4), in memory.
+pub struct HistoryConfig {
+    pub size: u64,
+    pub ttl: Duration,
+    pub idempotency_ttl: Duration,
 }
 
 #[derive(Default)]
@@ -30,6 +41,20 @@ struct State {
     last_ms: u64,
     seq: u64,
     mailboxes: HashMap<UserId, VecDeque<(Instant, Arc<Message>)>>,
+    history: HashMap<UserId, History>,
+    /// (user, key) → (first id, when it was added).
+    idem: HashMap<(UserId, String), (String, Instant)>,
+}
+
+/// One user's history position and newest messages.
+struct History {
+    epoch: Arc<str>,
+    seq: u64,
+    msgs: VecDeque<Arc<Message>>,
+    /// Last message or connect (the counter's expiry runs from it).
+    touched: Instant,
+    /// Last message (the messages' expiry runs from it).
+    added: Instant,
 }
 
 impl State {
@@ -52,6 +77,7 @@ impl MemoryBus {
         mailbox_max: u64,
         mailbox_ttl: Duration,
         mailbox_max_bytes: u64,
+        history: HistoryConfig,
     ) -> Self {
         MemoryBus {
             id: NodeId::random(),
@@ -59,8 +85,39 @@ impl MemoryBus {
             mailbox_max: mailbox_max as usize,
             mailbox_ttl,
             mailbox_max_bytes: mailbox_max_bytes as usize,
+            history_size: history.size as usize,
+            history_ttl: history.ttl,
+            idem_ttl: history.idempotency_ttl,
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// The user's history, a new epoch when there is none or it expired
+    /// (the counter lives `--mailbox-ttl-s` past the last message or
+    /// connect; the messages `--history-ttl-s` past the last one).
+    fn history<'a>(&self, st: &'a mut State, user: &UserId) -> &'a mut History {
+        let now = Instant::now();
+        let h = st.history.entry(user.clone()).or_insert_with(|| History {
+            epoch: Arc::from(crate::ids::new_epoch()),
+            seq: 0,
+            msgs: VecDeque::new(),
+            touched: now,
+            added: now,
+        });
+        if h.touched.elapsed() >= self.mailbox_ttl {
+            *h = History {
+                epoch: Arc::from(crate::ids::new_epoch()),
+                seq: 0,
+                msgs: VecDeque::new(),
+                touched: now,
+                added: now,
+            };
+        }
+        if h.added.elapsed() >= self.history_ttl {
+            h.msgs.clear();
+        }
+        h.touched = now;
+        h
     }
 }
 
@@ -112,8 +169,41 @@ impl Bus for MemoryBus {
         true
     }
 
-    async fn register(&self, conn: &ConnHandle) -> Result<Mailbox, BusError> {
-        self.take_mailbox(conn, &Mailbox::default()).await
+    async fn register(
+        &self,
+        conn: &ConnHandle,
+        resume: Option<&Resume>,
+    ) -> Result<Registered, BusError> {
+        let mailbox = self.take_mailbox(conn, &Mailbox::default()).await?;
+        let mut st = self.state.lock().map_err(|_| BusError::Unavailable)?;
+        if self.history_size == 0 {
+            return Ok(Registered {
+                mailbox,
+                recovered: resume.map(|_| false),
+                ..Registered::default()
+            });
+        }
+        let h = self.history(&mut st, &conn.user);
+        let pos = Position {
+            epoch: h.epoch.to_string(),
+            seq: h.seq,
+        };
+        let mut recovered = None;
+        let mut replay = Vec::new();
+        if let Some(r) = resume {
+            let first_kept = h.msgs.front().map_or(h.seq + 1, |m| m.seq);
+            let ok = r.epoch == *h.epoch && r.since <= h.seq && r.since + 1 >= first_kept;
+            recovered = Some(ok);
+            if ok {
+                replay = h.msgs.iter().filter(|m| m.seq > r.since).cloned().collect();
+            }
+        }
+        Ok(Registered {
+            mailbox,
+            pos,
+            recovered,
+            replay,
+        })
     }
 
     async fn mailbox_written(&self, _conn: &ConnHandle, _written: &Mailbox) {}
@@ -154,16 +244,36 @@ impl Bus for MemoryBus {
         // `register`, so a message never lands in the mailbox of a user who
         // has just connected.
         let mut st = self.state.lock().map_err(|_| BusError::Unavailable)?;
+        if let (Target::User(u), Some(k)) = (&p.target, &p.idem) {
+            let ttl = self.idem_ttl;
+            st.idem.retain(|_, (_, at)| at.elapsed() < ttl);
+            if let Some((first, _)) = st.idem.get(&(u.clone(), k.clone())) {
+                return Ok(first.clone());
+            }
+        }
         let id = st.next_id();
-        let msg = Arc::new(Message {
-            id: id.clone(),
-            target: p.target,
-            from: p.from,
-            payload: p.payload,
-            hops: 0,
-            sent_ms: now_ms(),
-        });
-        self.deliver_or_keep(&mut st, msg);
+        if let (Target::User(u), Some(k)) = (&p.target, &p.idem) {
+            st.idem
+                .insert((u.clone(), k.clone()), (id.clone(), Instant::now()));
+        }
+        let mut msg = Message::new(id.clone(), p.target, p.from, p.payload, now_ms());
+        if let (Target::User(u), true) = (&msg.target, self.history_size > 0) {
+            let u = u.clone();
+            let size = self.history_size;
+            let h = self.history(&mut st, &u);
+            h.seq += 1;
+            h.added = Instant::now();
+            msg.seq = h.seq;
+            msg.epoch = h.epoch.clone();
+            let msg = Arc::new(msg);
+            h.msgs.push_back(msg.clone());
+            while h.msgs.len() > size {
+                h.msgs.pop_front();
+            }
+            self.deliver_or_keep(&mut st, msg);
+            return Ok(id);
+        }
+        self.deliver_or_keep(&mut st, Arc::new(msg));
         Ok(id)
     }
 

@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::ack::AckGuard;
 use crate::ids::{NodeId, UserId};
 use crate::local::ConnHandle;
-use crate::message::{Message, Target};
+use crate::message::{Message, Position, Target};
 
 /// A message to add (from a client `send` or `POST /api/send`).
 #[derive(Debug, Clone)]
@@ -27,6 +27,9 @@ pub struct Publish {
     /// Checked JSON text.
     pub payload: String,
     pub from: Option<UserId>,
+    /// The app's idempotency key (contract §4): a retry with it gets the
+    /// first message's id and adds nothing.
+    pub idem: Option<String>,
 }
 
 /// A page of a user's mailbox. Its entries stay in the mailbox until the
@@ -43,6 +46,27 @@ pub struct Mailbox {
     pub cursor: Option<String>,
     /// More pages wait.
     pub more: bool,
+}
+
+/// A client's resume request: every message of its user after `since`
+/// under `epoch` (contract §9).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    pub since: u64,
+    pub epoch: String,
+}
+
+/// What registering a connection found, in one atomic step.
+#[derive(Debug, Default, Clone)]
+pub struct Registered {
+    /// The first page of the mailbox.
+    pub mailbox: Mailbox,
+    /// The user's history position (for `welcome`).
+    pub pos: Position,
+    /// The answer to a resume request (`None`: none was made).
+    pub recovered: Option<bool>,
+    /// With `recovered: Some(true)`: every message after `since`, in order.
+    pub replay: Vec<Arc<Message>>,
 }
 
 /// Why the bus could not do something.
@@ -80,9 +104,14 @@ pub trait Bus: Send + Sync + 'static {
     fn is_ready(&self) -> bool;
 
     /// Register a connection already in the registry; returns the first
-    /// page of the user's mailbox, oldest first (read in one atomic step
+    /// page of the user's mailbox, oldest first, the user's history
+    /// position and the answer to `resume` (all read in one atomic step
     /// with registering). Take the rest with [`Bus::take_mailbox`].
-    async fn register(&self, conn: &ConnHandle) -> Result<Mailbox, BusError>;
+    async fn register(
+        &self,
+        conn: &ConnHandle,
+        resume: Option<&Resume>,
+    ) -> Result<Registered, BusError>;
 
     /// `written` (the last page) is written: delete it from the mailbox and
     /// read the page after it, in one round trip.

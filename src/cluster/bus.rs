@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::ack::AckGuard;
 use crate::backoff::Backoff;
-use crate::bus::{Bus, BusError, ClusterView, Mailbox, NodeView, Publish};
+use crate::bus::{Bus, BusError, ClusterView, Mailbox, NodeView, Publish, Registered, Resume};
 use crate::cluster::route::acker::Acker;
 use crate::cluster::route::publish::Publisher;
 use crate::cluster::route::send::ShardSet;
@@ -181,7 +181,11 @@ impl Bus for RedisBus {
         self.ctx.get().is_some_and(|c| c.membership.holds_lease())
     }
 
-    async fn register(&self, h: &ConnHandle) -> Result<Mailbox, BusError> {
+    async fn register(
+        &self,
+        h: &ConnHandle,
+        resume: Option<&Resume>,
+    ) -> Result<Registered, BusError> {
         let ctx = self.ctx()?;
         // A fresh lease is needed to write under our id; wait a little for
         // one rather than refuse a client during a short Redis hiccup.
@@ -191,7 +195,7 @@ impl Bus for RedisBus {
                 break;
             }
             let me = ctx.membership.id();
-            let page = match register_under(ctx, &me, h).await {
+            let page = match register_under(ctx, &me, h, resume).await {
                 Ok(page) => page,
                 Err(e) => {
                     ctx.redis_error();
@@ -266,8 +270,40 @@ impl Bus for RedisBus {
         if let Some(f) = p.from {
             fields.push(("from", f.to_string()));
         }
+        // Idempotency (contract §4): a key already holding an id answers
+        // with it. Two racing requests may both add an entry: the first id
+        // to claim the key wins, here and in the router (which drops the
+        // other as a duplicate), so both answer the same id.
+        let idem_key = match (&p.target, &p.idem) {
+            (Target::User(u), Some(k)) => Some(ctx.keys.idem(u, k)),
+            _ => None,
+        };
+        let mut conn = ctx.conn.clone();
+        if let Some(key) = &idem_key {
+            let first: Option<String> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
+            if let Some(first) = first {
+                ctx.metrics.deduplicated.inc();
+                return Ok(first);
+            }
+            fields.push(("idem", p.idem.clone().unwrap_or_default()));
+        }
         let id = ctx.publisher.add(ctx.keys.send(shard), fields).await?;
-        Ok(crate::cluster::entry::public_id(shard, &id))
+        let id = crate::cluster::entry::public_id(shard, &id);
+        if let Some(key) = &idem_key {
+            let set: Option<String> = redis::cmd("SET")
+                .arg(key)
+                .arg(&id)
+                .arg("NX")
+                .arg("GET")
+                .arg("PX")
+                .arg(ctx.cfg.idempotency_ttl.as_millis() as u64)
+                .query_async(&mut conn)
+                .await?;
+            if let Some(first) = set {
+                return Ok(first);
+            }
+        }
+        Ok(id)
     }
 
     async fn user_connections(&self, user: &UserId) -> Result<usize, BusError> {

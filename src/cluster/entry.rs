@@ -20,6 +20,7 @@ pub enum DeadReason {
     NoPayload,
     TooLarge,
     BadJson,
+    BadIdem,
 }
 
 impl DeadReason {
@@ -34,6 +35,7 @@ impl DeadReason {
             DeadReason::NoPayload => "no_payload",
             DeadReason::TooLarge => "too_large",
             DeadReason::BadJson => "bad_json",
+            DeadReason::BadIdem => "bad_idem",
         }
     }
 }
@@ -72,14 +74,22 @@ pub fn parse_send(e: &RawEntry, shard: u32, max_payload: usize) -> Result<Messag
     if !is_json(payload) {
         return Err(DeadReason::BadJson);
     }
-    Ok(Message {
-        id: public_id(shard, &e.id),
+    // An idempotency key has the user-id alphabet (contract §4); it only
+    // means something for a user-addressed message.
+    let idem = match e.get_str("idem") {
+        Some(k) if UserId::parse(k).is_err() => return Err(DeadReason::BadIdem),
+        Some(k) if matches!(target, Target::User(_)) => Some(k.to_owned()),
+        _ => None,
+    };
+    let mut m = Message::new(
+        public_id(shard, &e.id),
         target,
         from,
-        payload: payload.to_owned(),
-        hops: 0,
-        sent_ms: id_ms(&e.id),
-    })
+        payload.to_owned(),
+        id_ms(&e.id),
+    );
+    m.idem = idem;
+    Ok(m)
 }
 
 /// The fields of a user message in an inbox or mailbox.
@@ -95,6 +105,12 @@ pub fn fields(m: &Message) -> Vec<(&'static str, String)> {
     f.push(("payload", m.payload.clone()));
     f.push(("hops", m.hops.to_string()));
     f.push(("t", m.sent_ms.to_string()));
+    if m.seq > 0 {
+        // Contract §9: a message keeps its seq through re-routes, reaps
+        // and mailboxes. (A node of the previous release ignores both.)
+        f.push(("seq", m.seq.to_string()));
+        f.push(("epoch", m.epoch.to_string()));
+    }
     f
 }
 
@@ -115,18 +131,28 @@ pub fn parse_mailbox_nudge(e: &RawEntry) -> Option<UserId> {
 
 /// Read back what [`fields`] wrote. `None` for an entry that is not ours.
 pub fn parse_internal(e: &RawEntry) -> Option<Message> {
-    Some(Message {
-        id: e.get_str("id")?.to_owned(),
-        target: Target::User(UserId::parse(e.get_str("to")?).ok()?),
-        from: e.get_str("from").and_then(|f| UserId::parse(f).ok()),
-        payload: e.get_str("payload")?.to_owned(),
-        hops: e
-            .get_str("hops")
-            .and_then(|h| h.parse().ok())
-            .unwrap_or(0)
-            .min(MAX_HOPS + 1),
-        sent_ms: e.get_str("t").and_then(|t| t.parse().ok()).unwrap_or(0),
-    })
+    let mut m = Message::new(
+        e.get_str("id")?.to_owned(),
+        Target::User(UserId::parse(e.get_str("to")?).ok()?),
+        e.get_str("from").and_then(|f| UserId::parse(f).ok()),
+        e.get_str("payload")?.to_owned(),
+        e.get_str("t").and_then(|t| t.parse().ok()).unwrap_or(0),
+    );
+    m.hops = e
+        .get_str("hops")
+        .and_then(|h| h.parse().ok())
+        .unwrap_or(0)
+        .min(MAX_HOPS + 1);
+    // Entries of the previous release, or of history-off nodes: no seq.
+    if let (Some(seq), Some(epoch)) = (
+        e.get_str("seq").and_then(|s| s.parse::<u64>().ok()),
+        e.get_str("epoch"),
+    ) && !epoch.is_empty()
+    {
+        m.seq = seq;
+        m.epoch = std::sync::Arc::from(epoch);
+    }
+    Some(m)
 }
 
 /// Topic messages in the shared topic stream.
@@ -144,14 +170,13 @@ pub fn topic_fields(m: &Message) -> Vec<(&'static str, String)> {
 }
 
 pub fn parse_topic(e: &RawEntry) -> Option<Message> {
-    Some(Message {
-        id: e.get_str("id")?.to_owned(),
-        target: Target::Topic(Topic::parse(e.get_str("topic")?).ok()?),
-        from: e.get_str("from").and_then(|f| UserId::parse(f).ok()),
-        payload: e.get_str("payload")?.to_owned(),
-        hops: 0,
-        sent_ms: e.get_str("t").and_then(|t| t.parse().ok()).unwrap_or(0),
-    })
+    Some(Message::new(
+        e.get_str("id")?.to_owned(),
+        Target::Topic(Topic::parse(e.get_str("topic")?).ok()?),
+        e.get_str("from").and_then(|f| UserId::parse(f).ok()),
+        e.get_str("payload")?.to_owned(),
+        e.get_str("t").and_then(|t| t.parse().ok()).unwrap_or(0),
+    ))
 }
 
 #[cfg(test)]
@@ -185,6 +210,8 @@ mod tests {
             fields: fields(&Message {
                 target: Target::User(UserId::parse("bob").unwrap()),
                 from: Some(UserId::parse("al").unwrap()),
+                seq: 4,
+                epoch: std::sync::Arc::from("ep"),
                 ..m.clone()
             })
             .into_iter()
@@ -194,6 +221,7 @@ mod tests {
         .unwrap();
         assert_eq!(back.id, m.id);
         assert_eq!(back.from.unwrap().as_str(), "al");
+        assert_eq!((back.seq, &*back.epoch), (4, "ep"));
     }
 
     #[test]
@@ -221,6 +249,10 @@ mod tests {
                 DeadReason::TooLarge,
             ),
             (&[(b"to", &[0xff]), (b"payload", b"1")], DeadReason::NotUtf8),
+            (
+                &[(b"to", b"a"), (b"payload", b"1"), (b"idem", b"a b")],
+                DeadReason::BadIdem,
+            ),
         ];
         for (fields, reason) in cases {
             assert_eq!(parse_send(&entry(fields), 0, 16).unwrap_err(), *reason);

@@ -147,7 +147,7 @@ async fn reregister(ctx: Arc<Ctx>) -> Result<(), redis::RedisError> {
             std::mem::take(&mut batch).run(&mut conn).await?;
         }
         for h in chunk {
-            register_cmd(&ctx, &mut batch, &new, h);
+            register_cmd(&ctx, &mut batch, &new, h, None);
         }
         let replies = batch.run(&mut conn).await?;
         let mut more: Vec<(Arc<ConnHandle>, Mailbox)> = Vec::new();

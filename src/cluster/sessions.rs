@@ -8,9 +8,10 @@ use std::sync::Arc;
 use redis::Value;
 
 use super::Ctx;
-use crate::bus::Mailbox;
+use crate::bus::{Mailbox, Registered, Resume};
 use crate::ids::{NodeId, UserId};
 use crate::local::ConnHandle;
+use crate::message::Position;
 use crate::redis::conn::Batch;
 use crate::redis::lua;
 use crate::stream;
@@ -26,7 +27,8 @@ pub async fn register_under(
     ctx: &Ctx,
     me: &NodeId,
     h: &ConnHandle,
-) -> Result<Mailbox, redis::RedisError> {
+    resume: Option<&Resume>,
+) -> Result<Registered, redis::RedisError> {
     let mut conn = ctx.conn.clone();
     let mut batch = Batch::new();
     batch
@@ -36,21 +38,78 @@ pub async fn register_under(
     if conn.is_cluster() {
         std::mem::take(&mut batch).run(&mut conn).await?;
     }
-    register_cmd(ctx, &mut batch, me, h);
+    register_cmd(ctx, &mut batch, me, h, resume);
     let replies = batch.run(&mut conn).await?;
-    Ok(mailbox_page(replies.last(), None))
+    Ok(registered(replies.last()))
 }
 
-/// Add the `REGISTER` script for `h` under `me` to `batch` (its reply is a
-/// mailbox page: [`mailbox_page`]).
-pub fn register_cmd(ctx: &Ctx, batch: &mut Batch, me: &NodeId, h: &ConnHandle) {
+/// Add the `REGISTER` script for `h` under `me` to `batch`, answering
+/// `resume` too (its reply: [`registered`]; its first page alone:
+/// [`mailbox_page`]).
+pub fn register_cmd(
+    ctx: &Ctx,
+    batch: &mut Batch,
+    me: &NodeId,
+    h: &ConnHandle,
+    resume: Option<&Resume>,
+) {
     let k = user_keys(ctx, &h.user);
+    let history = ctx.cfg.history_size > 0;
     batch
-        .eval(lua::REGISTER, &[&k[0], &k[1], &k[2]], true)
+        .eval(
+            lua::REGISTER,
+            &[
+                &k[0],
+                &k[1],
+                &k[2],
+                &ctx.keys.seq(&h.user),
+                &ctx.keys.history(&h.user),
+            ],
+            true,
+        )
         .arg(h.conn.as_str())
         .arg(me.as_str())
         .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
-        .arg(MAILBOX_PAGE);
+        .arg(MAILBOX_PAGE)
+        .arg(if history {
+            crate::ids::new_epoch()
+        } else {
+            String::new()
+        })
+        .arg(resume.map_or_else(String::new, |r| r.since.to_string()))
+        .arg(resume.map_or("", |r| r.epoch.as_str()));
+}
+
+/// Read a `REGISTER` reply.
+pub fn registered(v: Option<&Value>) -> Registered {
+    let mailbox = mailbox_page(v, None);
+    let Some(Value::Array(parts)) = v else {
+        return Registered {
+            mailbox,
+            ..Registered::default()
+        };
+    };
+    let replay = parts
+        .get(5)
+        .map(stream::entries)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(crate::cluster::entry::parse_internal)
+        .map(Arc::new)
+        .collect();
+    Registered {
+        mailbox,
+        pos: Position {
+            epoch: parts.get(2).and_then(stream::string).unwrap_or_default(),
+            seq: parts.get(3).and_then(stream::int).unwrap_or(0).max(0) as u64,
+        },
+        recovered: match parts.get(4).and_then(stream::int) {
+            Some(1) => Some(true),
+            Some(0) => Some(false),
+            _ => None,
+        },
+        replay,
+    }
 }
 
 /// Add the `TAKE_MAILBOX` script to `batch`: delete `written` from the

@@ -23,6 +23,7 @@ struct Body<'a> {
     from: Option<String>,
     #[serde(borrow)]
     payload: Option<&'a RawValue>,
+    idempotency_key: Option<String>,
 }
 
 fn bad(status: StatusCode, reason: impl Into<String>) -> Response {
@@ -55,6 +56,15 @@ pub async fn send(_: ApiKey, State(s): State<Arc<Shared>>, body: Bytes) -> Respo
         Some(Ok(f)) => Some(f),
         Some(Err(e)) => return bad(StatusCode::BAD_REQUEST, format!("bad from: {e}")),
     };
+    // Same alphabet as `idem` in the send stream (contract §4).
+    if let Some(k) = &b.idempotency_key
+        && UserId::parse(k).is_err()
+    {
+        return bad(
+            StatusCode::BAD_REQUEST,
+            "bad idempotency_key: 1-128 characters of A-Z a-z 0-9 _ - . @ : + =",
+        );
+    }
     let Some(payload) = b.payload.map(RawValue::get) else {
         return bad(StatusCode::BAD_REQUEST, "\"payload\" is required");
     };
@@ -76,6 +86,7 @@ pub async fn send(_: ApiKey, State(s): State<Arc<Shared>>, body: Bytes) -> Respo
             target,
             payload: payload.to_owned(),
             from,
+            idem: b.idempotency_key,
         })
         .await
     {

@@ -25,7 +25,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio_util::task::TaskTracker;
 
-use crate::bus::Bus;
+use crate::bus::{Bus, Resume};
 use crate::config::{Config, Origins};
 use crate::local::Registry;
 use crate::metrics::Metrics;
@@ -201,6 +201,10 @@ async fn ws(
             return (StatusCode::UNAUTHORIZED, "unauthorized\n").into_response();
         }
     };
+    let resume = match resume_request(&q) {
+        Ok(r) => r,
+        Err(why) => return (StatusCode::BAD_REQUEST, why).into_response(),
+    };
     if s.is_draining() || !s.bus.is_ready() {
         return (StatusCode::SERVICE_UNAVAILABLE, "node not ready\n").into_response();
     }
@@ -230,12 +234,61 @@ async fn ws(
         .write_buffer_size(0)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| sessions.track_future(session::run(s, socket, who, slot)))
+        .on_upgrade(move |socket| sessions.track_future(session::run(s, socket, who, resume, slot)))
+}
+
+/// `since` and `epoch` (contract §9): both or neither; `since` a
+/// non-negative integer, `epoch` at most 64 characters of `A–Z a–z 0–9 _ -`
+/// (empty is the epoch of history off).
+fn resume_request(q: &HashMap<String, String>) -> Result<Option<Resume>, &'static str> {
+    match (q.get("since"), q.get("epoch")) {
+        (None, None) => Ok(None),
+        (Some(since), Some(epoch)) => {
+            let since = since
+                .parse::<u64>()
+                .map_err(|_| "since must be a non-negative integer\n")?;
+            if epoch.len() > 64
+                || !epoch
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err("epoch is malformed\n");
+            }
+            Ok(Some(Resume {
+                since,
+                epoch: epoch.clone(),
+            }))
+        }
+        _ => Err("since and epoch go together\n"),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resume_requests() {
+        let q = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(resume_request(&q(&[])), Ok(None));
+        assert_eq!(
+            resume_request(&q(&[("since", "4"), ("epoch", "ab-1")])),
+            Ok(Some(Resume {
+                since: 4,
+                epoch: "ab-1".into()
+            }))
+        );
+        assert!(resume_request(&q(&[("since", "4")])).is_err());
+        assert!(resume_request(&q(&[("epoch", "e")])).is_err());
+        assert!(resume_request(&q(&[("since", "-1"), ("epoch", "e")])).is_err());
+        assert!(resume_request(&q(&[("since", "x"), ("epoch", "e")])).is_err());
+        assert!(resume_request(&q(&[("since", "1"), ("epoch", "e}")])).is_err());
+    }
 
     #[test]
     fn origins() {

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use super::Shared;
 use super::auth::Principal;
 use super::frames::{self, ClientFrame};
-use crate::bus::{Mailbox, Publish};
+use crate::bus::{Mailbox, Publish, Resume};
 use crate::ids::ConnId;
 use crate::local::{ConnHandle, Outgoing};
 use crate::message::{self, Target, now_ms};
@@ -49,12 +49,13 @@ pub async fn run(
     shared: Arc<Shared>,
     socket: WebSocket,
     who: Principal,
+    resume: Option<Resume>,
     _slot: tokio::sync::OwnedSemaphorePermit,
 ) {
     let (h, rx) = ConnHandle::new(ConnId::random(), who.user.clone());
     shared.registry.insert(h.clone());
     shared.metrics.connections.inc();
-    match pump(&shared, socket, &h, rx, &who).await {
+    match pump(&shared, socket, &h, rx, &who, resume.as_ref()).await {
         Ok(()) => tracing::debug!(conn = %h.conn, user = %h.user, "session ended"),
         Err(e) => tracing::debug!(conn = %h.conn, user = %h.user, error = %e, "session ended"),
     }
@@ -67,10 +68,11 @@ async fn pump(
     h: &Arc<ConnHandle>,
     mut rx: mpsc::Receiver<Outgoing>,
     who: &Principal,
+    resume: Option<&Resume>,
 ) -> Result<(), axum::Error> {
     let (mut sink, mut stream) = socket.split();
-    let mailbox = match shared.bus.register(h).await {
-        Ok(m) => m,
+    let reg = match shared.bus.register(h, resume).await {
+        Ok(r) => r,
         Err(e) => {
             tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "register failed");
             finish(shared, h, rx).await;
@@ -79,11 +81,48 @@ async fn pump(
         }
     };
     let node = shared.bus.node_id();
-    // `welcome`, then the mailbox page by page, before anything live (which
-    // waits in the outbox meanwhile).
-    let welcome = WsMessage::Text(message::welcome(&node, &h.conn, &h.user));
+    match reg.recovered {
+        Some(true) => {
+            shared.metrics.resumed.inc();
+        }
+        Some(false) => {
+            shared.metrics.resume_failed.inc();
+        }
+        None => {}
+    }
+    // After a resume, the replay holds every message up to the position
+    // registered: the same ones coming from the mailbox or live are not
+    // written twice (contract §9).
+    let replayed = (reg.recovered == Some(true)).then(|| Replayed {
+        epoch: reg.pos.epoch.clone(),
+        upto: reg.pos.seq,
+    });
+    // `welcome`, the replay, then the mailbox page by page, before anything
+    // live (which waits in the outbox meanwhile).
+    let welcome = WsMessage::Text(message::welcome(
+        &node,
+        &h.conn,
+        &h.user,
+        &reg.pos,
+        reg.recovered,
+    ));
+    for m in &reg.replay {
+        delivered(shared, m.sent_ms);
+    }
+    let first: Vec<WsMessage> = std::iter::once(welcome)
+        .chain(reg.replay.iter().map(|m| WsMessage::Text(m.frame())))
+        .collect();
     let mut acks = PageAcks::default();
-    let mut r = write_mailbox(shared, &mut sink, h, Some(welcome), mailbox, &mut acks).await;
+    let mut r = write_mailbox(
+        shared,
+        &mut sink,
+        h,
+        first,
+        reg.mailbox,
+        &mut acks,
+        replayed.as_ref(),
+    )
+    .await;
     h.set_ready();
     let rate = shared.cfg.max_msgs_per_sec;
     let limiter: DefaultDirectRateLimiter = RateLimiter::direct(
@@ -107,7 +146,7 @@ async fn pump(
             _ = h.mailbox_wanted() => {
                 let after = Mailbox { cursor: acks.cursor.clone(), ..Mailbox::default() };
                 r = match shared.bus.take_mailbox(h, &after).await {
-                    Ok(page) => write_mailbox(shared, &mut sink, h, None, page, &mut acks).await,
+                    Ok(page) => write_mailbox(shared, &mut sink, h, Vec::new(), page, &mut acks, replayed.as_ref()).await,
                     Err(e) => {
                         tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "mailbox read failed");
                         Ok(())
@@ -116,6 +155,11 @@ async fn pump(
             }
             n = rx.recv_many(&mut batch, WRITE_BATCH) => {
                 if n == 0 { break; }
+                if let Some(rp) = &replayed {
+                    // Dropped: their guards release their inbox entries.
+                    batch.retain(|o| !o.msg.as_ref().is_some_and(|m| rp.covers(m)));
+                    if batch.is_empty() { continue; }
+                }
                 // User messages are followed by a ping: they stay
                 // unconfirmed (their inbox entries kept) until its pong.
                 let ping = acks.live(&batch).map(WsMessage::Ping);
@@ -223,6 +267,7 @@ async fn handle(
                 target: Target::User(to),
                 payload,
                 from: Some(who.user.clone()),
+                idem: None,
             };
             match shared.bus.publish(p).await {
                 Ok(id) => message::sent(r#ref.as_ref(), &id),
@@ -374,28 +419,48 @@ impl PageAcks {
     }
 }
 
-/// Write `first` (the `welcome`), then the mailbox from `page` on, page by
-/// page, each followed by a ping (see [`PageAcks`]).
+/// The messages a resume replayed: up to `upto` under `epoch`.
+struct Replayed {
+    epoch: String,
+    upto: u64,
+}
+
+impl Replayed {
+    fn covers(&self, m: &message::Message) -> bool {
+        m.seq > 0 && m.seq <= self.upto && *m.epoch == *self.epoch
+    }
+}
+
+/// Write `first` (`welcome` and a resume's replay), then the mailbox from
+/// `page` on, page by page, each followed by a ping (see [`PageAcks`]).
+/// Mailbox messages `replayed` covers are not written again (but deleted
+/// with their page).
 async fn write_mailbox<S>(
     shared: &Arc<Shared>,
     sink: &mut S,
     h: &ConnHandle,
-    mut first: Option<WsMessage>,
+    mut first: Vec<WsMessage>,
     mut page: Mailbox,
     acks: &mut PageAcks,
+    replayed: Option<&Replayed>,
 ) -> Result<(), axum::Error>
 where
     S: futures::Sink<WsMessage, Error = axum::Error> + Unpin,
 {
     loop {
         let ping = acks.written(&page).map(WsMessage::Ping);
-        let frames = first
-            .take()
+        let fresh = |m: &&Arc<message::Message>| !replayed.is_some_and(|r| r.covers(m));
+        let frames = std::mem::take(&mut first)
             .into_iter()
-            .chain(page.msgs.iter().map(|m| WsMessage::Text(m.frame())))
+            .chain(
+                page.msgs
+                    .iter()
+                    .filter(fresh)
+                    .map(|m| WsMessage::Text(m.frame())),
+            )
             .chain(ping);
         write_bounded(sink, h, frames).await?;
-        for m in &page.msgs {
+        for m in page.msgs.iter().filter(fresh) {
             delivered(shared, m.sent_ms);
         }
         if !page.more {

@@ -179,19 +179,73 @@ end
     };
 }
 
+/// The user's history position (contract §9), used by [`REGISTER`] and
+/// [`ROUTE`]: `KEYS[sk]` is the seq hash (`epoch`, `seq`), `KEYS[hk]` the
+/// history. A missing hash means the counter starts again: a new epoch
+/// (the caller's random `candidate`) and no history from before it. The
+/// hash lives `ttl` ms past the last message or connect.
+macro_rules! history_lib {
+    () => {
+        r#"
+local function position(sk, hk, candidate, ttl)
+  local p = redis.call('HMGET', KEYS[sk], 'epoch', 'seq')
+  local epoch, seq = p[1], tonumber(p[2] or '0') or 0
+  if not epoch or epoch == '' then
+    epoch, seq = candidate, 0
+    redis.call('DEL', KEYS[hk])
+    redis.call('HSET', KEYS[sk], 'epoch', epoch, 'seq', 0)
+  end
+  redis.call('PEXPIRE', KEYS[sk], ttl)
+  return epoch, seq
+end
+"#
+    };
+}
+
 /// Register a connection and read the first page of the user's mailbox, in
 /// one step: any message routed after this finds the connection, and every
 /// message mailboxed before it is in the mailbox this reads. Read entries
 /// stay in the mailbox until the connection has written them
 /// ([`TAKE_MAILBOX`] deletes them then), so no lost reply, closed socket or
 /// dead node can lose them. Pages keep replies small.
-/// `KEYS` = user hash, mailbox, mailbox bytes; `ARGV` = conn id, node id,
-/// ttl ms, page size. Returns `{more, entries}`.
+///
+/// With history on it also reads the user's position, and answers a resume
+/// (contract §9) in the same step: every message after `since` from the
+/// history, or why not. A message routed after this step has a higher
+/// `seq` and reaches the connection live; one before it is in the replay.
+/// `KEYS` = user hash, mailbox, mailbox bytes, seq hash, history;
+/// `ARGV` = conn id, node id, mailbox ttl ms, page size, candidate epoch
+/// (`''`: history off), since (`''`: no resume), epoch asked.
+/// Returns `{more, entries, epoch, seq, recovered, replay}`: recovered is
+/// -1 (no resume asked), 0 or 1.
 pub const REGISTER: &str = concat!(
     "#!lua flags=allow-oom\n",
     mailbox_lib!(),
-    "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])\n",
-    "return page('-', tonumber(ARGV[4]), tonumber(ARGV[3]))\n"
+    history_lib!(),
+    r#"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local pg = page('-', tonumber(ARGV[4]), tonumber(ARGV[3]))
+local epoch, seq = '', 0
+if ARGV[5] ~= '' then
+  epoch, seq = position(4, 5, ARGV[5], tonumber(ARGV[3]))
+end
+local rec, replay = -1, {}
+if ARGV[6] ~= '' then
+  rec = 0
+  local since = tonumber(ARGV[6])
+  if epoch ~= '' and since and ARGV[7] == epoch and since <= seq then
+    if since == seq then
+      rec = 1
+    else
+      local h = redis.call('XRANGE', KEYS[5], '0-' .. (since + 1), '+')
+      if #h > 0 and h[1][1] == '0-' .. (since + 1) and h[#h][1] == '0-' .. seq then
+        rec, replay = 1, h
+      end
+    end
+  end
+end
+return {pg[1], pg[2], epoch, seq, rec, replay}
+"#
 );
 
 /// Delete the mailbox entries a connection has written, then read the next
@@ -249,6 +303,93 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('PEXPIRE', KEYS[3], ttl)
 end
 return {1, dropped, unpack(live)}
+"#
+);
+
+/// Number a user's messages and find the user's connections, in one step
+/// (contract §9): each message gets the next `seq` of the user's epoch and
+/// joins the capped, expiring history; the reply names the connections a
+/// message with that `seq` must reach. An `idem` key already holding
+/// another message's id makes the message a duplicate (contract §4). A
+/// message that may have been routed before (`repeat`) gets the `seq` it
+/// was given then, found in the history: a message never has two.
+/// `KEYS` = user hash, seq hash, history, then one idem key per message
+/// that has one; `ARGV` = candidate epoch, history size, history ttl ms,
+/// seq ttl ms, idem ttl ms, n, then per message: id, repeat (0/1), has
+/// idem (0/1), field count, fields. Returns `{conns, results, epoch}`:
+/// conns as `HGETALL` gives them; per message its `seq` (0: history off)
+/// or -1 (a duplicate).
+pub const ROUTE: &str = concat!(
+    history_lib!(),
+    r#"
+local conns = redis.call('HGETALL', KEYS[1])
+local size = tonumber(ARGV[2])
+local epoch, seq = '', 0
+if size > 0 then
+  epoch, seq = position(2, 3, ARGV[1], tonumber(ARGV[4]))
+end
+local seen = nil
+local function routed_before(id)
+  if not seen then
+    seen = {}
+    for _, e in ipairs(redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', size)) do
+      local f = e[2]
+      for j = 1, #f, 2 do
+        if f[j] == 'id' then seen[f[j + 1]] = tonumber(string.match(e[1], '%-(%d+)$')) end
+      end
+    end
+  end
+  return seen[id]
+end
+local res = {}
+local i, k, added = 7, 4, false
+for m = 1, tonumber(ARGV[6]) do
+  local id, rep, has_idem, nf = ARGV[i], ARGV[i + 1] == '1', ARGV[i + 2] == '1', tonumber(ARGV[i + 3])
+  local from = i + 4
+  i = from + nf
+  local out = nil
+  if has_idem then
+    local prev = redis.call('GET', KEYS[k])
+    if prev and prev ~= id then
+      out = -1
+    elseif not prev then
+      redis.call('SET', KEYS[k], id, 'PX', ARGV[5])
+    else
+      rep = true
+    end
+    k = k + 1
+  end
+  if not out and rep and size > 0 then out = routed_before(id) end
+  if not out then
+    if size > 0 then
+      seq = seq + 1
+      out = seq
+      local args = {'XADD', KEYS[3], '0-' .. seq}
+      for j = from, i - 1 do args[#args + 1] = ARGV[j] end
+      args[#args + 1] = 'seq'
+      args[#args + 1] = seq
+      args[#args + 1] = 'epoch'
+      args[#args + 1] = epoch
+      local r = redis.pcall(unpack(args))
+      if type(r) == 'table' and r.err then
+        -- Ids out of step with the counter (Redis lost writes): the
+        -- history cannot be trusted any more; start it again.
+        redis.call('DEL', KEYS[3])
+        redis.call(unpack(args))
+      end
+      added = true
+    else
+      out = 0
+    end
+  end
+  res[m] = out
+end
+if added then
+  redis.call('HSET', KEYS[2], 'seq', seq)
+  redis.call('XTRIM', KEYS[3], 'MAXLEN', size)
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
+end
+return {conns, res, epoch}
 "#
 );
 

@@ -142,25 +142,23 @@ async fn route_round(
 ) -> Result<Vec<Arc<Message>>, redis::RedisError> {
     let me = ctx.membership.id();
     let me_live = ctx.membership.holds_lease();
-    // 1. Look up every distinct user once, pipelined.
-    let mut users: Vec<&UserId> = Vec::new();
-    let mut index: HashMap<&UserId, usize> = HashMap::new();
+    // 1. Look up every distinct user once, pipelined, numbering the
+    //    user's new messages in the same script (contract §9).
+    let mut users: Vec<UserId> = Vec::new();
+    let mut index: HashMap<UserId, usize> = HashMap::new();
     for m in &pending {
         if let Some(u) = m.user()
             && !index.contains_key(u)
         {
-            index.insert(u, users.len());
-            users.push(u);
+            index.insert(u.clone(), users.len());
+            users.push(u.clone());
         }
     }
-    let lookups: Vec<Vec<(String, String)>> = if force_mailbox || users.is_empty() {
-        vec![Vec::new(); users.len()]
+    let (pending, lookups) = if force_mailbox || users.is_empty() {
+        let n = users.len();
+        (pending, vec![Vec::new(); n])
     } else {
-        let mut batch = Batch::new();
-        for u in &users {
-            batch.cmd("HGETALL", &ctx.keys.user(u));
-        }
-        redis::from_redis_value(Value::Array(batch.run(conn).await?))?
+        look_up(ctx, conn, &users, &index, pending).await?
     };
     // 2. Ask Redis about nodes this node has not seen yet, and about those
     //    it believes expired (its view may be stale; skipping a live node
@@ -297,6 +295,112 @@ async fn route_round(
         .collect())
 }
 
+/// Connections (conn id, node id) of each user, in order, and `pending`
+/// with its new messages numbered and its duplicates (an `idem` key seen
+/// before, contract §4) gone. One pipeline: `HGETALL` for a user with
+/// nothing to number, the `ROUTE` script otherwise.
+async fn look_up(
+    ctx: &Ctx,
+    conn: &mut Conn,
+    users: &[UserId],
+    index: &HashMap<UserId, usize>,
+    pending: Vec<Arc<Message>>,
+) -> Result<(Vec<Arc<Message>>, Vec<Vec<(String, String)>>), redis::RedisError> {
+    let history = ctx.cfg.history_size > 0;
+    let needs_number = |m: &Message| m.seq == 0 && (history || m.idem.is_some());
+    // Per user, the positions in `pending` of the messages to number.
+    let mut todo: Vec<Vec<usize>> = vec![Vec::new(); users.len()];
+    for (i, m) in pending.iter().enumerate() {
+        if let Some(u) = m.user()
+            && needs_number(m)
+            && let Some(&j) = index.get(u)
+        {
+            todo[j].push(i);
+        }
+    }
+    let mut batch = Batch::new();
+    for (u, msgs) in users.iter().zip(&todo) {
+        if msgs.is_empty() {
+            batch.cmd("HGETALL", &ctx.keys.user(u));
+            continue;
+        }
+        let mut keys = vec![ctx.keys.user(u), ctx.keys.seq(u), ctx.keys.history(u)];
+        for &i in msgs {
+            if let Some(k) = &pending[i].idem {
+                keys.push(ctx.keys.idem(u, k));
+            }
+        }
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let cmd = batch
+            .eval(lua::ROUTE, &keys, true)
+            .arg(crate::ids::new_epoch())
+            .arg(ctx.cfg.history_size)
+            .arg(ctx.cfg.history_ttl.as_millis() as u64)
+            .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
+            .arg(ctx.cfg.idempotency_ttl.as_millis() as u64)
+            .arg(msgs.len());
+        for &i in msgs {
+            let m = &pending[i];
+            let f = entry::fields(m);
+            cmd.arg(&m.id)
+                .arg(if m.repeat { "1" } else { "0" })
+                .arg(if m.idem.is_some() { "1" } else { "0" })
+                .arg(2 * f.len())
+                .arg(f);
+        }
+    }
+    let replies = batch.run(conn).await?;
+    let mut lookups = Vec::with_capacity(users.len());
+    // Per message: None (untouched), Some(seq) or Some(-1) (duplicate).
+    let mut results: Vec<Option<(i64, Arc<str>)>> = vec![None; pending.len()];
+    for (reply, msgs) in replies.into_iter().zip(&todo) {
+        if msgs.is_empty() {
+            lookups.push(redis::from_redis_value(reply)?);
+            continue;
+        }
+        let Value::Array(mut parts) = reply else {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "ROUTE reply is not an array",
+            )));
+        };
+        let epoch: Arc<str> = parts
+            .get(2)
+            .and_then(stream::string)
+            .unwrap_or_default()
+            .into();
+        let seqs: Vec<i64> = match parts.get(1) {
+            Some(Value::Array(v)) => v.iter().map(|x| stream::int(x).unwrap_or(0)).collect(),
+            _ => Vec::new(),
+        };
+        for (&i, seq) in msgs.iter().zip(seqs) {
+            results[i] = Some((seq, epoch.clone()));
+        }
+        lookups.push(redis::from_redis_value(parts.swap_remove(0))?);
+    }
+    let mut out = Vec::with_capacity(pending.len());
+    for (mut m, r) in pending.into_iter().zip(results) {
+        match r {
+            None => out.push(m),
+            Some((-1, _)) => {
+                ctx.metrics.deduplicated.inc();
+                tracing::debug!(id = %m.id, "duplicate (idempotency key seen before)");
+            }
+            Some((seq, epoch)) => {
+                let mm = Arc::make_mut(&mut m);
+                if seq > 0 {
+                    mm.seq = seq as u64;
+                    mm.epoch = epoch;
+                }
+                mm.idem = None;
+                mm.repeat = false;
+                out.push(m);
+            }
+        }
+    }
+    Ok((out, lookups))
+}
+
 fn mailbox_cmd(
     ctx: &Ctx,
     batch: &mut Batch,
@@ -399,14 +503,15 @@ mod tests {
     }
 
     fn msg(id: &str, to: &str, hops: u32) -> Arc<Message> {
-        Arc::new(Message {
-            id: id.into(),
-            target: Target::User(UserId::parse(to).unwrap()),
-            from: None,
-            payload: "1".into(),
-            hops,
-            sent_ms: 0,
-        })
+        let mut m = Message::new(
+            id.into(),
+            Target::User(UserId::parse(to).unwrap()),
+            None,
+            "1".into(),
+            0,
+        );
+        m.hops = hops;
+        Arc::new(m)
     }
 
     #[tokio::test]

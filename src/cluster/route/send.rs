@@ -208,7 +208,7 @@ async fn lead(
             // stay pending for whoever leads next.
             return Err(RouterError::LeaseLost);
         }
-        route_batch(ctx, shard, &key, entries).await?;
+        route_batch(ctx, shard, &key, entries, false).await?;
     }
 }
 
@@ -308,7 +308,7 @@ async fn claim_pending(
             if Instant::now() >= lease_until {
                 return Err(RouterError::LeaseLost);
             }
-            route_batch(ctx, shard, key, claimed).await?;
+            route_batch(ctx, shard, key, claimed, true).await?;
         }
         if next == "0-0" || next.is_empty() {
             break;
@@ -361,12 +361,14 @@ async fn ensure_group(ctx: &Ctx, key: &str) -> Result<(), redis::RedisError> {
 
 /// Route one batch read from the send stream: bad entries to `<p>:dead`,
 /// the rest through [`super::route`]; acknowledge and delete them all once
-/// every hand-off is done.
+/// every hand-off is done. `repeat`: claimed from a pending list, so they
+/// may have been routed (and numbered) before.
 async fn route_batch(
     ctx: &Arc<Ctx>,
     shard: u32,
     key: &str,
     entries: Vec<RawEntry>,
+    repeat: bool,
 ) -> Result<(), redis::RedisError> {
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
     let mut msgs: Vec<Arc<Message>> = Vec::with_capacity(entries.len());
@@ -377,7 +379,10 @@ async fn route_batch(
             continue;
         }
         match entry::parse_send(e, shard, ctx.cfg.max_payload_bytes) {
-            Ok(m) => msgs.push(Arc::new(m)),
+            Ok(mut m) => {
+                m.repeat = repeat;
+                msgs.push(Arc::new(m));
+            }
             Err(r) => dead.push((e, r)),
         }
     }
