@@ -91,6 +91,18 @@ impl Keys {
         format!("{}:idem:{{{}}}:{}", self.prefix, user, key)
     }
 
+    /// A user's presence (contract §10): hash `state` (on/off), `n`,
+    /// `conn`, `node`, `at` of the last transition, `pend` while its event
+    /// is not known to be in the events stream.
+    pub fn presence(&self, user: &UserId) -> String {
+        format!("{}:presence:{{{}}}", self.prefix, user)
+    }
+
+    /// Cluster and presence events for apps (contract §10).
+    pub fn events(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+
     /// Mailbox pages an earlier release moved aside per connection until
     /// written. This release never writes them (a mailbox entry now stays
     /// in the mailbox until written); its reaper still routes what a node
@@ -160,7 +172,7 @@ mod tests {
             // REGISTER / TAKE_MAILBOX, MAILBOX, UNREGISTER_IF.
             proptest::prop_assert!(one_slot(&[&k.user(&u), &k.mailbox(&u), &k.mailbox_bytes(&u), &k.taking(&u, &c)]));
             // ROUTE and REGISTER with history and idempotency keys.
-            proptest::prop_assert!(one_slot(&[&k.user(&u), &k.seq(&u), &k.history(&u), &k.idem(&u, &user)]));
+            proptest::prop_assert!(one_slot(&[&k.user(&u), &k.seq(&u), &k.history(&u), &k.idem(&u, &user), &k.presence(&u)]));
             // DELETE_IF_DRAINED, and the reap lock in the node's slot.
             proptest::prop_assert!(one_slot(&[&k.inbox(&n), &k.node_conns(&n), &k.reap_lock(&n)]));
         }

@@ -54,6 +54,8 @@ pub struct ConnHandle {
     outbox: mpsc::Sender<Outgoing>,
     close: CancellationToken,
     close_code: AtomicU16,
+    /// The app's reason for a close it asked for (contract §10).
+    close_reason: Mutex<Option<String>>,
     topics: Mutex<HashSet<Topic>>,
     /// Set once the mailbox has been written. Before that a full outbox
     /// means the mailbox is still going out, not that the client is slow.
@@ -77,6 +79,7 @@ impl ConnHandle {
                 outbox: tx,
                 close: CancellationToken::new(),
                 close_code: AtomicU16::new(1000),
+                close_reason: Mutex::new(None),
                 topics: Mutex::new(HashSet::new()),
                 ready: std::sync::atomic::AtomicBool::new(false),
                 registered_as: Mutex::new(None),
@@ -98,6 +101,24 @@ impl ConnHandle {
             .close_code
             .compare_exchange(1000, code, Ordering::SeqCst, Ordering::SeqCst);
         self.close.cancel();
+    }
+
+    /// Close with `code` and a reason of the app's (`POST /api/disconnect`).
+    pub fn close_with(&self, code: u16, reason: &str) {
+        if self
+            .close_code
+            .compare_exchange(1000, code, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+            && let Ok(mut r) = self.close_reason.lock()
+        {
+            *r = Some(reason.to_owned());
+        }
+        self.close.cancel();
+    }
+
+    /// The reason given with [`ConnHandle::close_with`].
+    pub fn close_reason(&self) -> Option<String> {
+        self.close_reason.lock().ok().and_then(|r| r.clone())
     }
 
     pub fn closed(&self) -> &CancellationToken {

@@ -168,6 +168,12 @@ pub fn topic_ack(kind: &str, topic: &Topic) -> Utf8Bytes {
     json_frame(serde_json::json!({"type": kind, "topic": topic.as_str()}))
 }
 
+/// `refreshed`: a `refresh` was accepted; the connection now lasts until
+/// `exp` (Unix s) plus the leeway.
+pub fn refreshed(exp: u64) -> Utf8Bytes {
+    json_frame(serde_json::json!({"type": "refreshed", "exp": exp}))
+}
+
 pub fn pong() -> Utf8Bytes {
     Utf8Bytes::from_static(r#"{"type":"pong"}"#)
 }

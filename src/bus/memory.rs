@@ -281,6 +281,21 @@ impl Bus for MemoryBus {
         Ok(self.registry.user_conns(user).len())
     }
 
+    async fn presence(&self, users: &[UserId]) -> Result<Vec<usize>, BusError> {
+        Ok(users
+            .iter()
+            .map(|u| self.registry.user_conns(u).len())
+            .collect())
+    }
+
+    async fn disconnect(&self, user: &UserId, code: u16, reason: &str) -> Result<usize, BusError> {
+        let conns = self.registry.user_conns(user);
+        for h in &conns {
+            h.close_with(code, reason);
+        }
+        Ok(conns.len())
+    }
+
     async fn cluster_view(&self) -> Result<ClusterView, BusError> {
         Ok(ClusterView {
             node: self.id.to_string(),

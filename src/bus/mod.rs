@@ -135,4 +135,11 @@ pub trait Bus: Send + Sync + 'static {
     async fn user_connections(&self, user: &UserId) -> Result<usize, BusError>;
 
     async fn cluster_view(&self) -> Result<ClusterView, BusError>;
+
+    /// Live connections of each user (contract §10), in order.
+    async fn presence(&self, users: &[UserId]) -> Result<Vec<usize>, BusError>;
+
+    /// Close every connection `user` has now, on every node, with `code`
+    /// and `reason`; returns how many there were (contract §10).
+    async fn disconnect(&self, user: &UserId, code: u16, reason: &str) -> Result<usize, BusError>;
 }

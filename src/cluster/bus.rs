@@ -23,7 +23,7 @@ use crate::cluster::route::publish::Publisher;
 use crate::cluster::route::send::ShardSet;
 use crate::cluster::route::{self as router, Rerouter};
 use crate::cluster::sessions::{
-    MAILBOX_PAGE, mailbox_page, register_under, take_cmd, unregister_under,
+    MAILBOX_PAGE, mailbox_page, register_under, take_cmd, unregister_many,
 };
 use crate::cluster::{self, Ctx, Membership};
 use crate::config::{Config, redact_url};
@@ -99,6 +99,7 @@ impl RedisBus {
                 acker,
                 publisher,
                 shards: ShardSet::default(),
+                unsent: Default::default(),
                 life: bus.life.clone(),
             });
             let _ = bus.ctx.set(ctx.clone());
@@ -245,7 +246,7 @@ impl Bus for RedisBus {
     async fn unregister(&self, h: &ConnHandle) {
         let Ok(ctx) = self.ctx() else { return };
         let me = ctx.membership.id();
-        if let Err(e) = unregister_under(ctx, &me, h).await {
+        if let Err(e) = unregister_many(ctx, &me, &[(h.conn.clone(), h.user.clone())]).await {
             ctx.redis_error();
             // Reconciliation removes it within a few heartbeats (a stale
             // field naming a live node would count against the user's limit).
@@ -322,6 +323,28 @@ impl Bus for RedisBus {
                 )
             })
             .count())
+    }
+
+    async fn presence(&self, users: &[UserId]) -> Result<Vec<usize>, BusError> {
+        let ctx = self.ctx()?;
+        cluster::control::presence(ctx, users).await.map_err(|e| {
+            ctx.redis_error();
+            BusError::from(e)
+        })
+    }
+
+    async fn disconnect(&self, user: &UserId, code: u16, reason: &str) -> Result<usize, BusError> {
+        let ctx = self.ctx()?;
+        let close = cluster::entry::Close {
+            user: user.clone(),
+            conns: Vec::new(),
+            code,
+            reason: reason.to_owned(),
+        };
+        cluster::control::close(ctx, &close).await.map_err(|e| {
+            ctx.redis_error();
+            BusError::from(e)
+        })
     }
 
     async fn cluster_view(&self) -> Result<ClusterView, BusError> {

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use super::Membership;
+use super::presence::Unsent;
 use super::route::{Rerouter, acker::Acker, publish::Publisher, send::ShardSet};
 use crate::config::Config;
 use crate::keys::Keys;
@@ -31,6 +32,8 @@ pub struct Ctx {
     pub publisher: Publisher,
     /// Send shards this node routes now (its routers keep it).
     pub shards: ShardSet,
+    /// Presence events whose emission failed, retried by reconciliation.
+    pub unsent: Unsent,
     /// The node's phase: `Leaving` stops routers, the reaper and the
     /// heartbeat; `SelfReaping` the readers; `Stopped` the rest.
     pub life: Lifecycle,

@@ -129,6 +129,47 @@ pub fn parse_mailbox_nudge(e: &RawEntry) -> Option<UserId> {
     UserId::parse(e.get_str("to")?).ok()
 }
 
+/// A close the app asked for (`POST /api/disconnect`, contract §10): the
+/// user's connections `conns` are closed with `code` and `reason` wherever
+/// they are when this is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Close {
+    pub user: UserId,
+    pub conns: Vec<String>,
+    pub code: u16,
+    pub reason: String,
+}
+
+/// An inbox entry that closes connections. (A node of the previous
+/// release skips it as unreadable.)
+pub fn close_fields(c: &Close) -> Vec<(&'static str, String)> {
+    vec![
+        ("kind", "close".to_owned()),
+        ("to", c.user.to_string()),
+        ("conns", c.conns.join(",")),
+        ("code", c.code.to_string()),
+        ("reason", c.reason.clone()),
+    ]
+}
+
+/// Read back what [`close_fields`] wrote.
+pub fn parse_close(e: &RawEntry) -> Option<Close> {
+    if e.get_str("kind")? != "close" {
+        return None;
+    }
+    Some(Close {
+        user: UserId::parse(e.get_str("to")?).ok()?,
+        conns: e
+            .get_str("conns")?
+            .split(',')
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        code: e.get_str("code")?.parse().ok()?,
+        reason: e.get_str("reason").unwrap_or_default().to_owned(),
+    })
+}
+
 /// Read back what [`fields`] wrote. `None` for an entry that is not ours.
 pub fn parse_internal(e: &RawEntry) -> Option<Message> {
     let mut m = Message::new(

@@ -14,8 +14,11 @@ use redis::Value;
 use crate::backoff::Backoff;
 use crate::bus::Mailbox;
 use crate::cluster::Ctx;
+use crate::cluster::presence;
 use crate::cluster::route::acker::AckJob;
-use crate::cluster::sessions::{MAILBOX_PAGE, mailbox_page, register_cmd, take_cmd};
+use crate::cluster::sessions::{
+    MAILBOX_PAGE, mailbox_page, register_cmd, registered_events, take_cmd, unregister_many,
+};
 use crate::ids::{ConnId, NodeId, UserId};
 use crate::keys::INBOX_GROUP;
 use crate::local::{ConnHandle, Outgoing};
@@ -48,11 +51,12 @@ pub async fn join(ctx: &Ctx, id: &NodeId) -> Result<Instant, redis::RedisError> 
     {
         return Err(e);
     }
-    let (_exp, _now): (u64, u64) = lua::eval_cmd(lua::JOIN, &[&ctx.keys.nodes()])?
+    let (_exp, now): (u64, u64) = lua::eval_cmd(lua::JOIN, &[&ctx.keys.nodes()])?
         .arg(id.as_str())
         .arg(ctx.ttl_ms())
         .query_async(&mut conn)
         .await?;
+    presence::node_event(ctx, "node_joined", id, None, now).await;
     Ok(started + ctx.cfg.lease_ttl)
 }
 
@@ -151,6 +155,13 @@ async fn reregister(ctx: Arc<Ctx>) -> Result<(), redis::RedisError> {
         }
         let replies = batch.run(&mut conn).await?;
         let mut more: Vec<(Arc<ConnHandle>, Mailbox)> = Vec::new();
+        // A user made online again (reaped meanwhile), or a pending event.
+        let events: Vec<_> = chunk
+            .iter()
+            .zip(&replies)
+            .flat_map(|(h, v)| presence::parse(&h.user, registered_events(Some(v))))
+            .collect();
+        presence::emit_or_keep(&ctx, &ctx.unsent, events).await;
         for (h, v) in chunk.iter().zip(&replies) {
             h.set_registered_as(&new);
             let page = mailbox_page(Some(v), None);
@@ -222,6 +233,7 @@ const RECONCILE_EVERY: u32 = 5;
 /// trip per thousand connections) and removes what is stale in one
 /// pipeline per page. Returns how many were removed.
 async fn reconcile(ctx: Arc<Ctx>) -> Result<u64, redis::RedisError> {
+    presence::retry(&ctx, &ctx.unsent).await;
     let me = ctx.membership.id();
     let index = ctx.keys.node_conns(&me);
     let mut conn = ctx.conn.clone();
@@ -237,21 +249,7 @@ async fn reconcile(ctx: Arc<Ctx>) -> Result<u64, redis::RedisError> {
             .await?;
         let stale = stale_entries(&fields, |c| ctx.registry.get(c).is_some());
         if !stale.is_empty() && ctx.membership.id() == me {
-            let mut batch = Batch::new();
-            for (c, user) in &stale {
-                batch
-                    .eval(lua::UNREGISTER_IF, &[&ctx.keys.user(user)], false)
-                    .arg(c.as_str())
-                    .arg(me.as_str());
-            }
-            if conn.is_cluster() {
-                std::mem::take(&mut batch).run(&mut conn).await?;
-            }
-            let del = batch.cmd_ignored("HDEL", &index);
-            for (c, _) in &stale {
-                del.arg(c.as_str());
-            }
-            batch.run(&mut conn).await?;
+            unregister_many(&ctx, &me, &stale).await?;
             removed += stale.len() as u64;
         }
         if next == "0" {

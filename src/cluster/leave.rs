@@ -53,8 +53,13 @@ pub async fn leave_begin(ctx: &Arc<Ctx>) {
 /// Leave, second half: reap ourselves as a survivor would.
 pub async fn leave_finish(ctx: &Arc<Ctx>) {
     let me = ctx.membership.id();
+    // Events of sessions that ended in the drain and failed: last chance.
+    super::presence::retry(ctx, &ctx.unsent).await;
     match reap_locked(ctx, &me, &me).await {
-        Ok(()) => tracing::info!(node = %me, "left the cluster"),
+        Ok(()) => {
+            super::presence::node_event(ctx, "node_left", &me, None, 0).await;
+            tracing::info!(node = %me, "left the cluster");
+        }
         Err(e) => {
             ctx.redis_error();
             tracing::warn!(node = %me, error = %e, "self-reap interrupted; a survivor will finish it");

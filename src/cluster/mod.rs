@@ -9,6 +9,8 @@
 //!   format.
 //! - [`lease`]: join, heartbeat, a new id after a lost lease, pipelined
 //!   re-registration, reconciliation of stale entries.
+//! - [`presence`]: online/offline and node events for apps.
+//! - [`control`]: presence counts and closing a user's connections.
 //! - [`reaper`]: reaping nodes whose lease expired.
 //! - [`leave`]: leaving (SIGTERM), top to bottom.
 //! - [`route`]: routing, the send-shard router, the inbox and topic
@@ -17,10 +19,12 @@
 //!   other nodes, which those loops keep up to date.
 
 pub mod bus;
+pub mod control;
 mod ctx;
 pub mod entry;
 pub mod lease;
 pub mod leave;
+pub mod presence;
 pub mod reaper;
 pub mod route;
 pub mod sessions;

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Ctx;
 use crate::cluster::route as router;
+use crate::cluster::sessions::unregister_many;
 use crate::ids::{ConnId, NodeId, UserId};
 use crate::message::Message;
 use crate::redis::conn::Batch;
@@ -91,6 +92,7 @@ async fn try_reap(ctx: &Arc<Ctx>, dead: &NodeId, me: &NodeId) -> Result<bool, Re
         return Ok(false);
     }
     reap_locked(ctx, dead, me).await?;
+    crate::cluster::presence::node_event(ctx, "node_reaped", dead, Some(me), 0).await;
     Ok(true)
 }
 
@@ -174,6 +176,14 @@ async fn reap_steps(
                 .map(|m| Arc::new(router::again(&m)))
                 .collect();
             router::route(ctx, msgs.clone()).await?;
+            // Closes the app asked for: to wherever those connections are
+            // now (a node back under a new id keeps its connection ids).
+            for c in entries
+                .iter()
+                .filter_map(crate::cluster::entry::parse_close)
+            {
+                crate::cluster::control::close(ctx, &c).await?;
+            }
             ctx.metrics.rerouted.inc_by(msgs.len() as u64);
             let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
             let _: i64 = redis::cmd("XDEL")
@@ -224,20 +234,17 @@ async fn reap_steps(
             }
             batch.run(&mut conn).await?;
         }
-        if !conns.is_empty() {
-            let mut batch = Batch::new();
-            for (conn_id, user) in &conns {
-                let Ok(user) = UserId::parse(user) else {
-                    continue;
-                };
-                batch
-                    .eval(lua::UNREGISTER_IF, &[&ctx.keys.user(&user)], false)
-                    .arg(conn_id)
-                    .arg(dead.as_str());
+        // Their users' offline events go out before the index goes.
+        let entries: Vec<(ConnId, UserId)> = conns
+            .iter()
+            .filter_map(|(c, u)| Some((ConnId::from_redis(c.clone()), UserId::parse(u).ok()?)))
+            .collect();
+        for chunk in entries.chunks(REAP_BATCH) {
+            if lock_lost.is_cancelled() {
+                return Err(ReapError::LostLock);
             }
-            batch.run(&mut conn).await?;
+            unregister_many(ctx, dead, chunk).await?;
         }
-        // 3. Delete the inbox and index, only if drained; else go again.
         let deleted: i64 = lua::eval_cmd(lua::DELETE_IF_DRAINED, &[&inbox, &index])?
             .query_async(&mut conn)
             .await?;

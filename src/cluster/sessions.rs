@@ -8,8 +8,9 @@ use std::sync::Arc;
 use redis::Value;
 
 use super::Ctx;
+use super::presence;
 use crate::bus::{Mailbox, Registered, Resume};
-use crate::ids::{NodeId, UserId};
+use crate::ids::{ConnId, NodeId, UserId};
 use crate::local::ConnHandle;
 use crate::message::Position;
 use crate::redis::conn::Batch;
@@ -40,7 +41,17 @@ pub async fn register_under(
     }
     register_cmd(ctx, &mut batch, me, h, resume);
     let replies = batch.run(&mut conn).await?;
+    let events = presence::parse(&h.user, registered_events(replies.last()));
+    presence::emit_or_keep(ctx, &ctx.unsent, events).await;
     Ok(registered(replies.last()))
+}
+
+/// The presence events in a `REGISTER` reply.
+pub fn registered_events(v: Option<&Value>) -> Option<&Value> {
+    match v {
+        Some(Value::Array(parts)) => parts.get(6),
+        _ => None,
+    }
 }
 
 /// Add the `REGISTER` script for `h` under `me` to `batch`, answering
@@ -64,6 +75,7 @@ pub fn register_cmd(
                 &k[2],
                 &ctx.keys.seq(&h.user),
                 &ctx.keys.history(&h.user),
+                &ctx.keys.presence(&h.user),
             ],
             true,
         )
@@ -137,27 +149,44 @@ pub fn user_keys(ctx: &Ctx, user: &UserId) -> [String; 3] {
     ]
 }
 
-/// Remove `h`'s entry under node id `me`: the user's field first (only if
-/// it still names `me`), then the per-node index, so the index always
-/// holds whatever the user hash may name (reconciliation and reapers work
-/// from it).
-pub async fn unregister_under(
+/// Remove connections (conn id, user) registered under node id `node`:
+/// each user's field (only if it still names `node`) and the user's
+/// presence transition first; the events; and only then the entries of
+/// the node's index, so until the events are out a reaper or
+/// reconciliation finds the connections and emits them again.
+pub async fn unregister_many(
     ctx: &Ctx,
-    me: &NodeId,
-    h: &ConnHandle,
+    node: &NodeId,
+    conns: &[(ConnId, UserId)],
 ) -> Result<(), redis::RedisError> {
+    if conns.is_empty() {
+        return Ok(());
+    }
     let mut conn = ctx.conn.clone();
     let mut batch = Batch::new();
-    batch
-        .eval(lua::UNREGISTER_IF, &[&ctx.keys.user(&h.user)], false)
-        .arg(h.conn.as_str())
-        .arg(me.as_str());
-    if conn.is_cluster() {
-        std::mem::take(&mut batch).run(&mut conn).await?;
+    for (c, u) in conns {
+        batch
+            .eval(
+                lua::UNREGISTER_IF,
+                &[&ctx.keys.user(u), &ctx.keys.presence(u)],
+                true,
+            )
+            .arg(c.as_str())
+            .arg(node.as_str())
+            .arg(ctx.cfg.mailbox_ttl.as_millis() as u64);
     }
-    batch
-        .cmd_ignored("HDEL", &ctx.keys.node_conns(me))
-        .arg(h.conn.as_str());
+    let replies = batch.run(&mut conn).await?;
+    let events: Vec<_> = conns
+        .iter()
+        .zip(&replies)
+        .flat_map(|((_, u), v)| presence::parse(u, Some(v)))
+        .collect();
+    presence::emit(ctx, &events).await?;
+    let mut batch = Batch::new();
+    let del = batch.cmd_ignored("HDEL", &ctx.keys.node_conns(node));
+    for (c, _) in conns {
+        del.arg(c.as_str());
+    }
     batch.run(&mut conn).await?;
     Ok(())
 }

@@ -1,10 +1,11 @@
-//! `POST /api/send` (contract §4): the HTTP way for apps to add a message.
+//! The app's HTTP API: `POST /api/send` (contract §4), `GET /api/presence`
+//! and `POST /api/disconnect` (§10).
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -93,6 +94,88 @@ pub async fn send(_: ApiKey, State(s): State<Arc<Shared>>, body: Bytes) -> Respo
         Ok(id) => (StatusCode::ACCEPTED, Json(json!({"id": id}))).into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "api send failed");
+            bad(StatusCode::SERVICE_UNAVAILABLE, "not accepted, try again")
+        }
+    }
+}
+
+/// Users one presence request may ask about.
+const PRESENCE_MAX: usize = 1000;
+
+/// `GET /api/presence?user=a&user=b`: live connections per user.
+pub async fn presence(_: ApiKey, State(s): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
+    let mut users: Vec<UserId> = Vec::new();
+    for (k, v) in url::form_urlencoded::parse(q.unwrap_or_default().as_bytes()) {
+        if k != "user" {
+            continue;
+        }
+        match UserId::parse(&v) {
+            Ok(u) if !users.contains(&u) => users.push(u),
+            Ok(_) => {}
+            Err(e) => return bad(StatusCode::BAD_REQUEST, format!("bad user {v:?}: {e}")),
+        }
+    }
+    if users.is_empty() || users.len() > PRESENCE_MAX {
+        return bad(
+            StatusCode::BAD_REQUEST,
+            format!("ask about 1 to {PRESENCE_MAX} users: ?user=a&user=b"),
+        );
+    }
+    match s.bus.presence(&users).await {
+        Ok(counts) => {
+            let map: serde_json::Map<String, serde_json::Value> = users
+                .iter()
+                .zip(counts)
+                .map(|(u, n)| (u.to_string(), json!({"online": n > 0, "connections": n})))
+                .collect();
+            (StatusCode::OK, Json(json!({"users": map}))).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "presence failed");
+            bad(StatusCode::SERVICE_UNAVAILABLE, "not available, try again")
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct DisconnectBody {
+    user: Option<String>,
+    code: Option<serde_json::Value>,
+    reason: Option<String>,
+}
+
+/// `POST /api/disconnect {"user","code","reason"}`: close the user's
+/// connections on every node (contract §10).
+pub async fn disconnect(_: ApiKey, State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+    let b: DisconnectBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return bad(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")),
+    };
+    let user = match b.user.as_deref().map(UserId::parse) {
+        Some(Ok(u)) => u,
+        Some(Err(e)) => return bad(StatusCode::BAD_REQUEST, format!("bad user: {e}")),
+        None => return bad(StatusCode::BAD_REQUEST, "\"user\" is required"),
+    };
+    let code = match &b.code {
+        None => 4000,
+        Some(v) => match v.as_u64() {
+            Some(c @ 4000..=4099) => c as u16,
+            _ => {
+                return bad(
+                    StatusCode::BAD_REQUEST,
+                    "\"code\" must be an integer from 4000 to 4099",
+                );
+            }
+        },
+    };
+    let reason = b.reason.unwrap_or_default();
+    if reason.len() > 120 {
+        return bad(StatusCode::BAD_REQUEST, "\"reason\" is over 120 bytes");
+    }
+    match s.bus.disconnect(&user, code, &reason).await {
+        Ok(n) => (StatusCode::ACCEPTED, Json(json!({"connections": n}))).into_response(),
+        Err(e) => {
+            tracing::warn!(user = %user, error = %e, "disconnect failed");
             bad(StatusCode::SERVICE_UNAVAILABLE, "not accepted, try again")
         }
     }

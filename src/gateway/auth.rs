@@ -37,6 +37,8 @@ impl TopicGrant {
 pub struct Principal {
     pub user: UserId,
     pub topics: TopicGrant,
+    /// The token's `exp` (Unix s); `None` for a `--dev` `?user=` name.
+    pub exp: Option<u64>,
 }
 
 /// Why authentication failed (the client gets 401; the reason is logged).
@@ -55,6 +57,8 @@ pub enum AuthError {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    /// Required by the validation; a number (some issuers write floats).
+    exp: f64,
     #[serde(default)]
     topics: Option<Vec<String>>,
 }
@@ -125,6 +129,7 @@ impl Auth {
             return Ok(Principal {
                 user,
                 topics: TopicGrant::List(data.claims.topics.unwrap_or_default()),
+                exp: Some(data.claims.exp.max(0.0) as u64),
             });
         }
         if self.dev
@@ -133,6 +138,7 @@ impl Auth {
             return Ok(Principal {
                 user: UserId::parse(u).map_err(AuthError::BadDevUser)?,
                 topics: TopicGrant::All,
+                exp: None,
             });
         }
         Err(AuthError::Missing)

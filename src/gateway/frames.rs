@@ -18,6 +18,8 @@ pub enum ClientFrame {
     Subscribe(Topic),
     Unsubscribe(Topic),
     Ping,
+    /// A new token for the same user (contract §3).
+    Refresh(String),
 }
 
 /// A refused frame: the `error` frame's code, message and `ref`.
@@ -44,6 +46,7 @@ struct Raw<'a> {
     kind: Option<Value>,
     to: Option<Value>,
     topic: Option<Value>,
+    token: Option<Value>,
     #[serde(borrow)]
     payload: Option<&'a RawValue>,
     #[serde(rename = "ref")]
@@ -123,6 +126,14 @@ pub fn parse(text: &str, max_payload: usize) -> Result<ClientFrame, FrameError> 
         "subscribe" => Ok(ClientFrame::Subscribe(topic(&raw)?)),
         "unsubscribe" => Ok(ClientFrame::Unsubscribe(topic(&raw)?)),
         "ping" => Ok(ClientFrame::Ping),
+        "refresh" => match raw.token {
+            Some(Value::String(t)) => Ok(ClientFrame::Refresh(t)),
+            _ => Err(FrameError::new(
+                "bad_frame",
+                "\"token\" must be a string",
+                r#ref,
+            )),
+        },
         other => Err(FrameError::new(
             "unknown_type",
             format!(

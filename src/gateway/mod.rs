@@ -63,6 +63,8 @@ pub fn routes(shared: Arc<Shared>) -> Router {
     let mut r = Router::new()
         .route("/ws", get(ws))
         .route("/api/send", post(api::send))
+        .route("/api/presence", get(api::presence))
+        .route("/api/disconnect", post(api::disconnect))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

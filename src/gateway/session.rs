@@ -26,6 +26,7 @@ pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_POLICY: u16 = 1008;
 pub const CLOSE_GOING_AWAY: u16 = 1012;
 pub const CLOSE_TRY_LATER: u16 = 1013;
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 
 /// Live messages written and not confirmed by a pong before the client
 /// counts as not reading.
@@ -134,11 +135,17 @@ async fn pump(
     let mut refusals = 0u32;
     // Grows on first use: an idle connection should cost as little as possible.
     let mut batch: Vec<Outgoing> = Vec::new();
+    // The token's `exp`: past it plus the leeway, the connection is closed
+    // with 4001 unless a `refresh` moved it (contract §3).
+    let mut exp = who.exp;
 
     while r.is_ok() {
         tokio::select! {
             biased;
             _ = h.closed().cancelled() => break,
+            _ = tokio::time::sleep_until(expiry(exp, shared.cfg.jwt_leeway_s)), if exp.is_some() => {
+                h.close(CLOSE_TOKEN_EXPIRED);
+            }
             _ = tokio::time::sleep_until(acks.ping_due().unwrap_or_else(far_future)), if acks.ping_due().is_some() => {
                 let ping = WsMessage::Ping(acks.ping());
                 r = write_bounded(&mut sink, h, std::iter::once(ping)).await;
@@ -220,7 +227,7 @@ async fn pump(
                 }
                 refusals = 0;
                 match text {
-                    Some(Some(text)) => reply(h, handle(shared, h, who, text.as_str()).await),
+                    Some(Some(text)) => reply(h, handle(shared, h, who, &mut exp, text.as_str()).await),
                     Some(None) => reply(h, message::error("bad_frame", "frames are JSON text", None)),
                     None => {}
                 }
@@ -239,14 +246,25 @@ async fn pump(
     if h.closed().is_cancelled() {
         let code = h.close_code();
         let reason = match code {
-            CLOSE_GOING_AWAY => "node going away",
-            CLOSE_TRY_LATER => "too slow",
-            CLOSE_POLICY => "rate limit exceeded",
-            _ => "closing",
+            CLOSE_GOING_AWAY => "node going away".to_owned(),
+            CLOSE_TRY_LATER => "too slow".to_owned(),
+            CLOSE_POLICY => "rate limit exceeded".to_owned(),
+            CLOSE_TOKEN_EXPIRED => "token expired".to_owned(),
+            _ => h.close_reason().unwrap_or_else(|| "closing".to_owned()),
         };
-        close_ws(&mut sink, &mut stream, code, reason).await;
+        close_ws(&mut sink, &mut stream, code, &reason).await;
     }
     r
+}
+
+/// When a token with `exp` (Unix s) stops being good: `exp` plus the
+/// leeway, from now on the monotonic clock.
+fn expiry(exp: Option<u64>, leeway_s: u64) -> tokio::time::Instant {
+    let Some(exp) = exp else {
+        return far_future();
+    };
+    let left = (exp + leeway_s).saturating_sub(now_ms() / 1000);
+    tokio::time::Instant::now() + std::time::Duration::from_secs(left)
 }
 
 /// Answer one client frame.
@@ -254,6 +272,7 @@ async fn handle(
     shared: &Arc<Shared>,
     h: &Arc<ConnHandle>,
     who: &Principal,
+    exp: &mut Option<u64>,
     text: &str,
 ) -> axum::extract::ws::Utf8Bytes {
     let frame = match frames::parse(text, shared.cfg.max_payload_bytes) {
@@ -262,6 +281,20 @@ async fn handle(
     };
     match frame {
         ClientFrame::Ping => message::pong(),
+        ClientFrame::Refresh(token) => match shared.auth.authenticate(Some(&token), None) {
+            Ok(p) if p.user == who.user => {
+                // A token for the same user: its expiry now applies.
+                let new = p.exp.unwrap_or(0);
+                *exp = Some(new);
+                message::refreshed(new)
+            }
+            Ok(_) => message::error(
+                "forbidden",
+                "the token is for another user; the old expiry stands",
+                None,
+            ),
+            Err(e) => message::error("forbidden", &format!("{e}; the old expiry stands"), None),
+        },
         ClientFrame::Send { to, payload, r#ref } => {
             let p = Publish {
                 target: Target::User(to),
@@ -556,7 +589,7 @@ fn delivered(shared: &Shared, sent_ms: u64) {
 /// may never take it, so give up after a moment), then read until the
 /// client's close or a short deadline. Dropping a socket with unread input
 /// makes the kernel send a reset, and the client would lose the close code.
-async fn close_ws<S, R>(sink: &mut S, stream: &mut R, code: u16, reason: &'static str)
+async fn close_ws<S, R>(sink: &mut S, stream: &mut R, code: u16, reason: &str)
 where
     S: futures::Sink<WsMessage> + Unpin,
     R: futures::Stream<Item = Result<WsMessage, axum::Error>> + Unpin,

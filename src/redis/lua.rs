@@ -202,6 +202,52 @@ end
     };
 }
 
+/// A user's presence (contract §10) in `KEYS[pk]`: the last transition
+/// (`state` on/off, its `n`, `conn`, `node`, `at`) and `pend` until its
+/// event is known to be in `<p>:events` ([`CONFIRM_EVENT`]). Deciding the
+/// transition here, in the user's slot, makes online/offline alternate per
+/// user whichever nodes race; whoever decides the next transition while
+/// one is pending emits the pending one again first, so the first copy of
+/// each event always precedes the next (repeats are harmless: same `n`).
+/// `n` grows by at least one per transition and is at least Redis `TIME`
+/// in ms, so it keeps growing even after the hash expired.
+/// `presence(pk, on, conn, node, ttl)` returns the events to emit, flat:
+/// type, conn, node, at, n for each.
+macro_rules! presence_lib {
+    () => {
+        r#"
+local function pending_event(p)
+  if p[6] ~= '1' then return {} end
+  return {p[1] == 'on' and 'online' or 'offline', p[3] or '', p[4] or '', p[5] or '0', p[2] or '0'}
+end
+local function presence(pk, on, conn, node, ttl)
+  local p = redis.call('HMGET', KEYS[pk], 'state', 'n', 'conn', 'node', 'at', 'pend')
+  local out = pending_event(p)
+  if (p[1] == 'on') == on then return out end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local n = string.format('%.0f', math.max((tonumber(p[2] or '0') or 0) + 1, now))
+  local at = string.format('%.0f', now)
+  local state = on and 'on' or 'off'
+  redis.call('HSET', KEYS[pk], 'state', state, 'n', n, 'conn', conn, 'node', node, 'at', at, 'pend', '1')
+  if on then redis.call('PERSIST', KEYS[pk]) else redis.call('PEXPIRE', KEYS[pk], ttl) end
+  for _, v in ipairs({on and 'online' or 'offline', conn, node, at, n}) do out[#out + 1] = v end
+  return out
+end
+"#
+    };
+}
+
+/// The event of transition `n` is in the events stream: clear `pend`,
+/// unless a later transition was decided meanwhile (it has its own).
+/// `KEYS[1]` = presence; `ARGV[1]` = n.
+pub const CONFIRM_EVENT: &str = r#"#!lua flags=allow-oom
+if redis.call('HGET', KEYS[1], 'n') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'pend')
+end
+return 0
+"#;
+
 /// Register a connection and read the first page of the user's mailbox, in
 /// one step: any message routed after this finds the connection, and every
 /// message mailboxed before it is in the mailbox this reads. Read entries
@@ -213,17 +259,21 @@ end
 /// (contract §9) in the same step: every message after `since` from the
 /// history, or why not. A message routed after this step has a higher
 /// `seq` and reaches the connection live; one before it is in the replay.
-/// `KEYS` = user hash, mailbox, mailbox bytes, seq hash, history;
+/// The user's first connection makes it online (contract §10).
+/// `KEYS` = user hash, mailbox, mailbox bytes, seq hash, history, presence;
 /// `ARGV` = conn id, node id, mailbox ttl ms, page size, candidate epoch
 /// (`''`: history off), since (`''`: no resume), epoch asked.
-/// Returns `{more, entries, epoch, seq, recovered, replay}`: recovered is
-/// -1 (no resume asked), 0 or 1.
+/// Returns `{more, entries, epoch, seq, recovered, replay, events}`:
+/// recovered is -1 (no resume asked), 0 or 1; events as `presence` gives
+/// them.
 pub const REGISTER: &str = concat!(
     "#!lua flags=allow-oom\n",
     mailbox_lib!(),
     history_lib!(),
+    presence_lib!(),
     r#"
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local events = presence(6, true, ARGV[1], ARGV[2], tonumber(ARGV[3]))
 local pg = page('-', tonumber(ARGV[4]), tonumber(ARGV[3]))
 local epoch, seq = '', 0
 if ARGV[5] ~= '' then
@@ -244,7 +294,7 @@ if ARGV[6] ~= '' then
     end
   end
 end
-return {pg[1], pg[2], epoch, seq, rec, replay}
+return {pg[1], pg[2], epoch, seq, rec, replay, events}
 "#
 );
 
@@ -394,14 +444,24 @@ return {conns, res, epoch}
 );
 
 /// Remove a connection from its user's hash only if it still names this
-/// node (it may have been re-registered under a node's new id).
-/// `KEYS[1]` = user hash; `ARGV` = conn id, node id.
-pub const UNREGISTER_IF: &str = r#"#!lua flags=allow-oom
+/// node (it may have been re-registered under a node's new id). The last
+/// connection gone makes the user offline (contract §10); connections on
+/// nodes not yet reaped still count, until their reaper removes them.
+/// `KEYS` = user hash, presence; `ARGV` = conn id, node id, presence ttl
+/// ms. Returns the events to emit (see `presence`).
+pub const UNREGISTER_IF: &str = concat!(
+    "#!lua flags=allow-oom\n",
+    presence_lib!(),
+    r#"
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
-  return redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[1], ARGV[1])
 end
-return 0
-"#;
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return presence(2, false, ARGV[1], ARGV[2], tonumber(ARGV[3]))
+end
+return pending_event(redis.call('HMGET', KEYS[2], 'state', 'n', 'conn', 'node', 'at', 'pend'))
+"#
+);
 
 /// Delete the consumers of a group that hold nothing pending and have been
 /// idle at least `ARGV[3]` ms, but `ARGV[2]` (the caller): every node id

@@ -107,6 +107,18 @@ pub async fn run_inbox(ctx: Arc<Ctx>) {
                 }
                 continue;
             }
+            if let Some(c) = entry::parse_close(e) {
+                // Only the connections named: one opened since stays.
+                for id in &c.conns {
+                    if let Some(h) = ctx
+                        .registry
+                        .get(&crate::ids::ConnId::from_redis(id.clone()))
+                    {
+                        h.close_with(c.code, &c.reason);
+                    }
+                }
+                continue;
+            }
             let Some(m) = entry::parse_internal(e) else {
                 tracing::warn!(inbox = %key, id = %e.id, "unreadable inbox entry dropped");
                 continue;

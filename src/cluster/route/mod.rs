@@ -494,6 +494,7 @@ mod tests {
             acker: Acker::channel().0,
             publisher: Publisher::channel().0,
             shards: ShardSet::default(),
+            unsent: Default::default(),
             cfg,
             connector,
             conn,

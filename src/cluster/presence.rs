@@ -1,0 +1,194 @@
+//! Presence events (contract §10): `online`/`offline` per user, decided in
+//! the user's slot by the register and unregister scripts
+//! ([`lua::REGISTER`], [`lua::UNREGISTER_IF`]), and node events.
+//!
+//! A user's transition is decided atomically and marked pending; its event
+//! is then added to `<p>:events` and confirmed ([`lua::CONFIRM_EVENT`]).
+//! Until confirmed, whoever touches the user next emits it again: the next
+//! transition's decider, this node's reconciliation (events that failed
+//! here are kept and retried), or the reaper of this node if it dies (its
+//! connections stay in its index until their events are confirmed). So
+//! delivery is at least once; a repeat carries the same `n`.
+
+use std::sync::Mutex;
+
+use redis::Value;
+
+use super::Ctx;
+use crate::ids::{NodeId, UserId};
+use crate::redis::conn::Batch;
+use crate::redis::lua;
+use crate::stream;
+
+/// An `online`/`offline` event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserEvent {
+    pub kind: String,
+    pub user: UserId,
+    pub conn: String,
+    pub node: String,
+    pub at_ms: String,
+    /// Grows with each transition of the user: apps drop an event whose
+    /// `n` is not above the last they applied (a repeat).
+    pub n: String,
+}
+
+/// The events in a script's reply (flat: type, conn, node, at, n).
+pub fn parse(user: &UserId, v: Option<&Value>) -> Vec<UserEvent> {
+    let Some(Value::Array(items)) = v else {
+        return Vec::new();
+    };
+    let s: Vec<String> = items
+        .iter()
+        .map(|x| stream::string(x).unwrap_or_default())
+        .collect();
+    s.chunks_exact(5)
+        .filter(|c| c[0] == "online" || c[0] == "offline")
+        .map(|c| UserEvent {
+            kind: c[0].clone(),
+            user: user.clone(),
+            conn: c[1].clone(),
+            node: c[2].clone(),
+            at_ms: c[3].clone(),
+            n: c[4].clone(),
+        })
+        .collect()
+}
+
+/// Events whose emission failed here, retried by reconciliation.
+#[derive(Default)]
+pub struct Unsent(Mutex<Vec<UserEvent>>);
+
+impl Unsent {
+    fn keep(&self, events: Vec<UserEvent>) {
+        if let Ok(mut v) = self.0.lock() {
+            v.extend(events);
+            // Bounded: the pending marks in Redis still hold them.
+            let over = v.len().saturating_sub(100_000);
+            v.drain(..over);
+        }
+    }
+
+    fn take(&self) -> Vec<UserEvent> {
+        self.0
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
+}
+
+/// Add `events` to `<p>:events`, in order, then confirm them.
+pub async fn emit(ctx: &Ctx, events: &[UserEvent]) -> Result<(), redis::RedisError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut conn = ctx.conn.clone();
+    let key = ctx.keys.events();
+    let mut batch = Batch::new();
+    for e in events {
+        batch
+            .cmd_ignored("XADD", &key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(ctx.cfg.events_max)
+            .arg("*")
+            .arg("type")
+            .arg(&e.kind)
+            .arg("at_ms")
+            .arg(&e.at_ms)
+            .arg("user")
+            .arg(e.user.as_str())
+            .arg("node")
+            .arg(&e.node)
+            .arg("conn")
+            .arg(&e.conn)
+            .arg("n")
+            .arg(&e.n);
+    }
+    batch.run(&mut conn).await?;
+    let mut batch = Batch::new();
+    for e in events {
+        batch
+            .eval(lua::CONFIRM_EVENT, &[&ctx.keys.presence(&e.user)], false)
+            .arg(&e.n);
+    }
+    batch.run(&mut conn).await?;
+    Ok(())
+}
+
+/// [`emit`], keeping what fails for [`retry`].
+pub async fn emit_or_keep(ctx: &Ctx, unsent: &Unsent, events: Vec<UserEvent>) {
+    if let Err(e) = emit(ctx, &events).await {
+        ctx.redis_error();
+        tracing::warn!(events = events.len(), error = %e, "presence events not added; will retry");
+        unsent.keep(events);
+    }
+}
+
+/// Emit again what failed before.
+pub async fn retry(ctx: &Ctx, unsent: &Unsent) {
+    let events = unsent.take();
+    if !events.is_empty() {
+        emit_or_keep(ctx, unsent, events).await;
+    }
+}
+
+/// A node event: `node_joined`, `node_left`, `node_reaped` (with `by`).
+/// One try: it tells apps about capacity, not users, and must not hold up
+/// a join or a reap when Redis falters.
+/// `at_ms`: Redis time, 0 for this node's latest view of it.
+pub async fn node_event(ctx: &Ctx, kind: &str, node: &NodeId, by: Option<&NodeId>, at_ms: u64) {
+    let at_ms = if at_ms == 0 {
+        ctx.membership.live.redis_now()
+    } else {
+        at_ms
+    };
+    let mut conn = ctx.conn.clone();
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(ctx.keys.events())
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(ctx.cfg.events_max)
+        .arg("*")
+        .arg("type")
+        .arg(kind)
+        .arg("at_ms")
+        .arg(at_ms)
+        .arg("node")
+        .arg(node.as_str());
+    if let Some(by) = by {
+        cmd.arg("by").arg(by.as_str());
+    }
+    if let Err(e) = cmd.query_async::<()>(&mut conn).await {
+        ctx.redis_error();
+        tracing::warn!(kind, node = %node, error = %e, "node event not added");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_flat_events() {
+        let u = UserId::parse("ann").unwrap();
+        let b = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let v = Value::Array(vec![
+            b("online"),
+            b("c1"),
+            b("n1"),
+            b("17"),
+            b("17"),
+            b("offline"),
+            b("c1"),
+            b("n1"),
+            b("18"),
+            b("18"),
+        ]);
+        let e = parse(&u, Some(&v));
+        assert_eq!(e.len(), 2);
+        assert_eq!((e[0].kind.as_str(), e[1].n.as_str()), ("online", "18"));
+        assert!(parse(&u, Some(&Value::Array(vec![]))).is_empty());
+        assert!(parse(&u, None).is_empty());
+    }
+}
