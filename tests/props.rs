@@ -56,7 +56,7 @@ fn check_frame(text: &str, max: usize) -> Result<(), TestCaseError> {
         Ok(ClientFrame::Subscribe(t)) | Ok(ClientFrame::Unsubscribe(t)) => {
             prop_assert!(contract_topic(t.as_str()), "accepted topic {t:?}");
         }
-        Ok(ClientFrame::Ping) => {}
+        Ok(ClientFrame::Ping) | Ok(ClientFrame::Refresh(_)) => {}
         Err(e) => {
             prop_assert!(CODES.contains(&e.code), "unknown code {}", e.code);
         }
