@@ -538,8 +538,29 @@ fn keyspace_clean(
                     );
                 }
             }
-        } else if key == "wsc:dead" || key == "wsc:topics" {
-            *kinds.entry("dead/topics").or_default() += 1;
+        } else if key == "wsc:dead" || key == "wsc:topics" || key == "wsc:events" {
+            *kinds.entry("dead/topics/events").or_default() += 1;
+        } else if brace(key, "wsc:seq:")
+            .or_else(|| brace(key, "wsc:history:"))
+            .is_some()
+        {
+            // History (contract §9): kept for a while, never forever.
+            *kinds.entry("seq/history").or_default() += 1;
+            let ttl: i64 = redis::cmd("PTTL").arg(key).query(r).map_err(q)?;
+            if ttl <= 0 {
+                bad("history kept without an expiry", r);
+            }
+        } else if let Some(user) = brace(key, "wsc:presence:") {
+            // Every client left: offline, its event out, expiring.
+            *kinds.entry("presence").or_default() += 1;
+            let p: HashMap<String, String> = r.hgetall(key).map_err(q)?;
+            let ttl: i64 = redis::cmd("PTTL").arg(key).query(r).map_err(q)?;
+            if p.get("state").map(String::as_str) != Some("off")
+                || p.contains_key("pend")
+                || ttl <= 0
+            {
+                bad(&format!("presence of {user} not settled offline: {p:?}"), r);
+            }
         } else if let Some(shard) = key.strip_prefix("wsc:router:") {
             *kinds.entry("router lease").or_default() += 1;
             let holder: Option<String> = r.get(key).map_err(q)?;

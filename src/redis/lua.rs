@@ -457,7 +457,7 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  return presence(2, false, ARGV[1], ARGV[2], tonumber(ARGV[3]))
+  return presence(2, false, ARGV[1], ARGV[2], tonumber(ARGV[3]) or 86400000)
 end
 return pending_event(redis.call('HMGET', KEYS[2], 'state', 'n', 'conn', 'node', 'at', 'pend'))
 "#

@@ -206,6 +206,29 @@ impl Client {
         }
     }
 
+    /// Every JSON frame until the server closes (or the connection breaks,
+    /// or `timeout` passes), backlog first, and the close code if a close
+    /// frame came.
+    pub async fn frames_until_close(&mut self, timeout: Duration) -> (Vec<Value>, Option<u16>) {
+        let mut frames: Vec<Value> = self.backlog.drain(..).collect();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let Ok(Some(msg)) = tokio::time::timeout_at(deadline, self.ws.next()).await else {
+                return (frames, None);
+            };
+            match msg {
+                Ok(WsMessage::Text(t)) => {
+                    if let Ok(v) = serde_json::from_str::<Value>(t.as_str()) {
+                        frames.push(v);
+                    }
+                }
+                Ok(WsMessage::Close(f)) => return (frames, f.map(|f| f.code.into())),
+                Err(_) => return (frames, None),
+                Ok(_) => {}
+            }
+        }
+    }
+
     /// The close code the server sends next (None if none within timeout).
     pub async fn close_code(&mut self, timeout: Duration) -> Option<u16> {
         self.until_close(timeout).await.1

@@ -42,6 +42,42 @@ impl Redis {
         Self::start_with(&[], plain)
     }
 
+    /// A 3-primary Redis Cluster whatever `WSC_TEST_REDIS_CLUSTER` says
+    /// (for a test that covers the cluster deployment in every run).
+    pub fn start_cluster() -> Redis {
+        let c = RedisCluster::start(3, 0);
+        Redis {
+            port: c.ports()[0],
+            cluster: Some(c),
+            server: None,
+            dir: tmpdir("test-redis").expect("tmp dir"),
+        }
+    }
+
+    /// True when this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// `FLUSHALL` on the server, or on every primary of a cluster: Redis
+    /// emptied under running nodes.
+    pub fn flushall(&self) {
+        match &self.cluster {
+            Some(c) => {
+                for port in c.primary_ports() {
+                    let () = redis::cmd("FLUSHALL")
+                        .query(&mut c.node_conn(port))
+                        .unwrap_or_else(|e| panic!("FLUSHALL on {port}: {e}"));
+                }
+            }
+            None => {
+                let () = redis::cmd("FLUSHALL")
+                    .query(&mut self.conn())
+                    .expect("FLUSHALL");
+            }
+        }
+    }
+
     /// A redis-server with extra arguments; `url_for(port, extra)` gives
     /// the port arguments and the URL this process reaches it with.
     pub fn start_with(
