@@ -98,6 +98,12 @@ impl Keys {
         format!("{}:presence:{{{}}}", self.prefix, user)
     }
 
+    /// Users online (score: the `n` of their last transition) and offline
+    /// (score: minus it), kept from the presence events for `/admin`.
+    pub fn online(&self) -> String {
+        format!("{}:online", self.prefix)
+    }
+
     /// Cluster and presence events for apps (contract §10).
     pub fn events(&self) -> String {
         format!("{}:events", self.prefix)

@@ -281,6 +281,20 @@ impl Bus for MemoryBus {
         Ok(self.registry.user_conns(user).len())
     }
 
+    /// One node: its distinct users; no events stream without Redis.
+    async fn activity(&self) -> Result<super::Activity, BusError> {
+        let users: std::collections::HashSet<UserId> = self
+            .registry
+            .all()
+            .into_iter()
+            .map(|h| h.user.clone())
+            .collect();
+        Ok(super::Activity {
+            online_users: users.len() as u64,
+            events: Vec::new(),
+        })
+    }
+
     async fn presence(&self, users: &[UserId]) -> Result<Vec<usize>, BusError> {
         Ok(users
             .iter()

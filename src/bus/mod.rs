@@ -86,6 +86,13 @@ pub struct NodeView {
     pub connections: u64,
 }
 
+/// What `/admin` shows of users.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Activity {
+    pub online_users: u64,
+    pub events: Vec<serde_json::Map<String, serde_json::Value>>,
+}
+
 /// The `/cluster` document.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClusterView {
@@ -135,6 +142,10 @@ pub trait Bus: Send + Sync + 'static {
     async fn user_connections(&self, user: &UserId) -> Result<usize, BusError>;
 
     async fn cluster_view(&self) -> Result<ClusterView, BusError>;
+
+    /// For `/admin`: users online in the cluster, and the newest events
+    /// (each as its fields, `id` first).
+    async fn activity(&self) -> Result<Activity, BusError>;
 
     /// Live connections of each user (contract §10), in order.
     async fn presence(&self, users: &[UserId]) -> Result<Vec<usize>, BusError>;

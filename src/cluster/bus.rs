@@ -325,6 +325,25 @@ impl Bus for RedisBus {
             .count())
     }
 
+    async fn activity(&self) -> Result<crate::bus::Activity, BusError> {
+        let ctx = self.ctx()?;
+        let (online_users, events) = cluster::presence::activity(ctx, 20).await.map_err(|e| {
+            ctx.redis_error();
+            BusError::from(e)
+        })?;
+        Ok(crate::bus::Activity {
+            online_users,
+            events: events
+                .into_iter()
+                .map(|f| {
+                    f.into_iter()
+                        .map(|(k, v)| (k, serde_json::Value::String(v)))
+                        .collect()
+                })
+                .collect(),
+        })
+    }
+
     async fn presence(&self, users: &[UserId]) -> Result<Vec<usize>, BusError> {
         let ctx = self.ctx()?;
         cluster::control::presence(ctx, users).await.map_err(|e| {

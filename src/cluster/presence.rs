@@ -107,13 +107,54 @@ pub async fn emit(ctx: &Ctx, events: &[UserEvent]) -> Result<(), redis::RedisErr
     }
     batch.run(&mut conn).await?;
     let mut batch = Batch::new();
+    let online = ctx.keys.online();
     for e in events {
+        batch
+            .eval(lua::ONLINE_MARK, &[&online], false)
+            .arg(e.user.as_str())
+            .arg(&e.n)
+            .arg(if e.kind == "online" { "1" } else { "0" });
         batch
             .eval(lua::CONFIRM_EVENT, &[&ctx.keys.presence(&e.user)], false)
             .arg(&e.n);
     }
     batch.run(&mut conn).await?;
     Ok(())
+}
+
+/// For `/admin`: users online now, and the newest `last` events.
+pub async fn activity(
+    ctx: &Ctx,
+    last: usize,
+) -> Result<(u64, Vec<Vec<(String, String)>>), redis::RedisError> {
+    let mut conn = ctx.conn.clone();
+    let mut batch = Batch::new();
+    batch.cmd("ZCOUNT", &ctx.keys.online()).arg(0).arg("+inf");
+    batch
+        .cmd("XREVRANGE", &ctx.keys.events())
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(last);
+    let r = batch.run(&mut conn).await?;
+    let online = r.first().and_then(stream::int).unwrap_or(0).max(0) as u64;
+    let events = r
+        .get(1)
+        .map(stream::entries)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| {
+            let mut f: Vec<(String, String)> = vec![("id".into(), e.id.clone())];
+            f.extend(e.fields.iter().map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(k).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )
+            }));
+            f
+        })
+        .collect();
+    Ok((online, events))
 }
 
 /// [`emit`], keeping what fails for [`retry`].

@@ -148,6 +148,11 @@ async fn admin_cluster(_: ApiKey, State(s): State<Arc<Shared>>) -> Response {
         .map(|(k, n)| (k.to_owned(), serde_json::Value::from(n)))
         .collect::<serde_json::Map<_, _>>()
         .into();
+    // Best effort: the page still shows the nodes without it.
+    if let Ok(a) = s.bus.activity().await {
+        v["online_users"] = serde_json::json!(a.online_users);
+        v["events"] = serde_json::json!(a.events);
+    }
     v["now_ms"] = serde_json::json!(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -248,6 +248,21 @@ end
 return 0
 "#;
 
+/// Keep a user's state in the online set from one of its events, unless a
+/// later one is already there (events from several nodes may arrive out
+/// of order; `n` orders them). Offline members older than a day go.
+/// `KEYS[1]` = online set; `ARGV` = user, n, 1 (online) or 0.
+pub const ONLINE_MARK: &str = r#"#!lua flags=allow-oom
+local n = tonumber(ARGV[2])
+local cur = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+if cur and math.abs(cur) >= n then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3] == '1' and ARGV[2] or ('-' .. ARGV[2]), ARGV[1])
+local t = redis.call('TIME')
+local day_ago = tonumber(t[1]) * 1000 - 86400000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '(-' .. string.format('%.0f', day_ago), '-1')
+return 1
+"#;
+
 /// Register a connection and read the first page of the user's mailbox, in
 /// one step: any message routed after this finds the connection, and every
 /// message mailboxed before it is in the mailbox this reads. Read entries
