@@ -1,9 +1,16 @@
 //! The demo page, `/client.js` and `/admin` in headless Chromium (issue 7):
 //! redis + three nodes + `wsc-lb` in front, driven by
 //! `tests/browser/cluster.test.mjs` (playwright-core). Two pages exchange
-//! messages; the node of one is SIGKILLed; the page reconnects through the
-//! LB by itself and messages sent meanwhile arrive once each; `/admin` shows
-//! the node go. Screenshots land in `target/browser-test/`.
+//! messages; the node of one is SIGKILLed in the middle of a burst of
+//! messages to it; the page reconnects through the LB by itself, resumes
+//! (`since`/`epoch`, answered `recovered: true`) and shows each message of
+//! the burst once, in seq order; `/admin` shows the node go. Then the page
+//! goes offline: briefly, and a reload resumes from sessionStorage with
+//! `recovered: true`; then for longer than `--history-size` messages, and
+//! the resume answers `recovered: false` (the mailbox is still shown).
+//! Last, the app closes the other page's connection (`POST
+//! /api/disconnect`, code 4003), and that page does not reconnect.
+//! Screenshots land in `target/browser-test/`.
 //!
 //! Needs `/usr/bin/chromium` (or `$CHROMIUM`) and
 //! `tests/browser/node_modules` (`npm install` there); `scripts/test.sh`
@@ -17,6 +24,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+
+/// `--history-size` of the nodes: small, so that step 9 of the script (a
+/// page offline for more messages than the history keeps) is quick.
+const HISTORY_SIZE: &str = "50";
 
 struct Lb(std::process::Child);
 
@@ -88,7 +99,7 @@ async fn browser_reconnect_dedupe_and_admin() {
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out).expect("output dir");
 
-    let (_redis, nodes) = cluster(3).await;
+    let (_redis, nodes) = cluster_with(3, &["--history-size", HISTORY_SIZE]).await;
     let mut list = Vec::new();
     for n in &nodes {
         list.push(serde_json::json!({"id": n.node_id().await, "addr": n.addr, "pid": n.pid()}));
@@ -102,6 +113,7 @@ async fn browser_reconnect_dedupe_and_admin() {
         .env("LB_URL", format!("http://{lb_addr}"))
         .env("NODES", serde_json::Value::from(list).to_string())
         .env("API_KEY", API_KEY)
+        .env("HISTORY", HISTORY_SIZE)
         .env("OUT_DIR", &out)
         .env("CHROMIUM", &chromium)
         .stdout(Stdio::inherit())
