@@ -45,6 +45,13 @@ impl Keys {
         format!("{}:reaping:{{{}}}", self.prefix, node)
     }
 
+    /// Each node's release (node id → version), written when it joins and
+    /// removed when it is reaped, so a mixed cluster is visible (rolling
+    /// upgrades).
+    pub fn versions(&self) -> String {
+        format!("{}:versions", self.prefix)
+    }
+
     /// Send stream shard `n` (shard 0 is the bare `<p>:send`).
     pub fn send(&self, shard: u32) -> String {
         if shard == 0 {
@@ -96,6 +103,12 @@ impl Keys {
     /// is not known to be in the events stream.
     pub fn presence(&self, user: &UserId) -> String {
         format!("{}:presence:{{{}}}", self.prefix, user)
+    }
+
+    /// Closes the app asked for that wait for a connection to be
+    /// registered again (its node was being reaped): conn id → "code:reason".
+    pub fn closes(&self, user: &UserId) -> String {
+        format!("{}:closes:{{{}}}", self.prefix, user)
     }
 
     /// Users online (score: the `n` of their last transition) and offline
@@ -178,7 +191,7 @@ mod tests {
             // REGISTER / TAKE_MAILBOX, MAILBOX, UNREGISTER_IF.
             proptest::prop_assert!(one_slot(&[&k.user(&u), &k.mailbox(&u), &k.mailbox_bytes(&u), &k.taking(&u, &c)]));
             // ROUTE and REGISTER with history and idempotency keys.
-            proptest::prop_assert!(one_slot(&[&k.user(&u), &k.seq(&u), &k.history(&u), &k.idem(&u, &user), &k.presence(&u)]));
+            proptest::prop_assert!(one_slot(&[&k.user(&u), &k.seq(&u), &k.history(&u), &k.idem(&u, &user), &k.presence(&u), &k.closes(&u)]));
             // DELETE_IF_DRAINED, and the reap lock in the node's slot.
             proptest::prop_assert!(one_slot(&[&k.inbox(&n), &k.node_conns(&n), &k.reap_lock(&n)]));
         }

@@ -319,6 +319,7 @@ impl Bus for MemoryBus {
                 id: self.id.to_string(),
                 lease_expires_ms: None,
                 connections: self.registry.len() as u64,
+                version: Some(env!("CARGO_PKG_VERSION").to_owned()),
             }],
         })
     }

@@ -84,6 +84,8 @@ pub struct NodeView {
     pub id: String,
     pub lease_expires_ms: Option<u64>,
     pub connections: u64,
+    /// The node's release; `null` for a release that did not say.
+    pub version: Option<String>,
 }
 
 /// What `/admin` shows of users.

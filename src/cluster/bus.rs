@@ -360,10 +360,12 @@ impl Bus for RedisBus {
             code,
             reason: reason.to_owned(),
         };
-        cluster::control::close(ctx, &close).await.map_err(|e| {
-            ctx.redis_error();
-            BusError::from(e)
-        })
+        cluster::control::close(ctx, &close, None)
+            .await
+            .map_err(|e| {
+                ctx.redis_error();
+                BusError::from(e)
+            })
     }
 
     async fn cluster_view(&self) -> Result<ClusterView, BusError> {
@@ -408,12 +410,15 @@ async fn read_cluster_view(ctx: &Ctx) -> Result<ClusterView, BusError> {
         .arg(0)
         .arg(-1)
         .arg("WITHSCORES");
+    batch.cmd("HGETALL", &ctx.keys.versions());
     for id in &known {
         hlen(&mut batch, id);
     }
     let mut conn = ctx.conn.clone();
     let mut replies = batch.run(&mut conn).await?.into_iter();
     let nodes: Vec<(String, f64)> =
+        redis::from_redis_value(replies.next().unwrap_or(Value::Nil)).unwrap_or_default();
+    let versions: std::collections::HashMap<String, String> =
         redis::from_redis_value(replies.next().unwrap_or(Value::Nil)).unwrap_or_default();
     let mut counts: std::collections::HashMap<String, u64> = known
         .into_iter()
@@ -443,6 +448,8 @@ async fn read_cluster_view(ctx: &Ctx) -> Result<ClusterView, BusError> {
             .map(|(id, score)| NodeView {
                 connections: counts.get(&id).copied().unwrap_or(0),
                 lease_expires_ms: Some(score as u64),
+                // A node of a release before 0.2 writes none.
+                version: versions.get(&id).cloned(),
                 id,
             })
             .collect(),

@@ -10,6 +10,9 @@ use super::{Ctx, NodeStatus};
 use crate::ids::{NodeId, UserId};
 use crate::redis::conn::{Batch, Conn};
 
+/// How long a close waits for its connection to be registered again.
+const CLOSE_WAIT_MS: u64 = 600_000;
+
 /// Each user's connections (conn id, node id), one pipeline.
 async fn connections(
     ctx: &Ctx,
@@ -76,8 +79,15 @@ pub async fn presence(ctx: &Ctx, users: &[UserId]) -> Result<Vec<usize>, redis::
 /// (`conns` empty), or those of `conns` (a close routed again by a
 /// reaper). Each node holding some gets one inbox entry naming them, so a
 /// connection opened later is never closed by it. Returns how many of them
-/// are on live nodes.
-pub async fn close(ctx: &Ctx, c: &Close) -> Result<usize, redis::RedisError> {
+/// are on live nodes. `reaping`: the node whose inbox this close was found
+/// in by its reaper; its connections are about to be removed, so their
+/// close waits in the user's closes hash for a re-registration (the node
+/// may be frozen, and come back under a new id with the same connections).
+pub async fn close(
+    ctx: &Ctx,
+    c: &Close,
+    reaping: Option<&NodeId>,
+) -> Result<usize, redis::RedisError> {
     let mut conn = ctx.conn.clone();
     let found = connections(ctx, &mut conn, std::slice::from_ref(&c.user))
         .await?
@@ -91,14 +101,30 @@ pub async fn close(ctx: &Ctx, c: &Close) -> Result<usize, redis::RedisError> {
     learn(ctx, &mut conn, &nodes).await?;
     let live = found.iter().filter(|(_, n)| is_live(ctx, n)).count();
     let mut by_node: HashMap<&str, Vec<String>> = HashMap::new();
+    let mut batch = Batch::new();
+    let waiting: Vec<&String> = found
+        .iter()
+        .filter(|(_, n)| reaping.is_some_and(|r| r.as_str() == n))
+        .map(|(id, _)| id)
+        .collect();
+    if !waiting.is_empty() {
+        let key = ctx.keys.closes(&c.user);
+        let cmd = batch.cmd_ignored("HSET", &key);
+        for id in &waiting {
+            cmd.arg(id.as_str()).arg(format!("{}:{}", c.code, c.reason));
+        }
+        batch.cmd_ignored("PEXPIRE", &key).arg(CLOSE_WAIT_MS);
+    }
     for (id, node) in &found {
+        if reaping.is_some_and(|r| r.as_str() == node) {
+            continue;
+        }
         // A gone node's connections went with it; an expired one may come
         // back under a new id, and its reaper routes this again if not.
         if !matches!(ctx.membership.live.status(node), NodeStatus::Gone) {
             by_node.entry(node).or_default().push(id.clone());
         }
     }
-    let mut batch = Batch::new();
     for (node, conns) in by_node {
         let entry = Close { conns, ..c.clone() };
         batch

@@ -17,7 +17,8 @@ use crate::cluster::Ctx;
 use crate::cluster::presence;
 use crate::cluster::route::acker::AckJob;
 use crate::cluster::sessions::{
-    MAILBOX_PAGE, mailbox_page, register_cmd, registered_events, take_cmd, unregister_many,
+    MAILBOX_PAGE, apply_pending_close, mailbox_page, register_cmd, registered_events, take_cmd,
+    unregister_many,
 };
 use crate::ids::{ConnId, NodeId, UserId};
 use crate::keys::INBOX_GROUP;
@@ -54,6 +55,13 @@ pub async fn join(ctx: &Ctx, id: &NodeId) -> Result<Instant, redis::RedisError> 
     let (_exp, now): (u64, u64) = lua::eval_cmd(lua::JOIN, &[&ctx.keys.nodes()])?
         .arg(id.as_str())
         .arg(ctx.ttl_ms())
+        .query_async(&mut conn)
+        .await?;
+    // Our release, where every node reads it with the lease set.
+    let _: () = redis::cmd("HSET")
+        .arg(ctx.keys.versions())
+        .arg(id.as_str())
+        .arg(env!("CARGO_PKG_VERSION"))
         .query_async(&mut conn)
         .await?;
     presence::node_event(ctx, "node_joined", id, None, now).await;
@@ -164,6 +172,7 @@ async fn reregister(ctx: Arc<Ctx>) -> Result<(), redis::RedisError> {
         presence::emit_or_keep(&ctx, &ctx.unsent, events).await;
         for (h, v) in chunk.iter().zip(&replies) {
             h.set_registered_as(&new);
+            apply_pending_close(h, Some(v));
             let page = mailbox_page(Some(v), None);
             mailboxed += page.msgs.len();
             if let Some(next) = deliver_page(&ctx, h, page) {

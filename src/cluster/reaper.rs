@@ -182,7 +182,7 @@ async fn reap_steps(
                 .iter()
                 .filter_map(crate::cluster::entry::parse_close)
             {
-                crate::cluster::control::close(ctx, &c).await?;
+                crate::cluster::control::close(ctx, &c, Some(dead)).await?;
             }
             ctx.metrics.rerouted.inc_by(msgs.len() as u64);
             let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
@@ -254,6 +254,11 @@ async fn reap_steps(
     }
     // 4. Last, leave `<p>:nodes`.
     let _: i64 = lua::eval_cmd(lua::REMOVE_IF_EXPIRED, &[&ctx.keys.nodes()])?
+        .arg(dead.as_str())
+        .query_async(&mut conn)
+        .await?;
+    let _: i64 = redis::cmd("HDEL")
+        .arg(ctx.keys.versions())
         .arg(dead.as_str())
         .query_async(&mut conn)
         .await?;

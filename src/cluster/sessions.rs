@@ -43,7 +43,22 @@ pub async fn register_under(
     let replies = batch.run(&mut conn).await?;
     let events = presence::parse(&h.user, registered_events(replies.last()));
     presence::emit_or_keep(ctx, &ctx.unsent, events).await;
+    apply_pending_close(h, replies.last());
     Ok(registered(replies.last()))
+}
+
+/// Close `h` if its `REGISTER` reply carries a close the app asked for
+/// while its node was being reaped (contract §10).
+pub fn apply_pending_close(h: &ConnHandle, v: Option<&Value>) {
+    let Some(Value::Array(parts)) = v else { return };
+    let Some(c) = parts.get(7).and_then(stream::string) else {
+        return;
+    };
+    if let Some((code, reason)) = c.split_once(':')
+        && let Ok(code) = code.parse::<u16>()
+    {
+        h.close_with(code, reason);
+    }
 }
 
 /// The presence events in a `REGISTER` reply.
@@ -76,6 +91,7 @@ pub fn register_cmd(
                 &ctx.keys.seq(&h.user),
                 &ctx.keys.history(&h.user),
                 &ctx.keys.presence(&h.user),
+                &ctx.keys.closes(&h.user),
             ],
             true,
         )

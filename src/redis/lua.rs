@@ -275,10 +275,14 @@ return 1
 /// history, or why not. A message routed after this step has a higher
 /// `seq` and reaches the connection live; one before it is in the replay.
 /// The user's first connection makes it online (contract §10).
-/// `KEYS` = user hash, mailbox, mailbox bytes, seq hash, history, presence;
+/// A close the app asked for while the connection's node was being reaped
+/// waits in the closes hash; registering that connection again returns it.
+/// `KEYS` = user hash, mailbox, mailbox bytes, seq hash, history, presence,
+/// closes;
 /// `ARGV` = conn id, node id, mailbox ttl ms, page size, candidate epoch
 /// (`''`: history off), since (`''`: no resume), epoch asked.
-/// Returns `{more, entries, epoch, seq, recovered, replay, events}`:
+/// Returns `{more, entries, epoch, seq, recovered, replay, events, close}`
+/// (close: `"code:reason"` or `''`):
 /// recovered is -1 (no resume asked), 0 or 1; events as `presence` gives
 /// them.
 pub const REGISTER: &str = concat!(
@@ -309,7 +313,9 @@ if ARGV[6] ~= '' then
     end
   end
 end
-return {pg[1], pg[2], epoch, seq, rec, replay, events}
+local close = redis.call('HGET', KEYS[7], ARGV[1])
+if close then redis.call('HDEL', KEYS[7], ARGV[1]) else close = '' end
+return {pg[1], pg[2], epoch, seq, rec, replay, events, close}
 "#
 );
 
