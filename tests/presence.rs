@@ -1220,3 +1220,39 @@ async fn token_expiry_closes_4001_and_refresh_moves_it() {
         .await;
     closes_at_expiry(&mut b, new_exp, "refreshed").await;
 }
+
+/// A user's last connection removed by a node that knows nothing of
+/// presence (the previous release, in a rolling upgrade: it only deletes
+/// the field) is made offline by the sweep of online users, and /admin's
+/// count follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_removed_without_presence_is_swept_offline() {
+    let (redis, nodes) = cluster(2).await;
+    let p = Peer::dev(&nodes[0], "ivy").await;
+    let conn = p.conn();
+    wait_applied(&redis, &strings(&["ivy"]), 1, "ivy online").await;
+    // What an old node does when its session ends: HDEL, nothing more.
+    let mut r = redis.conn();
+    let _: i64 = redis::cmd("HDEL")
+        .arg("wsc:user:{ivy}")
+        .arg(&conn)
+        .query(&mut r)
+        .expect("hdel");
+    wait_applied(&redis, &strings(&["ivy"]), 2, "ivy swept offline").await;
+    let evs = events(&redis);
+    assert_eq!(types(&evs, "ivy"), ["online", "offline"]);
+    let off = applied(&evs, "ivy").remove(1);
+    assert_eq!(
+        off.get("conn"),
+        conn,
+        "offline names the recorded connection"
+    );
+    let online: i64 = redis::cmd("ZCOUNT")
+        .arg("wsc:online")
+        .arg(0)
+        .arg("+inf")
+        .query(&mut r)
+        .expect("zcount");
+    assert_eq!(online, 0, "nobody online in the set");
+    drop(p);
+}

@@ -100,6 +100,7 @@ impl RedisBus {
                 publisher,
                 shards: ShardSet::default(),
                 unsent: Default::default(),
+                sweep: Default::default(),
                 life: bus.life.clone(),
             });
             let _ = bus.ctx.set(ctx.clone());

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::Membership;
-use super::presence::Unsent;
+use super::presence::{Sweep, Unsent};
 use super::route::{Rerouter, acker::Acker, publish::Publisher, send::ShardSet};
 use crate::config::Config;
 use crate::keys::Keys;
@@ -34,6 +34,8 @@ pub struct Ctx {
     pub shards: ShardSet,
     /// Presence events whose emission failed, retried by reconciliation.
     pub unsent: Unsent,
+    /// Where the sweep of online users goes on.
+    pub sweep: Sweep,
     /// The node's phase: `Leaving` stops routers, the reaper and the
     /// heartbeat; `SelfReaping` the readers; `Stopped` the rest.
     pub life: Lifecycle,

@@ -243,6 +243,14 @@ const RECONCILE_EVERY: u32 = 5;
 /// pipeline per page. Returns how many were removed.
 async fn reconcile(ctx: Arc<Ctx>) -> Result<u64, redis::RedisError> {
     presence::retry(&ctx, &ctx.unsent).await;
+    // One node (shard 0's router) settles users left online by nodes that
+    // know nothing of presence (a rolling upgrade) or lost events.
+    if ctx.shards.list().first() == Some(&0) {
+        let n = presence::sweep(&ctx, &ctx.sweep).await?;
+        if n > 0 {
+            tracing::info!(users = n, "users with no connection left made offline");
+        }
+    }
     let me = ctx.membership.id();
     let index = ctx.keys.node_conns(&me);
     let mut conn = ctx.conn.clone();

@@ -122,6 +122,70 @@ pub async fn emit(ctx: &Ctx, events: &[UserEvent]) -> Result<(), redis::RedisErr
     Ok(())
 }
 
+/// Users checked per sweep.
+const SWEEP_PAGE: usize = 1000;
+
+/// Where the online sweep goes on (the lowest score not yet checked).
+#[derive(Default)]
+pub struct Sweep(Mutex<Option<String>>);
+
+/// Check a page of the users marked online: any without a connection is
+/// made offline ([`lua::SETTLE_PRESENCE`]). One node sweeps (the router of
+/// shard 0), a page per reconciliation, round and round.
+pub async fn sweep(ctx: &Ctx, at: &Sweep) -> Result<usize, redis::RedisError> {
+    let from =
+        at.0.lock()
+            .ok()
+            .and_then(|g| g.clone())
+            .unwrap_or_else(|| "0".to_owned());
+    let mut conn = ctx.conn.clone();
+    let page: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg(ctx.keys.online())
+        .arg(&from)
+        .arg("+inf")
+        .arg("BYSCORE")
+        .arg("LIMIT")
+        .arg(0)
+        .arg(SWEEP_PAGE)
+        .arg("WITHSCORES")
+        .query_async(&mut conn)
+        .await?;
+    let next = if page.len() < SWEEP_PAGE {
+        None
+    } else {
+        page.last().map(|(_, s)| format!("({s:.0}"))
+    };
+    if let Ok(mut g) = at.0.lock() {
+        *g = next;
+    }
+    let users: Vec<UserId> = page
+        .iter()
+        .filter_map(|(u, _)| UserId::parse(u).ok())
+        .collect();
+    if users.is_empty() {
+        return Ok(0);
+    }
+    let mut batch = Batch::new();
+    for u in &users {
+        batch
+            .eval(
+                lua::SETTLE_PRESENCE,
+                &[&ctx.keys.user(u), &ctx.keys.presence(u)],
+                true,
+            )
+            .arg(ctx.cfg.mailbox_ttl.as_millis() as u64);
+    }
+    let replies = batch.run(&mut conn).await?;
+    let events: Vec<UserEvent> = users
+        .iter()
+        .zip(&replies)
+        .flat_map(|(u, v)| parse(u, Some(v)))
+        .collect();
+    let settled = events.iter().filter(|e| e.kind == "offline").count();
+    emit(ctx, &events).await?;
+    Ok(settled)
+}
+
 /// For `/admin`: users online now, and the newest `last` events.
 pub async fn activity(
     ctx: &Ctx,

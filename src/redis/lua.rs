@@ -248,6 +248,21 @@ end
 return 0
 "#;
 
+/// A user marked online with no connection left (its last one was removed
+/// by a node of an earlier release, which knows nothing of presence, or
+/// an event was lost with every node that knew of it): offline now, with
+/// the recorded connection. `KEYS` = user hash, presence; `ARGV[1]` =
+/// presence ttl ms. Returns the events to emit.
+pub const SETTLE_PRESENCE: &str = concat!(
+    "#!lua flags=allow-oom\n",
+    presence_lib!(),
+    r#"
+local p = redis.call('HMGET', KEYS[2], 'state', 'n', 'conn', 'node', 'at', 'pend')
+if p[1] ~= 'on' or redis.call('EXISTS', KEYS[1]) == 1 then return pending_event(p) end
+return presence(2, false, p[3] or '', p[4] or '', tonumber(ARGV[1]) or 86400000)
+"#
+);
+
 /// Keep a user's state in the online set from one of its events, unless a
 /// later one is already there (events from several nodes may arrive out
 /// of order; `n` orders them). Offline members older than a day go.

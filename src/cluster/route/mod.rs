@@ -495,6 +495,7 @@ mod tests {
             publisher: Publisher::channel().0,
             shards: ShardSet::default(),
             unsent: Default::default(),
+            sweep: Default::default(),
             cfg,
             connector,
             conn,
