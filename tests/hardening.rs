@@ -718,3 +718,28 @@ async fn redis_full_then_freed() {
         assert!(got.contains(id.as_str()), "accepted {id} delivered");
     }
 }
+
+/// Scripts go by `EVALSHA` (issue 16); a Redis that lost them (`SCRIPT
+/// FLUSH`, as after a failover to a replica) gets them again: a message
+/// sent meanwhile is delivered and a client can connect, with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_lost_by_redis_are_loaded_again() {
+    let redis = Redis::start();
+    let node = NodeProc::start("n", &fast_args(&redis));
+    node.wait_ready().await;
+    let mut r = redis.conn();
+    let mut ws = raw_ws(&node, "user=sam", 1 << 16).await;
+    assert_eq!(next_json(&mut ws, T).await.unwrap()["type"], "welcome");
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut r).unwrap();
+    let id = xadd_to(&mut r, "sam", "1");
+    let m = next_json(&mut ws, T)
+        .await
+        .expect("the message after the flush");
+    assert_eq!(m["id"], id.as_str());
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut r).unwrap();
+    let mut other = raw_ws(&node, "user=tom", 1 << 16).await;
+    let w = next_json(&mut other, T)
+        .await
+        .expect("welcome after the flush");
+    assert_eq!(w["type"], "welcome");
+}

@@ -199,6 +199,8 @@ impl Bus for RedisBus {
             let me = ctx.membership.id();
             let page = match register_under(ctx, &me, h, resume).await {
                 Ok(page) => page,
+                // The scripts are loaded again now: once more.
+                Err(e) if e.code() == Some("NOSCRIPT") => continue,
                 Err(e) => {
                     ctx.redis_error();
                     tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "register failed");

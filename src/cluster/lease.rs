@@ -37,6 +37,8 @@ enum Renewal {
 /// lease deadline.
 pub async fn join(ctx: &Ctx, id: &NodeId) -> Result<Instant, redis::RedisError> {
     let mut conn = ctx.lease_conn.clone();
+    // A Redis restarted empty lost its scripts too.
+    lua::load_all(&mut conn).await?;
     let started = Instant::now();
     // `XGROUP CREATE … MKSTREAM` is how an empty stream is made.
     let created: Result<(), _> = redis::cmd("XGROUP")

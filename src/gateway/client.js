@@ -16,6 +16,17 @@
 // - Never reconnects after a close code 4000-4099 (the app closed it), except
 //   4001 (token expired) when it has getToken: it fetches a new token and
 //   reconnects.
+// - Token refresh: with getToken, and a token that has an `exp` (read from
+//   the JWT payload, not verified), it calls getToken shortly before expiry
+//   (at 85 % of the time left, at least refreshMarginMs before `exp`) and
+//   sends `{"type":"refresh","token":..}` on the open connection: the
+//   connection lives on, no reconnect. `refreshed` schedules the next one
+//   from the new `exp`; a refused refresh (`forbidden`) keeps the old expiry
+//   (and is retried while there is time); if the server then closes with
+//   4001, the client reconnects with a fresh token. The current token
+//   (the last accepted) is reused by reconnects while it is valid; getToken
+//   is called again after a 4001, after an attempt that failed, or when it
+//   is about to expire.
 // - Resume: keeps the user's history position (the `epoch` and the last
 //   `seq`, from `welcome` and from user messages) and reconnects with
 //   `since=<seq>&epoch=<epoch>`, so every message sent while it was away
@@ -23,6 +34,10 @@
 //   could not be promised (`recovered: false`: reload the app's state). The
 //   first connection resumes only from the `resume` option or, with
 //   `persist`, from sessionStorage (the position survives a page reload).
+//   A `welcome` without `epoch` comes from a server without history (an
+//   older release, e.g. during a rolling upgrade): the position is
+//   forgotten (`recovered: false`, reason "unsupported", when one was held)
+//   until a welcome with an epoch gives a new one.
 // - Drops redelivered messages: user messages by (`epoch`, `seq`) (the last
 //   `historyDedupeSize` seqs per epoch), all messages by `id` (the last
 //   `dedupeSize` ids). A message under a new epoch is new. A seq already seen
@@ -30,26 +45,40 @@
 //   is reported as `recovered: false` (and the message shown), not dropped.
 // - Subscriptions are made again after every reconnect.
 // - Options: url (ws:// or wss:// URL of /ws; default: this page's host),
-//   token (string) or getToken (async () => string, called before every
-//   connection attempt), user (development servers only: ?user=NAME),
-//   minDelayMs (500), maxDelayMs (15000), restartDelayMs (1000),
-//   dedupeSize (10000), historyDedupeSize (1000), sendTimeoutMs (10000),
-//   resume ({epoch, seq}: resume from there on the first connection),
-//   persist (false; true keeps the position in sessionStorage), storageKey
-//   ("wscluster:resume"), storage (a Storage; default sessionStorage).
+//   token (string; with getToken, used for the first connection) or
+//   getToken (async () => string), user (development servers only:
+//   ?user=NAME), minDelayMs (500), maxDelayMs (15000), restartDelayMs
+//   (1000), dedupeSize (10000), historyDedupeSize (1000), sendTimeoutMs
+//   (10000), autoRefresh (true), refreshMarginMs (3000), resume ({epoch,
+//   seq}: resume from there on the first connection), persist (false; true
+//   keeps the position in sessionStorage), storageKey ("wscluster:resume"),
+//   storage (a Storage; default sessionStorage).
 // - Events (`on(name, fn)` returns a function that removes the listener):
 //   "open" (the welcome frame: {node, conn, user, epoch, seq, recovered}),
-//   "recovered" ({recovered: true|false|null, epoch, seq, since}, after every
-//   welcome, before the messages that follow it: null when no resume was
-//   asked, false when some messages may be missing; also false, with
-//   `reason`, when a gap shows up on an open connection), "message" (a
-//   message frame, once per message), "close" ({code, reason, reconnectInMs,
-//   willReconnect}; reconnectInMs is null and willReconnect false when the
-//   client will not reconnect), "error" (an error frame from the server, or
-//   an Error).
+//   "recovered" ({recovered: true|false|null, epoch, seq, since, reason},
+//   after every welcome, before the messages that follow it: null when no
+//   resume was asked, false when some messages may be missing, with
+//   `reason` "history" (not kept that far back), "epoch" (the user's
+//   history started again), "history_off", "unsupported" (a server without
+//   history) or, on an open connection, "seq_reused"; reason is null
+//   otherwise), "message" (a message frame, once per message), "refreshed"
+//   ({exp}: the server took a new token; the connection now lasts until
+//   exp), "refresh_failed" ({code, message, exp}: refused, e.g. code
+//   "forbidden", or getToken failed; exp is the expiry that still stands),
+//   "close" ({code, reason, reconnectInMs, willReconnect}; reconnectInMs is
+//   null and willReconnect false when the client will not reconnect),
+//   "error" (an error frame from the server, or an Error; a failed refresh
+//   is reported here too).
+// - Methods: send(to, payload), subscribe(topic), unsubscribe(topic),
+//   refresh(token?) (refresh now, with `token` or one from getToken;
+//   resolves with the new exp), close().
 // - State: `epoch` and `seq` (the position a reconnect resumes from; also
 //   `position`), `welcome`, `node`, `connected`, `reconnects`, `duplicates`,
+//   `token` and `tokenExp` (the current token and its exp, unix s),
 //   `closed` ({code, reason} once it stopped for good).
+
+// Error codes that answer a `refresh` (which carries no ref).
+const REFRESH_ERRORS = new Set(["forbidden", "unknown_type", "rate_limited"]);
 
 export class WsClusterClient {
   constructor(opts = {}) {
@@ -61,6 +90,8 @@ export class WsClusterClient {
         dedupeSize: 10000,
         historyDedupeSize: 1000,
         sendTimeoutMs: 10000,
+        autoRefresh: true,
+        refreshMarginMs: 3000,
         persist: false,
         storageKey: "wscluster:resume",
       },
@@ -81,7 +112,9 @@ export class WsClusterClient {
     // first welcome). Null until known.
     this.epoch = null;
     this.seq = null;
-    this._listeners = { open: [], recovered: [], message: [], close: [], error: [] };
+    this._listeners = {
+      open: [], recovered: [], message: [], refreshed: [], refresh_failed: [], close: [], error: [],
+    };
     this._topics = new Set();
     this.subscribed = new Set(); // topics the server confirmed on this connection
     this._pending = new Map(); // ref -> {resolve, reject, timer, kind, topic}
@@ -96,6 +129,18 @@ export class WsClusterClient {
     this._oldEpochs = new Map(); // epoch -> its seq map, for late redeliveries
     this._since = null; // the seq the current attempt asked to resume after
     this._restored = false; // the first connection resumes from storage
+    // The current token (the last one the server took, or the one being
+    // tried) and what its payload says; reused by a reconnect while good.
+    this.token = null;
+    this._claims = null; // {sub, exp, iat} of this.token (exp/iat may be null)
+    this._tokenAt = 0; // Date.now() when this.token was obtained
+    this._reuseToken = false;
+    this._refresh = null; // the refresh in flight: {ws, token, promise, ...}
+    this._refreshTimer = null;
+    if (this.opts.token) {
+      this._setToken(String(this.opts.token));
+      this._reuseToken = true;
+    }
     const r = this.opts.resume;
     if (r && this._validPosition(r.epoch, r.seq)) this._setPosition(r.epoch, r.seq);
     this._connect();
@@ -109,6 +154,11 @@ export class WsClusterClient {
   /** The id of the node this client is on, or null. */
   get node() {
     return this.welcome ? this.welcome.node : null;
+  }
+
+  /** The current token's `exp` (unix s), or null. */
+  get tokenExp() {
+    return this._claims && Number.isFinite(this._claims.exp) ? this._claims.exp : null;
   }
 
   /** Where a reconnect resumes from: {epoch, seq}, or null. */
@@ -149,12 +199,43 @@ export class WsClusterClient {
   }
 
   /**
+   * Give the open connection a new token (`token`, or one from getToken)
+   * before the current one expires. Resolves with the new `exp` once the
+   * server took it (`refreshed`); rejects when it was refused (the error
+   * has `code`, e.g. "forbidden": the old expiry stands), on a timeout, or
+   * when the connection closes first. Done by itself with getToken.
+   */
+  refresh(token) {
+    if (this._refresh) return this._refresh.promise;
+    if (!this.connected) return Promise.reject(new Error("not connected"));
+    const r = { ws: this.ws, token: null, timer: null };
+    r.promise = new Promise((resolve, reject) => {
+      r.resolve = resolve;
+      r.reject = reject;
+    });
+    this._refresh = r;
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    (async () => {
+      const t = token ?? (this.opts.getToken ? await this.opts.getToken() : null);
+      if (this._refresh !== r) return; // the connection closed meanwhile
+      if (!t) throw new Error("no token to refresh with (no getToken)");
+      if (r.ws !== this.ws || !this.connected) throw new Error("not connected");
+      r.token = String(t);
+      r.timer = setTimeout(() => this._refreshDone(r, new Error("refresh timed out")), this.opts.sendTimeoutMs);
+      this._raw({ type: "refresh", token: r.token });
+    })().catch((e) => this._refreshDone(r, e instanceof Error ? e : new Error(String(e))));
+    return r.promise;
+  }
+
+  /**
    * Close for good: no reconnect. The position stays readable (`position`)
    * and, with `persist`, stored: a new client resumes from it.
    */
   close() {
     this._stopped = true;
     clearTimeout(this._timer);
+    clearTimeout(this._refreshTimer);
     if (this.ws) this.ws.close(1000, "client closed");
   }
 
@@ -252,12 +333,109 @@ export class WsClusterClient {
   _userHint(token) {
     if (this.opts.user) return String(this.opts.user);
     if (!token) return null;
+    return WsClusterClient.claims(token)?.sub ?? null;
+  }
+
+  /** A JWT's payload (base64url JSON; not verified), or null. */
+  static claims(token) {
     try {
-      const b = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
-      return JSON.parse(atob(b + "===".slice((b.length + 3) % 4))).sub ?? null;
+      const b = String(token).split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      const bin = atob(b + "===".slice((b.length + 3) % 4));
+      const bytes = Uint8Array.from(bin, (c) => c.charCodeAt(0));
+      const v = JSON.parse(new TextDecoder().decode(bytes));
+      return v && typeof v === "object" ? v : null;
     } catch {
       return null;
     }
+  }
+
+  // ---- token and refresh ----
+
+  _setToken(token, exp) {
+    const c = WsClusterClient.claims(token) || {};
+    this.token = token;
+    this._tokenAt = Date.now();
+    this._claims = {
+      sub: typeof c.sub === "string" ? c.sub : null,
+      exp: Number.isFinite(exp) ? exp : Number.isFinite(c.exp) ? c.exp : null,
+      iat: Number.isFinite(c.iat) ? c.iat : null,
+    };
+  }
+
+  /**
+   * Milliseconds the current token has left, or null (no exp). By this
+   * clock, and by `iat` when the token has one (a clock running behind the
+   * issuer's would otherwise think it has more time than it has).
+   */
+  _tokenLeftMs() {
+    const exp = this.tokenExp;
+    if (exp === null) return null;
+    let left = exp * 1000 - Date.now();
+    const iat = this._claims.iat;
+    if (iat !== null && iat <= exp) left = Math.min(left, (exp - iat) * 1000 - (Date.now() - this._tokenAt));
+    return left;
+  }
+
+  /** The token for a connection attempt: the current one while good, else a new one. */
+  async _tokenForAttempt() {
+    if (!this.opts.getToken) return this.opts.token || null;
+    const left = this._tokenLeftMs();
+    if (this.token && this._reuseToken && (left === null || left > this.opts.refreshMarginMs)) {
+      return this.token;
+    }
+    const t = await this.opts.getToken();
+    if (t) this._setToken(String(t));
+    return t ? String(t) : null;
+  }
+
+  /** Schedule the next automatic refresh from the current token's exp. */
+  _planRefresh(afterFailure) {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    if (!this.opts.getToken || !this.opts.autoRefresh || !this.connected || this._refresh) return;
+    const left = this._tokenLeftMs();
+    if (left === null) return;
+    const margin = this.opts.refreshMarginMs;
+    let delay;
+    if (afterFailure) {
+      // Refused (or getToken failed): once more halfway to the margin, if
+      // there is time; else the server's 4001 brings a reconnect.
+      if (left - margin < 2000) return;
+      delay = (left - margin) / 2;
+    } else {
+      // 85 % of the time left, at least `margin` before exp; a lifetime
+      // shorter than that: half of it.
+      if (left < 1000) return;
+      delay = Math.max(Math.min(left * 0.85, left - margin), left / 2);
+    }
+    const ws = this.ws;
+    this._refreshTimer = setTimeout(() => {
+      this._refreshTimer = null;
+      if (ws === this.ws && this.connected) this.refresh().catch(() => {});
+    }, delay);
+  }
+
+  /**
+   * End the refresh `r`: accepted (`exp`) or failed (`err`). `quiet`: the
+   * connection closed; no event. `reported`: the error frame was emitted.
+   */
+  _refreshDone(r, err, exp, { quiet = false, reported = false } = {}) {
+    if (this._refresh !== r) return;
+    this._refresh = null;
+    clearTimeout(r.timer);
+    if (!err) {
+      this._setToken(r.token, exp);
+      this._reuseToken = true;
+      this._emit("refreshed", { exp: this.tokenExp });
+      r.resolve(this.tokenExp);
+      this._planRefresh(false);
+      return;
+    }
+    r.reject(err);
+    if (quiet) return;
+    this._emit("refresh_failed", { code: err.code ?? null, message: err.message, exp: this.tokenExp });
+    if (!reported) this._emit("error", err);
+    this._planRefresh(true);
   }
 
   _storage() {
@@ -300,8 +478,7 @@ export class WsClusterClient {
     let url;
     try {
       const u = new URL(this.opts.url, globalThis.location ? location.href : undefined);
-      let token = this.opts.token;
-      if (this.opts.getToken) token = await this.opts.getToken();
+      const token = await this._tokenForAttempt();
       if (token) u.searchParams.set("token", token);
       else if (this.opts.user) u.searchParams.set("user", this.opts.user);
       if (this._user === undefined) this._user = this._userHint(token);
@@ -337,12 +514,28 @@ export class WsClusterClient {
 
   _welcome(f) {
     const asked = this._since !== null;
+    const askedEpoch = this.epoch;
+    if (f.epoch === undefined) {
+      // A server without history (an older release, during a rolling
+      // upgrade): it ignored the resume; the position means nothing there.
+      // Resume again only from a welcome that gives one.
+      this._forget();
+      return {
+        recovered: asked ? false : null,
+        epoch: null,
+        seq: null,
+        since: this._since,
+        reason: asked ? "unsupported" : null,
+      };
+    }
     const recovered = asked && typeof f.recovered === "boolean" ? f.recovered : null;
+    let reason = null;
+    if (recovered === false) {
+      reason = f.epoch === "" ? "history_off" : f.epoch !== askedEpoch ? "epoch" : "history";
+    }
     if (!this._validPosition(f.epoch, f.seq)) {
-      // History off (epoch ""), or a server without it: nothing to resume.
-      this.epoch = null;
-      this.seq = null;
-      this._seqs = new Map();
+      // History off (epoch ""): nothing to resume.
+      this._forget();
     } else if (!(recovered === true && f.epoch === this.epoch)) {
       // Fresh start (no resume asked, or recovered false): whatever the
       // user had up to f.seq comes from the mailbox or is gone; every later
@@ -355,7 +548,22 @@ export class WsClusterClient {
       epoch: typeof f.epoch === "string" ? f.epoch : null,
       seq: Number.isSafeInteger(f.seq) ? f.seq : null,
       since: this._since,
+      reason,
     };
+  }
+
+  /** No position any more (nor in storage): the next connect resumes nothing. */
+  _forget() {
+    this.epoch = null;
+    this.seq = null;
+    this._seqs = new Map();
+    const st = this._storage();
+    if (!st) return;
+    try {
+      st.removeItem(this.opts.storageKey);
+    } catch {
+      // disabled storage
+    }
   }
 
   /** A gap found on an open connection: report it, start over at `seq`. */
@@ -414,8 +622,10 @@ export class WsClusterClient {
             this._emit("error", e),
           );
         }
+        this._reuseToken = true; // the token worked
         this._emit("open", f);
         this._emit("recovered", rec);
+        this._planRefresh(false);
         break;
       }
       case "message":
@@ -424,6 +634,11 @@ export class WsClusterClient {
         break;
       case "sent":
         this._settle(f.ref, true, f.id);
+        break;
+      case "refreshed":
+        if (this._refresh && this._refresh.token !== null) {
+          this._refreshDone(this._refresh, null, Number.isFinite(f.exp) ? f.exp : undefined);
+        }
         break;
       case "unsubscribed":
         this.subscribed.delete(f.topic);
@@ -440,6 +655,12 @@ export class WsClusterClient {
       case "error": {
         const err = Object.assign(new Error(f.message || f.code), { code: f.code, ref: f.ref });
         if (f.ref == null || !this._settle(f.ref, false, err)) this._emit("error", f);
+        // A refresh is answered without a ref: "forbidden" (refused), or
+        // "unknown_type" from a server that does not know refresh.
+        const r = this._refresh;
+        if (r && r.token !== null && f.ref == null && REFRESH_ERRORS.has(f.code)) {
+          this._refreshDone(r, err, undefined, { reported: true });
+        }
         break;
       }
       default:
@@ -455,8 +676,17 @@ export class WsClusterClient {
 
   _closed(ws, code, reason) {
     if (ws !== this.ws) return;
+    // A token that did not get a welcome, or expired (4001): ask for a new one.
+    if (this.welcome === null || code === 4001) this._reuseToken = false;
     this.ws = null;
     this.welcome = null;
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    if (this._refresh) {
+      this._refreshDone(this._refresh, new Error("connection closed before refresh was answered"), undefined, {
+        quiet: true,
+      });
+    }
     this.subscribed.clear();
     for (const [ref, p] of this._pending) {
       clearTimeout(p.timer);

@@ -148,9 +148,10 @@ impl Connector {
                     .set_connection_timeout(Some(CONNECT_TIMEOUT))
                     .set_response_timeout(Some(RESPONSE_TIMEOUT))
                     .set_number_of_retries(1);
-                Ok(Conn::Managed(
-                    ConnectionManager::new_with_config(client.clone(), cfg).await?,
-                ))
+                let mut conn =
+                    Conn::Managed(ConnectionManager::new_with_config(client.clone(), cfg).await?);
+                crate::redis::lua::load_all(&mut conn).await?;
+                Ok(conn)
             }
             Connector::Cluster { client, once } => {
                 let cfg = || {
@@ -158,11 +159,13 @@ impl Connector {
                         .set_connection_timeout(CONNECT_TIMEOUT)
                         .set_response_timeout(RESPONSE_TIMEOUT)
                 };
-                Ok(Conn::Cluster(ClusterConn {
+                let mut conn = Conn::Cluster(ClusterConn {
                     conn: client.get_async_connection_with_config(cfg()).await?,
                     pipes: Some(once.get_async_connection_with_config(cfg()).await?),
                     slots: Arc::default(),
-                }))
+                });
+                crate::redis::lua::load_all(&mut conn).await?;
+                Ok(conn)
             }
         }
     }
@@ -289,8 +292,10 @@ impl Batch {
         if !one_slot(keys) && self.error.is_none() {
             self.error = Some(cross_slot(keys));
         }
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(script).arg(keys.len()).arg(keys);
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(crate::redis::lua::sha(script))
+            .arg(keys.len())
+            .arg(keys);
         self.entries.push(Entry {
             slot: slot_of(keys.first().copied().unwrap_or_default().as_bytes()),
             cmd,
@@ -300,8 +305,21 @@ impl Batch {
         &mut self.entries[last].cmd
     }
 
-    /// Run the batch; the replies of the kept commands, in order.
+    /// Run the batch; the replies of the kept commands, in order. A script
+    /// Redis does not know (`NOSCRIPT`: restarted, or failed over to a
+    /// replica) makes it load them all; the batch fails this once.
     pub async fn run(self, conn: &mut Conn) -> RedisResult<Vec<Value>> {
+        let r = self.run_once(conn).await;
+        if let Err(e) = &r
+            && e.code() == Some("NOSCRIPT")
+            && let Err(e) = crate::redis::lua::load_all(conn).await
+        {
+            tracing::warn!(error = %e, "loading the scripts failed");
+        }
+        r
+    }
+
+    async fn run_once(self, conn: &mut Conn) -> RedisResult<Vec<Value>> {
         if let Some(e) = self.error {
             return Err(e);
         }

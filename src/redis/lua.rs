@@ -7,7 +7,14 @@
 //! messages fails and is retried (nothing accepted is dropped). Time always comes from Redis `TIME`, never a
 //! node's clock. Scripts are sent with `EVAL` (Redis caches the compiled
 //! script by its hash), which keeps pipelines simple and survives a Redis
-//! restart that emptied the script cache.
+//! restart that emptied the script cache. Pipelined scripts (the hot path,
+//! [`Batch::eval`]) go by `EVALSHA`: Redis neither receives nor hashes the
+//! body per call. Every script is loaded when a connection is made and
+//! when the node joins (a Redis restarted empty makes it join again); a
+//! batch that still meets `NOSCRIPT` (a failover to a replica) loads them
+//! and fails once, like any Redis error, for its caller to retry.
+//!
+//! [`Batch::eval`]: crate::redis::conn::Batch::eval
 
 /// Join: `KEYS[1]` = nodes; `ARGV` = node id, lease ttl ms.
 /// Returns `{expiry, now}`.
@@ -531,6 +538,59 @@ redis.call('DEL', KEYS[1], KEYS[2])
 return 1
 "#;
 
+/// Every script, for [`load_all`].
+pub const ALL: &[&str] = &[
+    JOIN,
+    RENEW,
+    EXPIRE_NOW,
+    REMOVE_IF_EXPIRED,
+    IS_EXPIRED,
+    LEASE_ACQUIRE,
+    LEASE_RENEW,
+    LEASE_RELEASE,
+    CONFIRM_EVENT,
+    SETTLE_PRESENCE,
+    ONLINE_MARK,
+    REGISTER,
+    TAKE_MAILBOX,
+    MAILBOX,
+    ROUTE,
+    UNREGISTER_IF,
+    DEL_IDLE_CONSUMERS,
+    DELETE_IF_DRAINED,
+];
+
+/// The SHA1 of a script (hex), as `EVALSHA` names it; computed once.
+pub fn sha(script: &str) -> String {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static SHAS: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    let map = SHAS.get_or_init(Mutex::default);
+    if let Ok(m) = map.lock()
+        && let Some(s) = m.get(script)
+    {
+        return s.clone();
+    }
+    let s = sha1_smol::Sha1::from(script).digest().to_string();
+    if let Ok(mut m) = map.lock() {
+        m.insert(script.to_owned(), s.clone());
+    }
+    s
+}
+
+/// Load every script into Redis (every primary of a cluster), so that
+/// `EVALSHA` finds them.
+pub async fn load_all(conn: &mut crate::redis::conn::Conn) -> Result<(), redis::RedisError> {
+    for script in ALL {
+        let _: redis::Value = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(*script)
+            .query_async(conn)
+            .await?;
+    }
+    Ok(())
+}
+
 /// An `EVAL` command to send alone (in a pipeline: [`Batch::eval`]).
 /// Refused if its keys span hash slots, on a single Redis too, so no such
 /// call can pass the tests and then fail on Redis Cluster.
@@ -570,4 +630,16 @@ pub async fn renew_lease(
         .arg(ttl_ms)
         .query_async(conn)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sha_is_what_redis_computes() {
+        // `redis-cli SCRIPT LOAD "return 1"`.
+        assert_eq!(
+            super::sha("return 1"),
+            "e0e1f9fabfc9d4800c877a703b823ac0578ff8db"
+        );
+    }
 }

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Cost per delivered message at a fixed rate (issue 16): starts a
+# redis-server and N nodes (release build), drives wscluster-bench S1 at
+# RATE msg/s, and prints node CPU µs per message, Redis CPU µs per message
+# and Redis commands per message (INFO commandstats, after CONFIG
+# RESETSTAT), with the bench's own throughput / p99 line.
+#
+#   scripts/bench-cost.sh                         # 3 nodes, 600 users, 5000 msg/s, 20000 messages
+#   RATE=1000 MESSAGES=10000 scripts/bench-cost.sh
+#   NODE_ARGS="--history-size 0" scripts/bench-cost.sh   # history off
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NODES=${NODES:-3} USERS=${USERS:-600} RATE=${RATE:-5000} MESSAGES=${MESSAGES:-20000}
+T=${CARGO_TARGET_DIR:-target}
+cargo build --release --workspace --bins --quiet
+DIR=$(mktemp -d /tmp/wsc-cost.XXXX)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+RP=$(free_port)
+redis-server --port "$RP" --save "" --appendonly no --dir "$DIR" >"$DIR/redis.log" 2>&1 &
+RPID=$!
+pids=()
+cleanup() { kill "${pids[@]}" "$RPID" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT
+for _ in $(seq 50); do redis-cli -p "$RP" ping >/dev/null 2>&1 && break; sleep 0.1; done
+urls=()
+for i in $(seq "$NODES"); do
+  p=$(free_port)
+  # shellcheck disable=SC2086
+  "$T/release/wscluster" --dev --redis-url "redis://127.0.0.1:$RP" --listen "127.0.0.1:$p" ${NODE_ARGS:-} >"$DIR/node$i.log" 2>&1 &
+  pids+=($!)
+  urls+=("127.0.0.1:$p")
+done
+for u in "${urls[@]}"; do
+  for _ in $(seq 100); do curl -sf "http://$u/readyz" >/dev/null && break; sleep 0.1; done
+done
+cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }   # clock ticks
+ticks=$(getconf CLK_TCK)
+n0=0; for p in "${pids[@]}"; do n0=$((n0 + $(cpu "$p"))); done
+r0=$(cpu "$RPID")
+redis-cli -p "$RP" config resetstat >/dev/null
+IFS=,; WS="${urls[*]}"; unset IFS
+"$T/release/wscluster-bench" s1 --ws-urls "$WS" --redis-url "redis://127.0.0.1:$RP" \
+  --users "$USERS" --rate "$RATE" --messages "$MESSAGES" | tee "$DIR/bench.out"
+n1=0; for p in "${pids[@]}"; do n1=$((n1 + $(cpu "$p"))); done
+r1=$(cpu "$RPID")
+redis-cli -p "$RP" info commandstats >"$DIR/commandstats"
+delivered=$(grep -o 'delivered [0-9]*' "$DIR/bench.out" | head -1 | awk '{print $2}')
+python3 - "$DIR/commandstats" "$delivered" "$((n1 - n0))" "$((r1 - r0))" "$ticks" <<'PY'
+import sys, re
+path, delivered, nticks, rticks, hz = sys.argv[1], int(sys.argv[2] or 0), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+calls = {}
+for line in open(path):
+    m = re.match(r"cmdstat_(\S+):calls=(\d+)", line)
+    if m: calls[m.group(1)] = int(m.group(2))
+total = sum(calls.values())
+d = max(delivered, 1)
+print(f"  delivered {delivered}: node CPU {nticks / hz * 1e6 / d:.1f} µs/msg, redis CPU {rticks / hz * 1e6 / d:.1f} µs/msg, "
+      f"redis commands {total / d:.2f}/msg")
+print("  per msg: " + ", ".join(f"{k} {v / d:.2f}" for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v / d >= 0.01))
+PY
