@@ -8,8 +8,15 @@
 //! goes offline: briefly, and a reload resumes from sessionStorage with
 //! `recovered: true`; then for longer than `--history-size` messages, and
 //! the resume answers `recovered: false` (the mailbox is still shown).
-//! Last, the app closes the other page's connection (`POST
+//! Then the app closes the other page's connection (`POST
 //! /api/disconnect`, code 4003), and that page does not reconnect.
+//! Last, tokens: a page signs its own short-lived HS256 tokens (WebCrypto,
+//! with the nodes' secret; the nodes run with `--jwt-leeway-s 0`): the
+//! client refreshes them on its open connection (no reconnect in 15 s, two
+//! or more `refreshed`); a refresh with another user's token is refused
+//! (`forbidden`) and the server closes with 4001 at the old expiry; and a
+//! `welcome` without `epoch` (a previous release's node) makes the client
+//! drop its resume position.
 //! Screenshots land in `target/browser-test/`.
 //!
 //! Needs `/usr/bin/chromium` (or `$CHROMIUM`) and
@@ -28,6 +35,11 @@ use common::*;
 /// `--history-size` of the nodes: small, so that step 9 of the script (a
 /// page offline for more messages than the history keeps) is quick.
 const HISTORY_SIZE: &str = "50";
+
+/// `--jwt-leeway-s` of the nodes: none, so that a token is over at its
+/// `exp` (steps 11 and 12 of the script time refreshes and the 4001 close
+/// against it). Pages with `?user=` (`--dev`) have no expiry.
+const JWT_LEEWAY_S: &str = "0";
 
 struct Lb(std::process::Child);
 
@@ -99,7 +111,16 @@ async fn browser_reconnect_dedupe_and_admin() {
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out).expect("output dir");
 
-    let (_redis, nodes) = cluster_with(3, &["--history-size", HISTORY_SIZE]).await;
+    let (_redis, nodes) = cluster_with(
+        3,
+        &[
+            "--history-size",
+            HISTORY_SIZE,
+            "--jwt-leeway-s",
+            JWT_LEEWAY_S,
+        ],
+    )
+    .await;
     let mut list = Vec::new();
     for n in &nodes {
         list.push(serde_json::json!({"id": n.node_id().await, "addr": n.addr, "pid": n.pid()}));
@@ -114,6 +135,7 @@ async fn browser_reconnect_dedupe_and_admin() {
         .env("NODES", serde_json::Value::from(list).to_string())
         .env("API_KEY", API_KEY)
         .env("HISTORY", HISTORY_SIZE)
+        .env("SECRET", SECRET)
         .env("OUT_DIR", &out)
         .env("CHROMIUM", &chromium)
         .stdout(Stdio::inherit())

@@ -481,7 +481,13 @@ export class WsClusterClient {
       const token = await this._tokenForAttempt();
       if (token) u.searchParams.set("token", token);
       else if (this.opts.user) u.searchParams.set("user", this.opts.user);
-      if (this._user === undefined) this._user = this._userHint(token);
+      const user = this._userHint(token);
+      if (this._user === undefined) this._user = user;
+      else if (user && this._user && user !== this._user) {
+        // getToken now gives another user: the position was the other's.
+        this._forget();
+        this._user = user;
+      }
       if (!this._restored) this._restore(this._user);
       // Both or neither: the position a reconnect resumes from.
       this._since = null;

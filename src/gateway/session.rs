@@ -135,6 +135,8 @@ async fn pump(
     let mut refusals = 0u32;
     // Grows on first use: an idle connection should cost as little as possible.
     let mut batch: Vec<Outgoing> = Vec::new();
+    // The client started the closing handshake: our close frame answers it.
+    let mut client_closed = false;
     // The token's `exp`: past it plus the leeway, the connection is closed
     // with 4001 unless a `refresh` moved it (contract §3).
     let mut exp = who.exp;
@@ -204,7 +206,10 @@ async fn pump(
                     }
                     Some(Ok(WsMessage::Text(t))) => Some(Some(t)),
                     Some(Ok(WsMessage::Binary(_))) => Some(None),
-                    Some(Ok(WsMessage::Close(_))) => break,
+                    Some(Ok(WsMessage::Close(_))) => {
+                        client_closed = true;
+                        break;
+                    }
                     Some(Ok(WsMessage::Pong(data))) => {
                         if let Some(read) = acks.acked(&data) {
                             shared.bus.mailbox_written(h, &read).await;
@@ -253,6 +258,10 @@ async fn pump(
             _ => h.close_reason().unwrap_or_else(|| "closing".to_owned()),
         };
         close_ws(&mut sink, &mut stream, code, &reason).await;
+    } else if client_closed {
+        // The library queued the echo of the client's close frame; send it
+        // (bounded: a client that closed may not read any more).
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, sink.flush()).await;
     }
     r
 }

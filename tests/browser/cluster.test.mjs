@@ -5,6 +5,9 @@
 //   NODES     JSON [{"id","addr","pid"}] of the nodes
 //   API_KEY   the nodes' --api-key
 //   HISTORY   the nodes' --history-size (resume steps 8 and 9)
+//   SECRET    the nodes' --jwt-secret (HS256), for the token steps 11 and
+//             12 (the pages sign their own tokens; the nodes run with
+//             --jwt-leeway-s 0, so a token is over at its exp)
 //   OUT_DIR   where screenshots go (one per step)
 //   CHROMIUM  (optional) the browser, default /usr/bin/chromium
 // Exits 0 when every check passed; prints one line per step.
@@ -15,11 +18,12 @@ import { join } from "node:path";
 const LB = process.env.LB_URL;
 const NODES = JSON.parse(process.env.NODES || "[]");
 const API_KEY = process.env.API_KEY;
+const SECRET = process.env.SECRET;
 const HISTORY = Number(process.env.HISTORY || 50);
 const OUT = process.env.OUT_DIR || "target/browser-test";
 const T = 20_000; // deadline for each condition
-if (!LB || NODES.length < 3 || !API_KEY) {
-  console.error("cluster.test.mjs: LB_URL, NODES (3) and API_KEY are required");
+if (!LB || NODES.length < 3 || !API_KEY || !SECRET) {
+  console.error("cluster.test.mjs: LB_URL, NODES (3), API_KEY and SECRET are required");
   process.exit(2);
 }
 mkdirSync(OUT, { recursive: true });
@@ -310,6 +314,156 @@ try {
   check(after10.connect === false, "the demo page offers to connect again");
   step(`app closed bob's connection (${closed.code} ${closed.reason}): not reconnected`);
   await shot("8-app-closed");
+
+  // Token steps: a page (the demo page, not connected) makes its own
+  // clients from /client.js, with a getToken that signs HS256 tokens in the
+  // page (WebCrypto) with the nodes' secret, each valid for TOKEN_S.
+  const TOKEN_S = 6;
+  const tokens = await ctx.newPage();
+  tokens.on("pageerror", (e) => console.error(`[tokens] page error: ${e.message}`));
+  pages.push(["tokens", tokens]);
+  await tokens.goto(`${LB}/`);
+  await tokens.evaluate(async (secret) => {
+    const { WsClusterClient } = await import("/client.js");
+    const enc = new TextEncoder();
+    const b64u = (bytes) => btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+    const key = await crypto.subtle.importKey("raw", enc.encode(secret), { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
+    const log = (text) => {
+      const d = document.createElement("div");
+      d.className = "sys";
+      d.textContent = new Date().toLocaleTimeString() + "  " + text;
+      document.getElementById("log").prepend(d);
+    };
+    window.t = {
+      WsClusterClient,
+      clients: {},
+      async sign(sub, lifeS) {
+        const now = Math.floor(Date.now() / 1000);
+        const part = (o) => b64u(enc.encode(JSON.stringify(o)));
+        const body = `${part({ alg: "HS256", typ: "JWT" })}.${part({ sub, iat: now, exp: now + lifeS })}`;
+        const sig = new Uint8Array(await crypto.subtle.sign("HMAC", key, enc.encode(body)));
+        return `${body}.${b64u(sig)}`;
+      },
+      // A client whose getToken gives tokens for subs[0], then subs[1], ...
+      // (the last one from then on); its events, timed, in t.clients[name].
+      start(name, subs, lifeS) {
+        let calls = 0;
+        const getToken = () => window.t.sign(subs[Math.min(calls++, subs.length - 1)], lifeS);
+        const c = new WsClusterClient({ getToken });
+        const rec = { c, events: [], calls: () => calls };
+        for (const ev of ["open", "recovered", "message", "refreshed", "refresh_failed", "close", "error"]) {
+          c.on(ev, (a) => {
+            const at = Date.now();
+            const v = ev === "error" ? { code: a.code ?? null, message: a.message ?? String(a) } : a;
+            rec.events.push({ ev, at, v });
+            log(`${name}: ${ev} ${JSON.stringify(v)}`);
+          });
+        }
+        window.t.clients[name] = rec;
+      },
+      events(name, ev) {
+        return window.t.clients[name].events.filter((e) => e.ev === ev).map((e) => ({ at: e.at, ...e.v }));
+      },
+    };
+  }, SECRET);
+
+  // 11. A token valid for TOKEN_S; the client refreshes it by itself on the
+  //     open connection: 15 s later it is the same connection (no close, no
+  //     reconnect), `refreshed` fired at least twice, and it still gets
+  //     messages.
+  await tokens.evaluate((s) => window.t.start("carol", ["carol"], s), TOKEN_S);
+  await tokens.waitForFunction(() => window.t.clients.carol.c.connected, null, { timeout: T });
+  const carol0 = await tokens.evaluate(() => {
+    const c = window.t.clients.carol.c;
+    return { conn: c.welcome.conn, user: c.welcome.user, exp: c.tokenExp };
+  });
+  check(carol0.user === "carol" && Number.isInteger(carol0.exp), `carol connected with a token: ${JSON.stringify(carol0)}`);
+  await new Promise((r) => setTimeout(r, 15_000));
+  const carol1 = await tokens.evaluate(() => {
+    const r = window.t.clients.carol;
+    return {
+      conn: r.c.welcome?.conn, connected: r.c.connected, reconnects: r.c.reconnects, exp: r.c.tokenExp,
+      refreshed: window.t.events("carol", "refreshed"), failed: window.t.events("carol", "refresh_failed"),
+      closes: window.t.events("carol", "close"), opens: window.t.events("carol", "open").length,
+    };
+  });
+  check(carol1.connected && carol1.conn === carol0.conn && carol1.reconnects === 0 && carol1.opens === 1 &&
+    carol1.closes.length === 0, `carol still on her first connection after 15 s: ${JSON.stringify(carol1)}`);
+  check(carol1.refreshed.length >= 2 && carol1.failed.length === 0,
+    `refreshed at least twice, never refused: ${JSON.stringify(carol1)}`);
+  check(carol1.exp >= carol0.exp + 10 && carol1.refreshed.at(-1).exp === carol1.exp,
+    `the expiry moved on with the refreshes (${carol0.exp} -> ${carol1.exp})`);
+  const toCarol = await apiSend(survivor, "carol", { after: "refreshes" });
+  await tokens.waitForFunction((id) => window.t.events("carol", "message").some((m) => m.id === id), toCarol, { timeout: T });
+  step(`carol's ${TOKEN_S} s token refreshed ${carol1.refreshed.length} times in 15 s on one connection ` +
+    `(${carol0.conn.slice(0, 8)}), exp ${carol0.exp} -> ${carol1.exp}; a message still arrives`);
+  await tokens.evaluate(() => window.t.clients.carol.c.close());
+  await shot("9-refreshed");
+
+  // 12. getToken now gives a token for another user: the refresh is refused
+  //     (forbidden), the old expiry stands, and the server closes the
+  //     connection with 4001 at that expiry; the client then reconnects
+  //     with a fresh token (whatever getToken gives: here the other user's).
+  await tokens.evaluate((s) => window.t.start("dave", ["dave", "mallory"], s), TOKEN_S);
+  await tokens.waitForFunction(() => window.t.clients.dave.c.connected, null, { timeout: T });
+  const dave0 = await tokens.evaluate(() => {
+    const c = window.t.clients.dave.c;
+    return { conn: c.welcome.conn, user: c.welcome.user, exp: c.tokenExp };
+  });
+  check(dave0.user === "dave", `dave connected: ${JSON.stringify(dave0)}`);
+  await tokens.waitForFunction(() => window.t.events("dave", "close").length > 0, null, { timeout: T });
+  const dave1 = await tokens.evaluate(() => ({
+    failed: window.t.events("dave", "refresh_failed"), refreshed: window.t.events("dave", "refreshed"),
+    errors: window.t.events("dave", "error"), close: window.t.events("dave", "close")[0],
+  }));
+  check(dave1.refreshed.length === 0 && dave1.failed.length >= 1 &&
+    dave1.failed.every((f) => f.code === "forbidden" && f.exp === dave0.exp),
+    `the refresh with another user's token is refused, the old expiry stands: ${JSON.stringify(dave1)}`);
+  check(dave1.errors.some((e) => e.code === "forbidden"), `the refusal is an error event too: ${JSON.stringify(dave1.errors)}`);
+  check(dave1.failed[0].at < dave1.close.at, "refused before the close");
+  check(dave1.close.code === 4001 && dave1.close.willReconnect === true,
+    `closed with 4001 (token expired), to reconnect with a new token: ${JSON.stringify(dave1.close)}`);
+  const late = dave1.close.at - dave0.exp * 1000;
+  check(late > -1000 && late < 2500, `closed at the old expiry: ${late} ms after exp ${dave0.exp}`);
+  await tokens.waitForFunction(() => window.t.events("dave", "open").length === 2, null, { timeout: T });
+  const dave2 = await tokens.evaluate(() => ({ user: window.t.clients.dave.c.welcome.user,
+    rec: window.t.events("dave", "recovered").at(-1) }));
+  check(dave2.user === "mallory", `after 4001 the client reconnected with a fresh token: ${JSON.stringify(dave2)}`);
+  check(dave2.rec.since === null, `no resume from dave's position for another user: ${JSON.stringify(dave2.rec)}`);
+  step(`refresh with another user's token refused (forbidden); closed 4001 ${late} ms after the old exp; ` +
+    `reconnected with a fresh token (as ${dave2.user})`);
+  await tokens.evaluate(() => window.t.clients.dave.c.close());
+  await shot("10-refresh-refused");
+
+  // 13. Rolling upgrade: a welcome without `epoch` (a node of the previous
+  //     release, simulated by feeding the frame to the client) makes the
+  //     client drop its position: recovered false, reason "unsupported";
+  //     its next connect asks no resume (welcome recovered null) and takes
+  //     the position that welcome gives.
+  //     (First a reconnect, so that the connection is a resumed one.)
+  await tokens.evaluate((s) => window.t.start("erin", ["erin"], s), 60);
+  await tokens.waitForFunction(() => window.t.clients.erin.c.position !== null, null, { timeout: T });
+  await tokens.evaluate(() => window.t.clients.erin.c.ws.close());
+  await tokens.waitForFunction(() => window.t.events("erin", "open").length === 2, null, { timeout: T });
+  const erin = await tokens.evaluate(() => {
+    const c = window.t.clients.erin.c;
+    const resumed = window.t.events("erin", "recovered").at(-1);
+    c._frame(c.ws, JSON.stringify({ type: "welcome", node: "old-release", conn: "x", user: "erin" }));
+    return { resumed, rec: window.t.events("erin", "recovered").at(-1), position: c.position };
+  });
+  check(erin.resumed.recovered === true, `erin's reconnect resumed: ${JSON.stringify(erin.resumed)}`);
+  check(erin.rec.recovered === false && erin.rec.reason === "unsupported" && erin.position === null &&
+    erin.rec.since === erin.resumed.since,
+    `a welcome without epoch: recovered false, unsupported, position forgotten: ${JSON.stringify(erin)}`);
+  await tokens.evaluate(() => window.t.clients.erin.c.ws.close());
+  await tokens.waitForFunction(() => window.t.events("erin", "open").length === 4, null, { timeout: T });
+  const erin2 = await tokens.evaluate(() => ({ rec: window.t.events("erin", "recovered").at(-1),
+    position: window.t.clients.erin.c.position }));
+  check(erin2.rec.recovered === null && erin2.rec.since === null && erin2.position !== null,
+    `the next connect asked no resume and took a new position: ${JSON.stringify(erin2)}`);
+  step(`a welcome without epoch: recovered false (unsupported); the reconnect asked no resume, now at #${erin2.position.seq}`);
+  await tokens.evaluate(() => window.t.clients.erin.c.close());
+  await shot("11-unsupported");
   step("PASS");
 } catch (e) {
   failed = true;
