@@ -548,3 +548,94 @@ async fn slot_migration_under_traffic() {
 fn ids_pos(ids: &[String], id: &str) -> Option<usize> {
     ids.iter().position(|i| i == id)
 }
+
+/// History and resume across a primary failover (issue 14): the primary
+/// holding a user's slot (its history and seq counter) is SIGKILLed and
+/// its replica takes over. A client that resumes afterwards is told
+/// `recovered:true` only with every message after its `since`, in order
+/// and contiguous; if the failover lost writes, it must say `false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_across_a_primary_failover() {
+    let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let mut rc = RedisCluster::start(3, 1);
+    let nodes = three_nodes_on(&rc).await;
+    let user = "rho";
+    let mut c = Client::dev(&nodes[0], user).await;
+    let mut before = Vec::new();
+    for i in 0..5 {
+        let id = xadd_retrying(&rc, user, &format!("{i}"));
+        before.push(
+            c.expect("before", Duration::from_secs(10), is_msg(&id))
+                .await,
+        );
+    }
+    let since = before.last().and_then(|m| m["seq"].as_u64()).expect("seq");
+    let epoch = before[0]["epoch"].as_str().expect("epoch").to_owned();
+    assert_eq!(since, 5, "seqs 1..5: {before:?}");
+    drop(c);
+    let victim = rc.primary_port_for_key(&format!("wsc:seq:{{{user}}}"));
+    rc.kill_port(victim);
+    let during: Vec<String> = (5..10)
+        .map(|i| xadd_retrying(&rc, user, &format!("{i}")))
+        .collect();
+    rc.wait_failover(victim, Duration::from_secs(20));
+    let after: Vec<String> = (10..13)
+        .map(|i| xadd_retrying(&rc, user, &format!("{i}")))
+        .collect();
+    // Resume once the nodes hold leases again (they may be new ones).
+    for n in &nodes {
+        eventually("node ready", Duration::from_secs(30), || async {
+            let r = reqwest::get(n.http("/readyz")).await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+    }
+    let query = format!("user={user}&since={since}&epoch={epoch}");
+    let c = Client::connect(&nodes[1].ws_url(&query)).await;
+    let w = c.welcome.clone();
+    let mut r = (c, w);
+    let (ref mut client, ref welcome) = r;
+    let mut got: Vec<serde_json::Value> = Vec::new();
+    let want: HashSet<&String> = during.iter().chain(&after).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got
+        .iter()
+        .filter(|m| want.contains(&m["id"].as_str().unwrap_or_default().to_owned()))
+        .count()
+        < want.len()
+        && Instant::now() < deadline
+    {
+        if let Some(f) = client.next_frame(Duration::from_secs(1)).await
+            && f["type"] == "message"
+        {
+            got.push(f);
+        }
+    }
+    let ids: Vec<&str> = got.iter().filter_map(|m| m["id"].as_str()).collect();
+    for id in &want {
+        assert!(ids.contains(&id.as_str()), "{id} not delivered: {got:?}");
+    }
+    match welcome["recovered"].as_bool() {
+        Some(true) => {
+            // Every message after `since` came, contiguous, in order.
+            assert_eq!(welcome["epoch"], epoch.as_str());
+            let seqs: Vec<u64> = got.iter().filter_map(|m| m["seq"].as_u64()).collect();
+            let mut first: Vec<u64> = Vec::new();
+            for s in seqs {
+                if !first.contains(&s) {
+                    first.push(s);
+                }
+            }
+            let expect: Vec<u64> = (since + 1..=since + first.len() as u64).collect();
+            assert_eq!(
+                first, expect,
+                "recovered:true with a gap or out of order: {got:?}"
+            );
+            assert!(first.len() >= want.len());
+        }
+        Some(false) => {
+            eprintln!("resume_across_a_primary_failover: the failover lost writes; recovered:false")
+        }
+        None => panic!("resume not answered: {welcome}"),
+    }
+}
