@@ -24,6 +24,22 @@
 //!   payload a JSON string of B bytes (default: the others' payload), so
 //!   more than their receive buffer waits unread in a stall.
 //!
+//! The clients resume (contract §9): each remembers its user's epoch and
+//! the highest seq up to which it has seen every message (as `/client.js`
+//! does), and reconnects with `since`/`epoch` after every disconnect. Per
+//! resume: `recovered:true` means the messages `since+1..=seq` (the
+//! welcome's seq) follow the welcome on that connection at once, in that
+//! order: anything else there is a **gap**. `recovered:false` resets the
+//! expectation to the welcome's position; it is expected when the user's
+//! epoch changed (a Redis restart emptied it) or when more was missed than
+//! the history holds, and a **failure** otherwise (same epoch, everything
+//! after `since` still within `--history-size`). At the end, the seqs seen
+//! under the user's current epoch above its last reset must have no hole
+//! (a gap too). One (epoch, seq) with two ids, or one id under two
+//! positions, is a **seq conflict**. Gaps, seq conflicts, unexpected
+//! `recovered:false` answers and malformed welcomes fail the soak; so does
+//! a user's epoch changing without a Redis restart.
+//!
 //! `CHAOS_SECS` sets the run's length: the producer and the faults take its
 //! first 80 %; settling and collecting follow (seconds when all is well). Short form (default) runs in
 //! `scripts/test.sh`; the long form is `scripts/chaos.sh` (CHAOS_MESSAGES /
@@ -31,6 +47,7 @@
 
 mod common;
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -70,10 +87,14 @@ const LEAVE_ABANDONED: Duration = Duration::from_secs(30);
 const SILENCE: Duration = Duration::from_secs(3);
 /// A staller's socket receive buffer (set before connect).
 const STALLER_RCVBUF: u32 = 4096;
+/// The nodes' `--history-size` (the server's default, made explicit: the
+/// resume checks depend on it).
+const HISTORY_SIZE: u64 = 200;
 
 #[derive(Default)]
 struct Seen {
-    ids: HashSet<String>,
+    /// Every message id received, with its (epoch, seq) (`""`, 0 without).
+    ids: HashMap<String, (String, u64)>,
     duplicates: u64,
     /// Node ids from welcome frames (whose inboxes a failure report reads).
     nodes: HashSet<String>,
@@ -90,34 +111,79 @@ struct Seen {
     stallers: BTreeMap<String, u64>,
     /// Each staller connection's story, for a failure report.
     staller_conns: Vec<StallerConn>,
+    /// History positions and the resume checks.
+    hist: Hist,
 }
 
 impl Seen {
-    /// Record a frame: a message id, or the node of a welcome.
-    fn record(&mut self, text: &str) {
+    /// Record a frame `user`'s client read: a message (its id, and its
+    /// position in the user's history), or a welcome (its node). `conn`
+    /// is the client's current connection, which the per-connection
+    /// checks follow; `None` for a socket it is leaving, whose messages
+    /// are only recorded (and move the position on).
+    fn record(&mut self, user: &str, text: &str, conn: Option<&mut ConnView>) {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
             return;
         };
         if v["type"] == "message"
             && let Some(id) = v["id"].as_str()
         {
-            if self.ids.insert(id.to_owned()) {
-                self.outstanding.remove(id);
-            } else {
-                self.duplicates += 1;
+            let pos = match (v["epoch"].as_str(), v["seq"].as_u64()) {
+                (Some(e), Some(s)) if !e.is_empty() => Some((e, s)),
+                _ => None,
+            };
+            let owned = pos.map_or((String::new(), 0), |(e, s)| (e.to_owned(), s));
+            match self.ids.entry(id.to_owned()) {
+                Entry::Vacant(v) => {
+                    v.insert(owned);
+                    self.outstanding.remove(id);
+                }
+                Entry::Occupied(o) => {
+                    self.duplicates += 1;
+                    if *o.get() != owned {
+                        // A redelivery keeps its position (contract §3).
+                        self.hist.conflict(format!(
+                            "{user}: {id} came at {:?} and at {owned:?}",
+                            o.get()
+                        ));
+                        return;
+                    }
+                }
+            }
+            match pos {
+                Some((e, s)) => self.hist.message(user, id, e, s, conn),
+                None => {
+                    self.hist.unsequenced += 1;
+                    self.hist
+                        .sample(format!("{user}: a message without seq/epoch: {v}"));
+                }
+            }
+        } else if v["type"] == "welcome" {
+            if let Some(n) = v["node"].as_str() {
+                self.nodes.insert(n.to_owned());
+            }
+            if let Some(conn) = conn {
+                self.hist.welcome(user, &v, conn);
             }
         }
-        if v["type"] == "welcome"
-            && let Some(n) = v["node"].as_str()
-        {
-            self.nodes.insert(n.to_owned());
+    }
+
+    /// The query `user`'s client connects with: a resume from its position
+    /// once it has one (and that position, for its [`ConnView`]).
+    fn query(&self, user: &str) -> (String, Option<(String, u64)>) {
+        match self.hist.users.get(user).and_then(UserHist::position) {
+            Some((epoch, since)) => (
+                format!("user={user}&since={since}&epoch={}", enc(&epoch)),
+                Some((epoch, since)),
+            ),
+            None => (format!("user={user}"), None),
         }
     }
 
     /// The producer sent these ids (a client may have received some already).
     fn sent(&mut self, ids: &[String], to: &[String]) {
         for (id, user) in ids.iter().zip(to) {
-            if !self.ids.contains(id) {
+            if !self.ids.contains_key(id) {
                 self.outstanding.insert(id.clone(), user.clone());
             }
         }
@@ -129,8 +195,343 @@ impl Seen {
 
     fn missing<'a>(&self, sent: &'a [(String, String)]) -> Vec<&'a (String, String)> {
         sent.iter()
-            .filter(|(id, _)| !self.ids.contains(id))
+            .filter(|(id, _)| !self.ids.contains_key(id))
             .collect()
+    }
+}
+
+/// `s` percent-encoded for a query string.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// How many failure samples are kept for the report.
+const SAMPLES: usize = 20;
+
+/// History positions (contract §9) and the resume checks, per user.
+#[derive(Default)]
+struct Hist {
+    /// The nodes' `--history-size`.
+    history_size: u64,
+    users: HashMap<String, UserHist>,
+    /// Welcomes on the clients' connections (a first connect or a resume).
+    welcomes: u64,
+    /// Resumes answered `recovered:true`, and `recovered:false`.
+    resumed_true: u64,
+    resumed_false: u64,
+    /// The `recovered:false` answers by cause: the user's epoch had
+    /// changed (expected after a Redis restart), more was missed than the
+    /// history holds (expected), or neither (a failure).
+    false_new_epoch: u64,
+    false_beyond_history: u64,
+    false_unexpected: u64,
+    /// Failures: a `recovered:true` replay that was not `since+1..=seq` in
+    /// order, or a hole in the seqs seen at the end (one per user).
+    gaps: u64,
+    /// Failures: one (epoch, seq) with two ids, or one id at two positions.
+    seq_conflicts: u64,
+    /// Failures: a welcome not as contract §3 has it (no epoch/seq, a
+    /// `recovered` that does not answer what was asked, `recovered:true`
+    /// under another epoch or behind `since`).
+    bad_welcomes: u64,
+    /// Failures: a user message without `seq`/`epoch` (history is on).
+    unsequenced: u64,
+    /// Replays checked to their end (the connection lasted that long).
+    replays: u64,
+    /// Informative: a message read on the current connection ahead of a
+    /// lower seq not seen yet (live order is promised only while no node
+    /// fails, §7: it happens when a frozen node wakes; resuming from the
+    /// highest seq up to which all were seen covers it).
+    out_of_order: u64,
+    /// Messages under an epoch new to the client on its connection (the
+    /// user's counter started again: a Redis restart).
+    epoch_changes: u64,
+    /// The first failures, for the report.
+    samples: Vec<String>,
+}
+
+/// What a user's clients have seen of its history.
+#[derive(Default)]
+struct UserHist {
+    /// The epoch a resume asks for (`None` before the first welcome).
+    epoch: Option<String>,
+    /// Every seq above `base` under `epoch` is expected: the welcome's
+    /// seq at the first connect, a `recovered:false` or a new epoch.
+    base: u64,
+    /// `base+1..=upto` were all seen: the `since` of the next resume.
+    upto: u64,
+    /// The epochs the client moved on from (their late redeliveries are
+    /// only checked for conflicts).
+    retired: HashSet<String>,
+    /// seq → id, per epoch.
+    seqs: HashMap<String, HashMap<u64, String>>,
+}
+
+impl UserHist {
+    fn position(&self) -> Option<(String, u64)> {
+        self.epoch.clone().map(|e| (e, self.upto))
+    }
+
+    /// Expect every seq above `at` under `epoch` from now on.
+    fn reset(&mut self, epoch: &str, at: u64) {
+        if let Some(old) = self.epoch.replace(epoch.to_owned())
+            && old != epoch
+        {
+            self.retired.insert(old);
+        }
+        self.base = at;
+        self.upto = at;
+        self.advance();
+    }
+
+    /// Move `upto` over the seqs seen.
+    fn advance(&mut self) {
+        if let Some(seqs) = self.epoch.as_ref().and_then(|e| self.seqs.get(e)) {
+            while seqs.contains_key(&(self.upto + 1)) {
+                self.upto += 1;
+            }
+        }
+    }
+
+    /// The seqs above `upto` not seen under the current epoch, up to the
+    /// highest one seen: (how many, the first few).
+    fn holes(&self) -> (u64, Vec<u64>) {
+        let Some(seqs) = self.epoch.as_ref().and_then(|e| self.seqs.get(e)) else {
+            return (0, Vec::new());
+        };
+        let max = seqs.keys().copied().max().unwrap_or(0);
+        let missing: Vec<u64> = (self.upto + 1..=max)
+            .filter(|s| !seqs.contains_key(s))
+            .collect();
+        (missing.len() as u64, missing.into_iter().take(10).collect())
+    }
+}
+
+/// One connection of a client, for the checks made per connection.
+struct ConnView {
+    /// The resume asked for: (epoch, since).
+    asked: Option<(String, u64)>,
+    /// The welcome's conn id, for a report.
+    conn: String,
+    /// After `recovered:true`: the replay still expected.
+    replay: Option<Replay>,
+}
+
+/// A replay expected after `recovered:true`: `next..=upto` under `epoch`,
+/// in order, before anything else of that epoch.
+struct Replay {
+    epoch: String,
+    since: u64,
+    next: u64,
+    upto: u64,
+}
+
+impl ConnView {
+    fn new(asked: Option<(String, u64)>) -> Self {
+        ConnView {
+            asked,
+            conn: String::new(),
+            replay: None,
+        }
+    }
+}
+
+impl Hist {
+    fn sample(&mut self, s: String) {
+        if self.samples.len() < SAMPLES {
+            self.samples.push(s);
+        }
+    }
+
+    fn conflict(&mut self, s: String) {
+        self.seq_conflicts += 1;
+        self.sample(format!("seq conflict: {s}"));
+    }
+
+    /// A welcome on `user`'s current connection.
+    fn welcome(&mut self, user: &str, v: &serde_json::Value, conn: &mut ConnView) {
+        conn.conn = v["conn"].as_str().unwrap_or("?").to_owned();
+        self.welcomes += 1;
+        let (Some(e), Some(w)) = (v["epoch"].as_str(), v["seq"].as_u64()) else {
+            self.bad_welcomes += 1;
+            self.sample(format!("{user}: a welcome without epoch/seq: {v}"));
+            return;
+        };
+        let rec = &v["recovered"];
+        let history_size = self.history_size;
+        let h = self.users.entry(user.to_owned()).or_default();
+        let mut bad = None;
+        match (&conn.asked, rec.as_bool()) {
+            (None, _) => {
+                if !rec.is_null() {
+                    bad = Some("recovered answers no resume");
+                }
+                h.reset(e, w);
+            }
+            (Some((asked, since)), Some(true)) => {
+                self.resumed_true += 1;
+                if e != asked || w < *since {
+                    bad = Some("recovered:true at another position");
+                    h.reset(e, w);
+                } else if w > *since {
+                    conn.replay = Some(Replay {
+                        epoch: e.to_owned(),
+                        since: *since,
+                        next: since + 1,
+                        upto: w,
+                    });
+                } else {
+                    self.replays += 1;
+                }
+            }
+            (Some((asked, since)), Some(false)) => {
+                self.resumed_false += 1;
+                if e != asked {
+                    self.false_new_epoch += 1;
+                } else if w >= *since && w - since > history_size {
+                    self.false_beyond_history += 1;
+                } else {
+                    // The epoch matches, `since` is not ahead of the seq
+                    // the client saw, and the history holds the newest
+                    // `history_size`: every message after `since` is in
+                    // it, so the answer should have been true (§9) (or
+                    // the counter went back, behind what the client saw).
+                    self.false_unexpected += 1;
+                    if self.samples.len() < SAMPLES {
+                        self.samples.push(format!(
+                            "{user} conn {}: resume since {since} under {asked}: recovered:false \
+                             at seq {w} of the same epoch (history size {history_size})",
+                            conn.conn
+                        ));
+                    }
+                }
+                h.reset(e, w);
+            }
+            (Some(_), None) => {
+                bad = Some("a resume not answered");
+                h.reset(e, w);
+            }
+        }
+        if let Some(why) = bad {
+            self.bad_welcomes += 1;
+            self.sample(format!(
+                "{user}: {why}: asked {:?}, welcome {v}",
+                conn.asked
+            ));
+        }
+    }
+
+    /// A message at (`epoch`, `seq`) read by `user`'s client: on its
+    /// current connection (`conn`), or on one it is leaving.
+    fn message(
+        &mut self,
+        user: &str,
+        id: &str,
+        epoch: &str,
+        seq: u64,
+        mut conn: Option<&mut ConnView>,
+    ) {
+        // The replay after `recovered:true`: since+1..=seq, in order.
+        if let Some(c) = conn.as_deref_mut()
+            && let Some(r) = c.replay.as_mut()
+            && r.epoch == epoch
+        {
+            if seq == r.next {
+                r.next += 1;
+                if r.next > r.upto {
+                    c.replay = None;
+                    self.replays += 1;
+                }
+            } else {
+                self.gaps += 1;
+                let s = format!(
+                    "gap: {user} conn {}: recovered:true after since {} (epoch {epoch}, \
+                     welcome seq {}): seq {} expected, seq {seq} ({id}) came",
+                    c.conn, r.since, r.upto, r.next
+                );
+                c.replay = None;
+                self.sample(s);
+            }
+        }
+        let primary = conn.is_some();
+        let h = self.users.entry(user.to_owned()).or_default();
+        match h.seqs.entry(epoch.to_owned()).or_default().entry(seq) {
+            Entry::Occupied(o) => {
+                if o.get() != id {
+                    let s = format!("{user}: {epoch}/{seq} is {} and {id}", o.get());
+                    self.conflict(s);
+                }
+                return;
+            }
+            Entry::Vacant(v) => {
+                v.insert(id.to_owned());
+            }
+        }
+        if h.epoch.as_deref() == Some(epoch) {
+            if primary && seq > h.upto + 1 {
+                self.out_of_order += 1;
+            }
+            h.advance();
+        } else if primary && !h.retired.contains(epoch) {
+            // The user's counter started again (Redis lost it) while this
+            // connection was open: expect what follows the lowest seq seen
+            // under it (a leaving socket may have had some first).
+            self.epoch_changes += 1;
+            let lowest = h.seqs[epoch].keys().copied().min().unwrap_or(seq);
+            h.reset(epoch, lowest.saturating_sub(1));
+        }
+    }
+
+    /// At the end: a hole under a user's current epoch is a gap.
+    fn final_check(&mut self) {
+        let mut found = Vec::new();
+        for (user, h) in &self.users {
+            let (n, first) = h.holes();
+            if n > 0 {
+                found.push(format!(
+                    "gap: {user}: {n} seqs never seen under {:?} above {} (base {}), e.g. {first:?}",
+                    h.epoch, h.upto, h.base
+                ));
+            }
+        }
+        for s in found {
+            self.gaps += 1;
+            self.sample(s);
+        }
+    }
+
+    /// The counters, for the summary line.
+    fn summary(&self) -> String {
+        format!(
+            "resumed_true={} resumed_false={} gaps={} seq_conflicts={}",
+            self.resumed_true, self.resumed_false, self.gaps, self.seq_conflicts
+        )
+    }
+
+    /// The rest, for a second line.
+    fn details(&self) -> String {
+        format!(
+            "welcomes {}; recovered:false by cause: new epoch {}, beyond history {}, \
+             unexpected {}; replays checked {}; bad welcomes {}; unsequenced {}; epoch changes on a \
+             connection {}; out of order (live) {}",
+            self.welcomes,
+            self.false_new_epoch,
+            self.false_beyond_history,
+            self.false_unexpected,
+            self.replays,
+            self.bad_welcomes,
+            self.unsequenced,
+            self.epoch_changes,
+            self.out_of_order
+        )
     }
 }
 
@@ -140,6 +541,7 @@ impl Seen {
 /// wrote before it saw the Close are read, not lost with a dropped socket.
 async fn leave(
     why: &'static str,
+    user: String,
     mut ws: Ws,
     seen: Arc<Mutex<Seen>>,
     bound: Duration,
@@ -157,7 +559,7 @@ async fn leave(
         match next {
             Ok(Some(Ok(WsMessage::Text(t)))) => {
                 read += 1;
-                seen.lock().unwrap().record(t.as_str());
+                seen.lock().unwrap().record(&user, t.as_str(), None);
             }
             Ok(Some(Ok(WsMessage::Close(f)))) => close = f.map(|f| u16::from(f.code)),
             // Pings.
@@ -196,9 +598,10 @@ impl Abandoned {
         }
     }
 
-    fn hand_over(&self, ws: Ws, seen: &Arc<Mutex<Seen>>) {
+    fn hand_over(&self, ws: Ws, user: &str, seen: &Arc<Mutex<Seen>>) {
         self.tasks.spawn(leave(
             "abandoned",
+            user.to_owned(),
             ws,
             seen.clone(),
             LEAVE_ABANDONED,
@@ -224,8 +627,9 @@ fn next_addr(addrs: &Mutex<Vec<String>>, i: &mut usize) -> String {
 }
 
 /// A user's client: connects to the nodes round-robin, reconnects on any
-/// close, records every message id. On `stop` it leaves its socket with a
-/// closing handshake; a socket on a silent node is handed to `abandoned`.
+/// close (resuming from its position once it has one), records every
+/// message. On `stop` it leaves its socket with a closing handshake; a
+/// socket on a silent node is handed to `abandoned`.
 async fn user_loop(
     user: String,
     addrs: Arc<Mutex<Vec<String>>>,
@@ -236,7 +640,9 @@ async fn user_loop(
     let mut i = rand::rng().random_range(0..4usize);
     while !stop.is_cancelled() {
         let addr = next_addr(&addrs, &mut i);
-        let url = format!("ws://{addr}/ws?user={user}");
+        let (query, asked) = seen.lock().unwrap().query(&user);
+        let url = format!("ws://{addr}/ws?{query}");
+        let mut view = ConnView::new(asked);
         let conn = tokio::time::timeout(Duration::from_secs(2), connect_async(url.as_str())).await;
         let Ok(Ok((mut ws, _))) = conn else {
             // Connection refused (a killed node) or timed out: the next one.
@@ -246,13 +652,17 @@ async fn user_loop(
         loop {
             let next = tokio::select! {
                 _ = stop.cancelled() => {
-                    leave("stop", ws, seen.clone(), LEAVE_ON_STOP, CancellationToken::new()).await;
+                    leave("stop", user.clone(), ws, seen.clone(), LEAVE_ON_STOP, CancellationToken::new()).await;
                     return;
                 }
                 n = tokio::time::timeout(SILENCE, ws.next()) => n,
             };
             match next {
-                Ok(Some(Ok(WsMessage::Text(t)))) => seen.lock().unwrap().record(t.as_str()),
+                Ok(Some(Ok(WsMessage::Text(t)))) => {
+                    seen.lock()
+                        .unwrap()
+                        .record(&user, t.as_str(), Some(&mut view))
+                }
                 Ok(Some(Ok(_))) => {}
                 // Closed or errored: go elsewhere.
                 Ok(Some(Err(_))) | Ok(None) => break,
@@ -261,7 +671,7 @@ async fn user_loop(
                     // (a real client notices by ping timeouts). Move on at
                     // once, but read the old socket to its end meanwhile:
                     // the node may wake and write to it.
-                    abandoned.hand_over(ws, &seen);
+                    abandoned.hand_over(ws, &user, &seen);
                     break;
                 }
             }
@@ -290,10 +700,10 @@ fn spawn_users(
         .collect()
 }
 
-/// Connect as `user` on a socket whose receive buffer is set small before
-/// connecting (so the window stays small and a stall soon blocks the
-/// server's writes).
-async fn connect_small(addr: &str, user: &str) -> Option<Ws> {
+/// Connect with `query` (`user=…`, maybe a resume) on a socket whose
+/// receive buffer is set small before connecting (so the window stays
+/// small and a stall soon blocks the server's writes).
+async fn connect_small(addr: &str, query: &str) -> Option<Ws> {
     let sa: std::net::SocketAddr = addr.parse().ok()?;
     let sock = if sa.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
@@ -303,7 +713,7 @@ async fn connect_small(addr: &str, user: &str) -> Option<Ws> {
     .ok()?;
     sock.set_recv_buffer_size(STALLER_RCVBUF).ok()?;
     let tcp = sock.connect(sa).await.ok()?;
-    let url = format!("ws://{addr}/ws?user={user}");
+    let url = format!("ws://{addr}/ws?{query}");
     let (ws, _) = client_async(url, MaybeTlsStream::Plain(tcp)).await.ok()?;
     Some(ws)
 }
@@ -312,8 +722,8 @@ async fn connect_small(addr: &str, user: &str) -> Option<Ws> {
 /// reads for a random 1–10 s, stops reading for a random 3–15 s, reads
 /// again, and so on until the server closes the connection (a stall that
 /// blocks its writes for 10 s: close 1013; or a fault), then
-/// reconnects elsewhere. It records every id it reads, and leaves on `stop`
-/// as [`user_loop`] does.
+/// reconnects elsewhere (resuming, as [`user_loop`] does). It records every
+/// message it reads, and leaves on `stop` as [`user_loop`] does.
 async fn staller_loop(
     user: String,
     addrs: Arc<Mutex<Vec<String>>>,
@@ -324,7 +734,9 @@ async fn staller_loop(
     let mut i = rand::rng().random_range(0..4usize);
     while !stop.is_cancelled() {
         let addr = next_addr(&addrs, &mut i);
-        let conn = tokio::time::timeout(Duration::from_secs(2), connect_small(&addr, &user)).await;
+        let (query, asked) = seen.lock().unwrap().query(&user);
+        let mut view = ConnView::new(asked);
+        let conn = tokio::time::timeout(Duration::from_secs(2), connect_small(&addr, &query)).await;
         let Ok(Some(mut ws)) = conn else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
@@ -339,7 +751,7 @@ async fn staller_loop(
                 let next = tokio::select! {
                     _ = stop.cancelled() => {
                         log.note("stop");
-                        let left = leave("stop", ws, seen.clone(), LEAVE_ON_STOP, CancellationToken::new()).await;
+                        let left = leave("stop", user.clone(), ws, seen.clone(), LEAVE_ON_STOP, CancellationToken::new()).await;
                         log.event(left);
                         seen.lock().unwrap().staller_conns.push(log);
                         return;
@@ -350,7 +762,9 @@ async fn staller_loop(
                 match next {
                     Ok(Some(Ok(WsMessage::Text(t)))) => {
                         log.read(t.as_str());
-                        seen.lock().unwrap().record(t.as_str());
+                        seen.lock()
+                            .unwrap()
+                            .record(&user, t.as_str(), Some(&mut view));
                     }
                     Ok(Some(Ok(WsMessage::Close(f)))) => {
                         close_code = f.map(|f| u16::from(f.code));
@@ -371,9 +785,11 @@ async fn staller_loop(
                         log.note("silent: abandoned");
                         let (seen, cut) = (seen.clone(), abandoned.collected.clone());
                         let mut log = std::mem::replace(&mut log, StallerConn::new(&user, &addr));
+                        let user = user.clone();
                         abandoned.tasks.spawn(async move {
                             let left =
-                                leave("abandoned", ws, seen.clone(), LEAVE_ABANDONED, cut).await;
+                                leave("abandoned", user, ws, seen.clone(), LEAVE_ABANDONED, cut)
+                                    .await;
                             log.event(left);
                             seen.lock().unwrap().staller_conns.push(log);
                         });
@@ -388,7 +804,7 @@ async fn staller_loop(
             tokio::select! {
                 _ = stop.cancelled() => {
                     log.event("stop".to_owned());
-                    let left = leave("stop", ws, seen.clone(), LEAVE_ON_STOP, CancellationToken::new()).await;
+                    let left = leave("stop", user.clone(), ws, seen.clone(), LEAVE_ON_STOP, CancellationToken::new()).await;
                     log.event(left);
                     seen.lock().unwrap().staller_conns.push(log);
                     return;
@@ -600,7 +1016,8 @@ async fn chaos_soak() {
     }
     let restart_redis = restart_redis && !on_redis_cluster();
     let mut redis = Redis::start();
-    let args = fast_args(&redis);
+    let mut args = fast_args(&redis);
+    args.extend(["--history-size".to_owned(), HISTORY_SIZE.to_string()]);
     let mut nodes: Vec<NodeProc> = (0..4)
         .map(|i| NodeProc::start(&format!("c{i}"), &args))
         .collect();
@@ -618,6 +1035,7 @@ async fn chaos_soak() {
         .collect();
     let mut retired: Vec<(String, String)> = Vec::new();
     let seen = Arc::new(Mutex::new(Seen::default()));
+    seen.lock().unwrap().hist.history_size = HISTORY_SIZE;
     let abandoned = Abandoned::new();
     let stop_clients = CancellationToken::new();
     let plain_users: Vec<String> = (0..users).map(|u| format!("cu{u}")).collect();
@@ -808,7 +1226,8 @@ async fn chaos_soak() {
             "chaos: {late} clients still leaving, {still_reading} abandoned sockets still read"
         );
     }
-    let s = seen.lock().unwrap();
+    let mut s = seen.lock().unwrap();
+    s.hist.final_check();
     let missing = s.missing(&sent);
     let lost = missing.len();
     let faults: BTreeMap<&str, u32> = faults.into_iter().collect();
@@ -818,12 +1237,17 @@ async fn chaos_soak() {
         String::new()
     };
     println!(
-        "sent={total} delivered={} lost={lost} duplicates={} faults={faults:?}{stalled} sockets_left={:?} elapsed={:?}",
+        "sent={total} delivered={} lost={lost} duplicates={} {} faults={faults:?}{stalled} sockets_left={:?} elapsed={:?}",
         total - lost,
         s.duplicates,
+        s.hist.summary(),
         s.left,
         t0.elapsed()
     );
+    println!("chaos: resumes: {}", s.hist.details());
+    for line in &s.hist.samples {
+        println!("chaos: {line}");
+    }
     if lost > 0 {
         // When each was sent: an entry id starts with its Unix ms.
         let ages: Vec<String> = missing
@@ -889,6 +1313,28 @@ async fn chaos_soak() {
         }
     }
     assert_eq!(lost, 0, "every message id sent is received");
+    let h = &s.hist;
+    assert_eq!(
+        h.gaps, 0,
+        "no gap after recovered:true (see the samples above)"
+    );
+    assert_eq!(
+        h.seq_conflicts, 0,
+        "one id per (epoch, seq), one position per id"
+    );
+    assert_eq!(
+        h.false_unexpected, 0,
+        "recovered:false only for a new epoch or more missed than the history holds"
+    );
+    assert_eq!(h.bad_welcomes, 0, "every welcome as contract §3 has it");
+    assert_eq!(h.unsequenced, 0, "every user message carries seq and epoch");
+    if !restart_redis {
+        assert_eq!(
+            h.false_new_epoch + h.epoch_changes,
+            0,
+            "no user's epoch changes without a Redis restart"
+        );
+    }
 }
 
 /// The Unix ms an entry id starts with (`<ms>-<n>`, maybe after `<shard>/`).

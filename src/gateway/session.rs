@@ -96,6 +96,7 @@ async fn pump(
     // written twice (contract §9).
     let replayed = (reg.recovered == Some(true)).then(|| Replayed {
         epoch: reg.pos.epoch.clone(),
+        since: resume.map_or(0, |r| r.since),
         upto: reg.pos.seq,
     });
     // `welcome`, the replay, then the mailbox page by page, before anything
@@ -461,15 +462,18 @@ impl PageAcks {
     }
 }
 
-/// The messages a resume replayed: up to `upto` under `epoch`.
+/// The messages a resume replayed: after `since` up to `upto` under
+/// `epoch`. Older ones the mailbox or a live route brings are still
+/// written (a client may have asked from below a message it missed).
 struct Replayed {
     epoch: String,
+    since: u64,
     upto: u64,
 }
 
 impl Replayed {
     fn covers(&self, m: &message::Message) -> bool {
-        m.seq > 0 && m.seq <= self.upto && *m.epoch == *self.epoch
+        m.seq > self.since && m.seq <= self.upto && *m.epoch == *self.epoch
     }
 }
 
