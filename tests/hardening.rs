@@ -743,3 +743,39 @@ async fn scripts_lost_by_redis_are_loaded_again() {
         .expect("welcome after the flush");
     assert_eq!(w["type"], "welcome");
 }
+
+/// A mailbox byte count a node of the previous release left wrong (it
+/// takes entries without counting them: rolling upgrade) drops nothing: an
+/// empty mailbox starts from zero, and a count over the cap is recounted
+/// before anything is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_mailbox_byte_count_drops_nothing() {
+    let redis = Redis::start();
+    let mut args = fast_args(&redis);
+    args.extend(["--mailbox-max-bytes".to_owned(), "10000".to_owned()]);
+    let node = NodeProc::start("n", &args);
+    node.wait_ready().await;
+    let mut r = redis.conn();
+    // Empty mailbox, stale count far over the cap.
+    let _: () = r.set("wsc:mailbox-bytes:{old}", 50_000).unwrap();
+    send_many(&mut r, "old", 3, 500);
+    // A mailbox with entries whose count is inflated by a stale take.
+    send_many(&mut r, "old2", 3, 500);
+    eventually("routed", T, || async {
+        (mailbox_len(&redis, "old2").await == 3).then_some(())
+    })
+    .await;
+    let _: () = r.set("wsc:mailbox-bytes:{old2}", 50_000).unwrap();
+    send_many(&mut r, "old2", 3, 500);
+    eventually("routed", T, || async {
+        let mut r = redis.conn_for("wsc:send");
+        (r.xlen::<_, usize>("wsc:send").ok()? == 0).then_some(())
+    })
+    .await;
+    assert_eq!(mailbox_len(&redis, "old").await, 3);
+    assert_eq!(mailbox_len(&redis, "old2").await, 6);
+    assert_eq!(
+        metric(&node, "wsc_messages_mailbox_dropped_total").await,
+        Some(0.0)
+    );
+}

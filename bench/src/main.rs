@@ -14,12 +14,16 @@
 //! - `smoke`: a short S1 and S2 for the test suite (exit 1 on any loss or
 //!   failed connection; timings are printed, never asserted).
 //! - `redis-limit`: `redis-benchmark` XADD, with and without pipelining.
+//! - `upgrade`: a rolling upgrade from the previous release's binary to
+//!   the current one and back, under traffic (`scripts/upgrade-test.sh`):
+//!   lost, duplicated, resumed messages; exit 1 on any loss.
 //! - `report`, `plot`: `BENCHMARKS.md` and the latency plot from the JSON
 //!   lines the scenarios wrote (`--json FILE` appends one per run).
 
 mod cluster;
 mod produce;
 mod report;
+mod upgrade;
 mod ws;
 
 use std::io::Write;
@@ -110,6 +114,13 @@ enum Cmd {
         clients: u32,
         #[command(flatten)]
         out: OutOpts,
+    },
+    /// Rolling upgrade from a previous release's binary to the current
+    /// one and back, under traffic, through wsc-lb (`scripts/upgrade-test.sh`
+    /// builds the binaries). Exits 1 if a user message was lost.
+    Upgrade {
+        #[command(flatten)]
+        args: upgrade::UpgradeArgs,
     },
     /// Draw the latency plot (PNG) from the JSON lines.
     Plot {
@@ -315,6 +326,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             emit(&out, "s4", r)?;
         }
         Cmd::Smoke { cluster, out } => return smoke(&cluster, &out).await,
+        Cmd::Upgrade { args } => {
+            return Ok(if upgrade::run(&args).await? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
         Cmd::RedisLimit {
             redis_url,
             requests,

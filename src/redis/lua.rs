@@ -130,6 +130,15 @@ end
 local function trim(minid, max, maxbytes)
   local bytes = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
   local len = redis.call('XLEN', KEYS[2])
+  if bytes > maxbytes then
+    -- Count again before dropping anything: a node of the previous
+    -- release takes entries without keeping the count (rolling upgrade).
+    bytes = 0
+    for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
+      bytes = bytes + payload_len(e[2])
+    end
+    redis.call('SET', KEYS[3], bytes, 'KEEPTTL')
+  end
   local dropped, freed = 0, 0
   while len > 0 do
     local e = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
@@ -380,6 +389,9 @@ for i = 2, #conns, 2 do
   end
 end
 if not force and #live > 0 then return {0, unpack(live)} end
+-- An empty mailbox holds no bytes, whatever a count left by a node of the
+-- previous release (which deletes entries without counting) says.
+if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('DEL', KEYS[3]) end
 local args = {'XADD', KEYS[2], '*'}
 local size = 0
 for i = 6 + n, #ARGV, 2 do
