@@ -48,13 +48,14 @@ delivered=$(grep -o 'delivered [0-9]*' "$DIR/bench.out" | head -1 | awk '{print 
 python3 - "$DIR/commandstats" "$delivered" "$((n1 - n0))" "$((r1 - r0))" "$ticks" <<'PY'
 import sys, re
 path, delivered, nticks, rticks, hz = sys.argv[1], int(sys.argv[2] or 0), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-calls = {}
+calls, usec = {}, {}
 for line in open(path):
-    m = re.match(r"cmdstat_(\S+):calls=(\d+)", line)
-    if m: calls[m.group(1)] = int(m.group(2))
+    m = re.match(r"cmdstat_(\S+):calls=(\d+),usec=(\d+)", line)
+    if m: calls[m.group(1)] = int(m.group(2)); usec[m.group(1)] = int(m.group(3))
 total = sum(calls.values())
 d = max(delivered, 1)
 print(f"  delivered {delivered}: node CPU {nticks / hz * 1e6 / d:.1f} µs/msg, redis CPU {rticks / hz * 1e6 / d:.1f} µs/msg, "
       f"redis commands {total / d:.2f}/msg")
-print("  per msg: " + ", ".join(f"{k} {v / d:.2f}" for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v / d >= 0.01))
+print("  calls per msg: " + ", ".join(f"{k} {v / d:.2f}" for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v / d >= 0.01))
+print("  Redis µs per msg (commandstats; a script's time includes its calls): " + ", ".join(f"{k} {v / d:.2f}" for k, v in sorted(usec.items(), key=lambda kv: -kv[1]) if v / d >= 0.05))
 PY

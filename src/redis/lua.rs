@@ -469,18 +469,14 @@ for m = 1, tonumber(ARGV[6]) do
     if size > 0 then
       seq = seq + 1
       out = seq
-      local args = {'XADD', KEYS[3], '0-' .. seq}
-      for j = from, i - 1 do args[#args + 1] = ARGV[j] end
-      args[#args + 1] = 'seq'
-      args[#args + 1] = seq
-      args[#args + 1] = 'epoch'
-      args[#args + 1] = epoch
-      local r = redis.pcall(unpack(args))
+      -- Capped in the same call; the fields straight from ARGV.
+      local id = '0-' .. seq
+      local r = redis.pcall('XADD', KEYS[3], 'MAXLEN', size, id, 'seq', seq, 'epoch', epoch, unpack(ARGV, from, i - 1))
       if type(r) == 'table' and r.err then
         -- Ids out of step with the counter (Redis lost writes): the
         -- history cannot be trusted any more; start it again.
         redis.call('DEL', KEYS[3])
-        redis.call(unpack(args))
+        redis.call('XADD', KEYS[3], 'MAXLEN', size, id, 'seq', seq, 'epoch', epoch, unpack(ARGV, from, i - 1))
       end
       added = true
     else
@@ -491,7 +487,6 @@ for m = 1, tonumber(ARGV[6]) do
 end
 if added then
   redis.call('HSET', KEYS[2], 'seq', seq)
-  redis.call('XTRIM', KEYS[3], 'MAXLEN', size)
   redis.call('PEXPIRE', KEYS[3], ARGV[3])
 end
 return {conns, res, epoch}
