@@ -26,7 +26,7 @@ urls=()
 for i in $(seq "$NODES"); do
   p=$(free_port)
   # shellcheck disable=SC2086
-  "$T/release/wscluster" --dev --redis-url "redis://127.0.0.1:$RP" --listen "127.0.0.1:$p" ${NODE_ARGS:-} >"$DIR/node$i.log" 2>&1 &
+  "${NODE_BIN:-$T/release/wscluster}" --dev --redis-url "redis://127.0.0.1:$RP" --listen "127.0.0.1:$p" ${NODE_ARGS:-} >"$DIR/node$i.log" 2>&1 &
   pids+=($!)
   urls+=("127.0.0.1:$p")
 done
