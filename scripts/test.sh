@@ -53,13 +53,13 @@ run_tests() {
 echo "== unit and integration tests (single Redis; tests/redis_cluster.rs on Redis Cluster)"
 run_tests --workspace --all-targets
 
-# The core, failure and chaos tests again, each on a fresh 3-primary Redis
+# The core, failure, resume and chaos tests again, each on a fresh 3-primary Redis
 # Cluster (a shorter soak, to keep the suite well under 10 minutes). Left out:
 # the two that restart or stop the one Redis (single-Redis faults;
 # tests/redis_cluster.rs kills a cluster primary instead).
-echo "== core, failure and chaos tests on Redis Cluster"
+echo "== core, failure, resume and chaos tests on Redis Cluster"
 WSC_TEST_REDIS_CLUSTER=1 CHAOS_SECS=12 CHAOS_MESSAGES=10000 \
-  run_tests --test core --test failure --test chaos -- \
+  run_tests --test core --test failure --test resume --test chaos -- \
   --skip redis_restart_empty --skip redis_down_at_boot
 
 echo "== benchmark tool smoke run (figures printed, never asserted as timings)"
