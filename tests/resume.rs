@@ -8,15 +8,11 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use common::*;
-use futures::StreamExt;
 use redis::Commands;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::{WebSocketStream, client_async};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -344,53 +340,6 @@ fn assert_one_seq_per_id(msgs: &[Value]) {
     }
 }
 
-// ------------------------------------------------ raw sockets (resets)
-
-type RawWs = WebSocketStream<tokio::net::TcpStream>;
-
-/// A WebSocket whose TCP receive buffer is `rcvbuf` bytes: once it stops
-/// reading, the server's frames pile up unread.
-async fn raw_ws(node: &NodeProc, query: &str, rcvbuf: u32) -> RawWs {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(rcvbuf).unwrap();
-    let stream = sock.connect(node.addr.parse().unwrap()).await.unwrap();
-    let (ws, _) = client_async(node.ws_url(query), stream).await.unwrap();
-    ws
-}
-
-/// Next text frame as JSON (None on close, error or timeout).
-async fn next_json(ws: &mut RawWs, timeout: Duration) -> Option<Value> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        match tokio::time::timeout_at(deadline, ws.next()).await.ok()?? {
-            Ok(WsMessage::Text(t)) => return serde_json::from_str(t.as_str()).ok(),
-            Ok(WsMessage::Close(_)) | Err(_) => return None,
-            Ok(_) => {}
-        }
-    }
-}
-
-/// Close with a TCP reset (SO_LINGER 0): whatever the kernel holds unread
-/// is dropped.
-fn reset(ws: RawWs) {
-    let s = ws.into_inner();
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt on a socket we own, with a valid linger struct.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &linger as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
-    drop(s);
-}
-
 // ------------------------------------------------ 1. positions on a fresh connect
 
 /// A new user's welcome: a non-empty epoch, seq 0, `recovered` null. Its
@@ -509,6 +458,9 @@ async fn resume_after_reset_with_unread_frames() {
 enum Fault {
     Kill,
     Drain,
+    /// SIGSTOP past the lease: the node is reaped while frozen (woken at
+    /// the end).
+    Stop,
 }
 
 /// Two nodes (history 2,000); the client on the router's node reads 3
@@ -526,6 +478,7 @@ async fn fault_mid_burst_then_resume(redis: Redis, fault: Fault) {
     let user = match fault {
         Fault::Kill => "killed",
         Fault::Drain => "drained",
+        Fault::Stop => "frozen",
     };
     let mut args = fast_args(&redis);
     args.extend(["--history-size".to_owned(), "2000".to_owned()]);
@@ -556,6 +509,11 @@ async fn fault_mid_burst_then_resume(redis: Redis, fault: Fault) {
         Fault::Kill => {
             nodes[0].kill9();
             // What it had not read is lost with the connection.
+            drop(c);
+        }
+        Fault::Stop => {
+            nodes[0].signal(libc::SIGSTOP);
+            // A phone gives up on a frozen server: its unread frames go.
             drop(c);
         }
         Fault::Drain => {
@@ -613,6 +571,9 @@ async fn fault_mid_burst_then_resume(redis: Redis, fault: Fault) {
         let status = nodes[0].wait_exit(Duration::from_secs(3)).await;
         assert_eq!(status, Some(0), "a drained node exits 0");
     }
+    if fault == Fault::Stop {
+        nodes[0].signal(libc::SIGCONT);
+    }
     eprintln!(
         "{fault:?} mid-burst: {} read before, resumed at since {since} (welcome seq {at}), {repeats} repeats, {out_of_order} seqs not in add order",
         before.len()
@@ -627,6 +588,11 @@ async fn resume_after_sigkill_mid_burst() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_after_drain_mid_burst() {
     fault_mid_burst_then_resume(Redis::start(), Fault::Drain).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_after_sigstop_past_the_lease_mid_burst() {
+    fault_mid_burst_then_resume(Redis::start(), Fault::Stop).await;
 }
 
 /// The same on a 3-primary Redis Cluster in every run (the whole file runs

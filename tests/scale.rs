@@ -538,6 +538,26 @@ fn keyspace_clean(
                     );
                 }
             }
+        } else if key == "wsc:versions" {
+            // Each live node's release; a reaped node's goes with it.
+            kinds.insert("versions", 1);
+            let fields: HashMap<String, String> = r.hgetall(key).map_err(q)?;
+            let ids: BTreeSet<String> = fields.keys().cloned().collect();
+            if &ids != live {
+                bad(&format!("versions of {ids:?}, live nodes {live:?}"), r);
+            }
+        } else if key == "wsc:online" {
+            // Every client left: nobody online (offline members may stay).
+            kinds.insert("online", 1);
+            let n: usize = redis::cmd("ZCOUNT")
+                .arg(key)
+                .arg(0)
+                .arg("+inf")
+                .query(r)
+                .map_err(q)?;
+            if n != 0 {
+                bad(&format!("{n} users still marked online"), r);
+            }
         } else if key == "wsc:dead" || key == "wsc:topics" || key == "wsc:events" {
             *kinds.entry("dead/topics/events").or_default() += 1;
         } else if brace(key, "wsc:seq:")

@@ -28,9 +28,14 @@ async fn connections(
     ))?)
 }
 
-/// Is `node` live? Nodes this node has not seen, or believes expired, are
-/// asked about first (one `ZMSCORE` for all of them).
-async fn learn(ctx: &Ctx, conn: &mut Conn, nodes: &[&str]) -> Result<(), redis::RedisError> {
+/// Ask Redis about the nodes among `nodes` this node has not seen, or
+/// believes expired (its view may be stale), in one `ZMSCORE`, so that
+/// [`super::LiveNodes::status`] answers for them. Shared with routing.
+pub(crate) async fn learn(
+    ctx: &Ctx,
+    conn: &mut Conn,
+    nodes: &[&str],
+) -> Result<(), redis::RedisError> {
     let me = ctx.membership.id();
     let live = &ctx.membership.live;
     let mut unknown: Vec<&str> = nodes

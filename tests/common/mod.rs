@@ -13,6 +13,8 @@
 //! - `node`: [`NodeProc`], node arguments ([`fast_args`], [`timed_args`]),
 //!   [`cluster`] (Redis and `n` ready nodes).
 //! - `client`: [`token`], the WebSocket [`Client`], [`connect_status`].
+//! - `raw`: [`raw_ws`] (small receive buffer), [`next_json`], [`reset`]
+//!   (SO_LINGER 0).
 //! - `send`: [`xadd_to`], [`send_many`]: messages added to `<p>:send`.
 // Each test file uses a part of the harness: the rest is dead code, and the
 // re-exports it does not use unused imports, in that file's crate.
@@ -20,12 +22,14 @@
 
 mod client;
 mod node;
+mod raw;
 mod redis;
 mod send;
 mod wait;
 
 pub use self::client::*;
 pub use self::node::*;
+pub use self::raw::*;
 pub use self::redis::*;
 pub use self::send::*;
 pub use self::wait::*;

@@ -164,27 +164,8 @@ async fn route_round(
     //    it believes expired (its view may be stale; skipping a live node
     //    would mailbox a message for a user who is online).
     let live = &ctx.membership.live;
-    let mut unknown: Vec<&str> = Vec::new();
-    for fields in &lookups {
-        for (_, node) in fields {
-            if node != me.as_str()
-                && matches!(live.status(node), NodeStatus::Unknown | NodeStatus::Expired)
-                && !unknown.contains(&node.as_str())
-            {
-                unknown.push(node);
-            }
-        }
-    }
-    if !unknown.is_empty() {
-        let scores: Vec<Option<f64>> = redis::cmd("ZMSCORE")
-            .arg(ctx.keys.nodes())
-            .arg(&unknown)
-            .query_async(conn)
-            .await?;
-        for (node, score) in unknown.iter().zip(scores) {
-            live.learn(node, score.map(|s| s as u64));
-        }
-    }
+    let nodes: Vec<&str> = lookups.iter().flatten().map(|(_, n)| n.as_str()).collect();
+    crate::cluster::control::learn(ctx, conn, &nodes).await?;
     // 3. Classify each user's connections; stale fields are removed.
     let mut routes: Vec<UserRoute> = Vec::with_capacity(users.len());
     let mut batch = Batch::new();
