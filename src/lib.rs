@@ -17,18 +17,22 @@
 //!
 //! - [`node`]: `Node::build` and `Node::run`: wires the parts up and owns
 //!   shutdown (leave, drain, stop).
-//! - [`gateway`]: the HTTP side: WebSocket upgrade, auth, sessions, the app
-//!   API, the ops endpoints, the guarded listener. Talks to a [`bus::Bus`].
+//! - [`gateway`]: the HTTP side: WebSocket upgrade, auth (token expiry and
+//!   `refresh`), sessions (resume: replay, then mailbox, then live), the app
+//!   API (send, presence, disconnect), the ops and admin endpoints, the
+//!   guarded listener. Talks to a [`bus::Bus`].
 //! - [`cluster`]: the Redis back-end (`RedisBus`, an implementation of
 //!   [`bus::Bus`]): lease and heartbeat, re-registration, reconciliation,
-//!   the reaper, routing, the send-shard routers, the inbox readers.
+//!   the reaper, routing (numbering each user message: seq, history,
+//!   idempotency), the send-shard routers, the inbox readers, presence
+//!   events and the online sweep, presence counts and disconnects.
 //! - [`bus`]: the gateway's one port: the [`bus::Bus`] trait and the
 //!   in-process back-end of a standalone node.
 //! - [`local`]: this node's connections (by connection, user and topic),
 //!   each with its bounded outbox: what both the gateway and the back-ends
 //!   deliver to.
 //! - [`redis`]: plumbing: connections and pipelines for a single Redis and
-//!   Redis Cluster, the slot map, the atomic scripts.
+//!   Redis Cluster, the slot map, the atomic scripts (sent by `EVALSHA`).
 //! - Leaves: [`config`] (flags and `WSC_*` variables, validated), [`ids`]
 //!   (`NodeId`, `ConnId`, `UserId`, `Topic`, validated before any key),
 //!   [`keys`] (every Redis key name, and the send-shard rule), [`message`]

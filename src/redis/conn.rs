@@ -23,6 +23,7 @@ use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use redis::{AsyncConnectionConfig, Cmd, ErrorKind, RedisError, RedisFuture, RedisResult, Value};
 
 use super::slots::{SlotCache, SlotMap, slot_of};
+pub use super::slots::{cross_slot, one_slot};
 use crate::config::{Config, split_urls};
 
 /// Sends of a wholly redirected part of a `once` batch (a slot moving:
@@ -200,25 +201,6 @@ impl Connector {
                 }))
             }
         }
-    }
-}
-
-/// The error for script keys that span hash slots (a bug: Redis Cluster
-/// would refuse the script, so it is refused everywhere).
-pub fn cross_slot(keys: &[&str]) -> RedisError {
-    RedisError::from((
-        ErrorKind::Client,
-        "script keys span hash slots",
-        keys.join(" "),
-    ))
-}
-
-/// True if every key hashes to the same Redis Cluster slot.
-pub fn one_slot(keys: &[&str]) -> bool {
-    let mut slots = keys.iter().map(|k| slot_of(k.as_bytes()));
-    match slots.next() {
-        Some(first) => slots.all(|s| s == first),
-        None => true,
     }
 }
 

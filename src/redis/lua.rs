@@ -14,7 +14,7 @@
 //! batch that still meets `NOSCRIPT` (a failover to a replica) loads them
 //! and fails once, like any Redis error, for its caller to retry.
 //!
-//! [`Batch::eval`]: crate::redis::conn::Batch::eval
+//! [`Batch::eval`]: super::conn::Batch::eval
 
 /// Join: `KEYS[1]` = nodes; `ARGV` = node id, lease ttl ms.
 /// Returns `{expiry, now}`.
@@ -587,7 +587,7 @@ pub fn sha(script: &str) -> String {
 
 /// Load every script into Redis (every primary of a cluster), so that
 /// `EVALSHA` finds them.
-pub async fn load_all(conn: &mut crate::redis::conn::Conn) -> Result<(), redis::RedisError> {
+pub async fn load_all(conn: &mut impl redis::aio::ConnectionLike) -> Result<(), redis::RedisError> {
     for script in ALL {
         let _: redis::Value = redis::cmd("SCRIPT")
             .arg("LOAD")
@@ -602,10 +602,10 @@ pub async fn load_all(conn: &mut crate::redis::conn::Conn) -> Result<(), redis::
 /// Refused if its keys span hash slots, on a single Redis too, so no such
 /// call can pass the tests and then fail on Redis Cluster.
 ///
-/// [`Batch::eval`]: crate::redis::conn::Batch::eval
+/// [`Batch::eval`]: super::conn::Batch::eval
 pub fn eval_cmd(script: &str, keys: &[&str]) -> Result<redis::Cmd, redis::RedisError> {
-    if !crate::redis::conn::one_slot(keys) {
-        return Err(crate::redis::conn::cross_slot(keys));
+    if !super::slots::one_slot(keys) {
+        return Err(super::slots::cross_slot(keys));
     }
     let mut c = redis::cmd("EVAL");
     c.arg(script).arg(keys.len()).arg(keys);
@@ -615,7 +615,7 @@ pub fn eval_cmd(script: &str, keys: &[&str]) -> Result<redis::Cmd, redis::RedisE
 /// Release a named lease (router, reap lock) if `holder` holds it. 1 if
 /// released.
 pub async fn release_lease(
-    conn: &mut crate::redis::conn::Conn,
+    conn: &mut impl redis::aio::ConnectionLike,
     key: &str,
     holder: &str,
 ) -> Result<i64, redis::RedisError> {
@@ -627,7 +627,7 @@ pub async fn release_lease(
 
 /// Renew a named lease if `holder` holds it. 1 if renewed.
 pub async fn renew_lease(
-    conn: &mut crate::redis::conn::Conn,
+    conn: &mut impl redis::aio::ConnectionLike,
     key: &str,
     holder: &str,
     ttl_ms: u64,

@@ -102,6 +102,25 @@ impl SlotCache {
     }
 }
 
+/// The error for script keys that span hash slots (a bug: Redis Cluster
+/// would refuse the script, so it is refused everywhere).
+pub fn cross_slot(keys: &[&str]) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Client,
+        "script keys span hash slots",
+        keys.join(" "),
+    ))
+}
+
+/// True if every key hashes to the same Redis Cluster slot.
+pub fn one_slot(keys: &[&str]) -> bool {
+    let mut slots = keys.iter().map(|k| slot_of(k.as_bytes()));
+    match slots.next() {
+        Some(first) => slots.all(|s| s == first),
+        None => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
