@@ -96,7 +96,6 @@ async fn pump(
     // written twice (contract §9).
     let replayed = (reg.recovered == Some(true)).then(|| Replayed {
         epoch: reg.pos.epoch.clone(),
-        since: resume.map_or(0, |r| r.since),
         upto: reg.pos.seq,
     });
     // `welcome`, the replay, then the mailbox page by page, before anything
@@ -462,18 +461,19 @@ impl PageAcks {
     }
 }
 
-/// The messages a resume replayed: after `since` up to `upto` under
-/// `epoch`. Older ones the mailbox or a live route brings are still
-/// written (a client may have asked from below a message it missed).
+/// What a resume answered `recovered:true` for: every message up to
+/// `upto` under `epoch` — those after `since` were replayed, and the client
+/// said it has the rest (`since` is the seq up to which it has every
+/// message). The mailbox or a live route bringing one again (written but
+/// unconfirmed when the old connection ended) is not written twice.
 struct Replayed {
     epoch: String,
-    since: u64,
     upto: u64,
 }
 
 impl Replayed {
     fn covers(&self, m: &message::Message) -> bool {
-        m.seq > self.since && m.seq <= self.upto && *m.epoch == *self.epoch
+        m.seq > 0 && m.seq <= self.upto && *m.epoch == *self.epoch
     }
 }
 
