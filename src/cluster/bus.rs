@@ -90,7 +90,7 @@ impl RedisBus {
                 cfg: bus.cfg.clone(),
                 keys: Keys::new(&bus.cfg.prefix),
                 connector,
-                conn,
+                redis: conn,
                 lease_conn,
                 membership: Membership::new(bus.boot_id.clone(), bus.life.clone()),
                 registry: bus.registry.clone(),
@@ -219,7 +219,7 @@ impl Bus for RedisBus {
 
     async fn take_mailbox(&self, h: &ConnHandle, written: &Mailbox) -> Result<Mailbox, BusError> {
         let ctx = self.ctx()?;
-        let mut conn = ctx.conn.clone();
+        let mut conn = ctx.redis.clone();
         // Safe to replay: deleting the same ids and reading the same page.
         let mut batch = Batch::new();
         take_cmd(ctx, &mut batch, &h.user, written, MAILBOX_PAGE);
@@ -235,7 +235,7 @@ impl Bus for RedisBus {
         if written.ids.is_empty() {
             return;
         }
-        let mut conn = ctx.conn.clone();
+        let mut conn = ctx.redis.clone();
         let mut batch = Batch::new();
         take_cmd(ctx, &mut batch, &h.user, written, 0);
         if let Err(e) = batch.run(&mut conn).await {
@@ -282,7 +282,7 @@ impl Bus for RedisBus {
             (Target::User(u), Some(k)) => Some(ctx.keys.idem(u, k)),
             _ => None,
         };
-        let mut conn = ctx.conn.clone();
+        let mut conn = ctx.redis.clone();
         if let Some(key) = &idem_key {
             let first: Option<String> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
             if let Some(first) = first {
@@ -312,7 +312,7 @@ impl Bus for RedisBus {
 
     async fn user_connections(&self, user: &UserId) -> Result<usize, BusError> {
         let ctx = self.ctx()?;
-        let mut conn = ctx.conn.clone();
+        let mut conn = ctx.redis.clone();
         let fields: Vec<(String, String)> = redis::cmd("HGETALL")
             .arg(ctx.keys.user(user))
             .query_async(&mut conn)
@@ -417,7 +417,7 @@ async fn read_cluster_view(ctx: &Ctx) -> Result<ClusterView, BusError> {
     for id in &known {
         hlen(&mut batch, id);
     }
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     let mut replies = batch.run(&mut conn).await?.into_iter();
     let nodes: Vec<(String, f64)> =
         redis::from_redis_value(replies.next().unwrap_or(Value::Nil)).unwrap_or_default();

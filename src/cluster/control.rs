@@ -70,7 +70,7 @@ fn is_live(ctx: &Ctx, node: &str) -> bool {
 
 /// Live connections of each user: those on nodes whose lease is live.
 pub async fn presence(ctx: &Ctx, users: &[UserId]) -> Result<Vec<usize>, redis::RedisError> {
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     let found = connections(ctx, &mut conn, users).await?;
     let nodes: Vec<&str> = found.iter().flatten().map(|(_, n)| n.as_str()).collect();
     learn(ctx, &mut conn, &nodes).await?;
@@ -93,7 +93,7 @@ pub async fn close(
     c: &Close,
     reaping: Option<&NodeId>,
 ) -> Result<usize, redis::RedisError> {
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     let found = connections(ctx, &mut conn, std::slice::from_ref(&c.user))
         .await?
         .pop()

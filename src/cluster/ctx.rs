@@ -18,9 +18,10 @@ pub struct Ctx {
     pub keys: Keys,
     /// Makes connections: single Redis or Redis Cluster.
     pub connector: Connector,
-    /// Multiplexed, auto-reconnecting connection for every non-blocking
-    /// command. Blocking reads get connections of their own.
-    pub conn: Conn,
+    /// The Redis connection (multiplexed, auto-reconnecting) for every
+    /// non-blocking command; `conn` names connection ids elsewhere.
+    /// Blocking reads get connections of their own.
+    pub redis: Conn,
     /// A connection of its own for leases (node, router, reap lock): a
     /// renewal must never queue behind a large pipeline or reply.
     pub lease_conn: Conn,

@@ -149,7 +149,7 @@ async fn reregister(ctx: Arc<Ctx>) -> Result<(), redis::RedisError> {
         if ctx.membership.id() != new {
             return Ok(());
         }
-        let mut conn = ctx.conn.clone();
+        let mut conn = ctx.redis.clone();
         // The index first (its slot differs on Redis Cluster), then the
         // user hashes with the first mailbox page of each.
         let mut batch = Batch::new();
@@ -255,7 +255,7 @@ async fn reconcile(ctx: Arc<Ctx>) -> Result<u64, redis::RedisError> {
     }
     let me = ctx.membership.id();
     let index = ctx.keys.node_conns(&me);
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     let mut cursor = "0".to_owned();
     let mut removed = 0u64;
     loop {

@@ -18,7 +18,7 @@ use crate::shutdown::Phase;
 /// (routers stop sending to us), release router leases.
 pub async fn leave_begin(ctx: &Arc<Ctx>) {
     let me = ctx.membership.id();
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     let r: Result<(), redis::RedisError> = async {
         let _: i64 = lua::eval_cmd(lua::LEASE_ACQUIRE, &[&ctx.keys.reap_lock(&me)])?
             .arg(me.as_str())

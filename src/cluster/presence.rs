@@ -82,7 +82,7 @@ pub async fn emit(ctx: &Ctx, events: &[UserEvent]) -> Result<(), redis::RedisErr
     if events.is_empty() {
         return Ok(());
     }
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     let key = ctx.keys.events();
     let mut batch = Batch::new();
     for e in events {
@@ -138,7 +138,7 @@ pub async fn sweep(ctx: &Ctx, at: &Sweep) -> Result<usize, redis::RedisError> {
             .ok()
             .and_then(|g| g.clone())
             .unwrap_or_else(|| "0".to_owned());
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     let page: Vec<(String, f64)> = redis::cmd("ZRANGE")
         .arg(ctx.keys.online())
         .arg(&from)
@@ -191,7 +191,7 @@ pub async fn activity(
     ctx: &Ctx,
     last: usize,
 ) -> Result<(u64, Vec<Vec<(String, String)>>), redis::RedisError> {
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     let mut batch = Batch::new();
     batch.cmd("ZCOUNT", &ctx.keys.online()).arg(0).arg("+inf");
     batch
@@ -248,7 +248,7 @@ pub async fn node_event(ctx: &Ctx, kind: &str, node: &NodeId, by: Option<&NodeId
     } else {
         at_ms
     };
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     let mut cmd = redis::cmd("XADD");
     cmd.arg(ctx.keys.events())
         .arg("MAXLEN")

@@ -73,7 +73,7 @@ pub async fn run(ctx: Arc<Ctx>) {
 
 /// Reap `dead` if its lock can be taken. True if this call finished it.
 async fn try_reap(ctx: &Arc<Ctx>, dead: &NodeId, me: &NodeId) -> Result<bool, ReapError> {
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     // Our view of `<p>:nodes` may be stale: confirm by Redis `TIME` before
     // touching a node's work. An expired lease can never come back.
     let expired: i64 = lua::eval_cmd(lua::IS_EXPIRED, &[&ctx.keys.nodes()])?
@@ -106,7 +106,7 @@ pub(super) async fn reap_locked(
     let lock_lost = spawn_lock_renewer(ctx.clone(), dead.clone(), done.clone().cancelled_owned());
     let result = reap_steps(ctx, dead, &lock_lost).await;
     done.cancel();
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     // Best effort: an unreleased lock expires within a TTL.
     let _ = lua::release_lease(&mut conn, &ctx.keys.reap_lock(dead), holder.as_str()).await;
     result
@@ -150,7 +150,7 @@ async fn reap_steps(
 ) -> Result<(), ReapError> {
     let inbox = ctx.keys.inbox(dead);
     let index = ctx.keys.node_conns(dead);
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     loop {
         // 1. Route again everything left in the inbox: delivered or not,
         //    read or not (a live node deletes what it delivered).

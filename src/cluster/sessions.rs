@@ -30,7 +30,7 @@ pub async fn register_under(
     h: &ConnHandle,
     resume: Option<&Resume>,
 ) -> Result<Registered, redis::RedisError> {
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     let mut batch = Batch::new();
     batch
         .cmd_ignored("HSET", &ctx.keys.node_conns(me))
@@ -178,7 +178,7 @@ pub async fn unregister_many(
     if conns.is_empty() {
         return Ok(());
     }
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     let mut batch = Batch::new();
     for (c, u) in conns {
         batch

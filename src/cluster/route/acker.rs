@@ -109,7 +109,7 @@ pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<AckJob>) {
                 _ => {}
             }
         }
-        let mut conn = ctx.conn.clone();
+        let mut conn = ctx.redis.clone();
         if let Err(e) = batch.run(&mut conn).await {
             ctx.redis_error();
             // Not retried: the entries stay and are routed again later

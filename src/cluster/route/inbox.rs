@@ -151,7 +151,7 @@ pub async fn run_topics(ctx: Arc<Ctx>) {
             return;
         }
         if last.is_none() {
-            let mut c = ctx.conn.clone();
+            let mut c = ctx.redis.clone();
             let r: Result<Value, _> = redis::cmd("XREVRANGE")
                 .arg(&key)
                 .arg("+")

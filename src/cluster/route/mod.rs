@@ -91,7 +91,7 @@ enum Op {
 /// added to an inbox, to a mailbox or to the topic stream. Order is kept
 /// per user.
 pub async fn route(ctx: &Ctx, msgs: Vec<Arc<Message>>) -> Result<(), redis::RedisError> {
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     let (topics, mut pending): (Vec<_>, Vec<_>) = msgs
         .into_iter()
         .partition(|m| matches!(m.target, Target::Topic(_)));
@@ -479,7 +479,7 @@ mod tests {
             sweep: Default::default(),
             cfg,
             connector,
-            conn,
+            redis: conn,
             lease_conn,
             life,
         }
@@ -503,7 +503,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let redis = wscluster_testkit::RedisServer::start(&dir).expect("redis-server");
         let ctx = ctx(&redis.url()).await;
-        let mut c = ctx.conn.clone();
+        let mut c = ctx.redis.clone();
         // A live node "n1" with an inbox, holding ann's connection; bob is
         // offline; cy's only field names a node that is gone.
         let now: u64 = redis::cmd("TIME")
@@ -549,7 +549,7 @@ mod tests {
         .await
         .expect("routed");
         let xlen = |key: String| {
-            let mut c = ctx.conn.clone();
+            let mut c = ctx.redis.clone();
             async move {
                 redis::cmd("XLEN")
                     .arg(key)

@@ -81,7 +81,7 @@ async fn add_all(ctx: &Ctx, key: String, reqs: Vec<PublishReq>) {
     for r in &reqs {
         adds.cmd("XADD", &key).arg("*").arg(&r.fields);
     }
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     let result = adds
         .run(&mut conn)
         .await

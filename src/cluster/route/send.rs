@@ -277,7 +277,7 @@ async fn claim_pending(
     min_idle_ms: u64,
     lease_until: Instant,
 ) -> Result<(), RouterError> {
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     let mut cursor = "0-0".to_owned();
     loop {
         let v: Value = redis::cmd("XAUTOCLAIM")
@@ -322,7 +322,7 @@ async fn claim_pending(
 /// ever routed leaves one) once they hold nothing and have been idle for
 /// two lease TTLs.
 async fn forget_idle_consumers(ctx: &Ctx, key: &str, me: &NodeId) -> Result<(), RouterError> {
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     let n: i64 = lua::eval_cmd(lua::DEL_IDLE_CONSUMERS, &[key])?
         .arg(ROUTER_GROUP)
         .arg(me.as_str())
@@ -336,7 +336,7 @@ async fn forget_idle_consumers(ctx: &Ctx, key: &str, me: &NodeId) -> Result<(), 
 }
 
 async fn release(ctx: &Ctx, lease_key: &str, me: &NodeId) {
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     // Best effort: an unreleased lease expires within a TTL.
     let _ = lua::release_lease(&mut conn, lease_key, me.as_str()).await;
 }
@@ -344,7 +344,7 @@ async fn release(ctx: &Ctx, lease_key: &str, me: &NodeId) {
 /// Create the router group at the start of the stream (entries added while
 /// no node ran are routed), creating the stream if needed.
 async fn ensure_group(ctx: &Ctx, key: &str) -> Result<(), redis::RedisError> {
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     let r: Result<(), _> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(key)
@@ -386,7 +386,7 @@ async fn route_batch(
             Err(r) => dead.push((e, r)),
         }
     }
-    let mut conn = ctx.conn.clone();
+    let mut conn = ctx.redis.clone();
     if !dead.is_empty() {
         let dead_key = ctx.keys.dead();
         let mut batch = Batch::new();
