@@ -76,8 +76,14 @@ async fn pump(
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "register failed");
-            finish(shared, h, rx).await;
-            close_ws(&mut sink, &mut stream, CLOSE_TRY_LATER, "node unavailable").await;
+            Box::pin(finish(shared, h, rx)).await;
+            Box::pin(close_ws(
+                &mut sink,
+                &mut stream,
+                CLOSE_TRY_LATER,
+                "node unavailable",
+            ))
+            .await;
             return Ok(());
         }
     };
@@ -113,8 +119,14 @@ async fn pump(
     let first: Vec<WsMessage> = std::iter::once(welcome)
         .chain(reg.replay.iter().map(|m| WsMessage::Text(m.frame())))
         .collect();
+    // Not kept for the connection's life (a replay may hold hundreds).
+    drop(reg.replay);
+    drop(reg.pos);
+    drop(node);
     let mut acks = PageAcks::default();
-    let mut r = write_mailbox(
+    // Rare or long steps are boxed: the session's future, which every idle
+    // connection keeps, is as large as its largest await (issue 16).
+    let mut r = Box::pin(write_mailbox(
         shared,
         &mut sink,
         h,
@@ -122,7 +134,7 @@ async fn pump(
         reg.mailbox,
         &mut acks,
         replayed.as_ref(),
-    )
+    ))
     .await;
     h.set_ready();
     let rate = shared.cfg.max_msgs_per_sec;
@@ -155,7 +167,7 @@ async fn pump(
             _ = h.mailbox_wanted() => {
                 let after = Mailbox { cursor: acks.cursor.clone(), ..Mailbox::default() };
                 r = match shared.bus.take_mailbox(h, &after).await {
-                    Ok(page) => write_mailbox(shared, &mut sink, h, Vec::new(), page, &mut acks, replayed.as_ref()).await,
+                    Ok(page) => Box::pin(write_mailbox(shared, &mut sink, h, Vec::new(), page, &mut acks, replayed.as_ref())).await,
                     Err(e) => {
                         tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "mailbox read failed");
                         Ok(())
@@ -200,7 +212,7 @@ async fn pump(
                     None => break,
                     Some(Err(e)) => {
                         if is_too_big(&e) {
-                            close_ws(&mut sink, &mut stream, CLOSE_TOO_BIG, "frame too big").await;
+                            Box::pin(close_ws(&mut sink, &mut stream, CLOSE_TOO_BIG, "frame too big")).await;
                         }
                         break;
                     }
@@ -232,7 +244,7 @@ async fn pump(
                 }
                 refusals = 0;
                 match text {
-                    Some(Some(text)) => reply(h, handle(shared, h, who, &mut exp, text.as_str()).await),
+                    Some(Some(text)) => reply(h, Box::pin(handle(shared, h, who, &mut exp, text.as_str())).await),
                     Some(None) => reply(h, message::error("bad_frame", "frames are JSON text", None)),
                     None => {}
                 }
@@ -247,7 +259,7 @@ async fn pump(
     for out in acks.take_unconfirmed() {
         requeue(shared, out);
     }
-    finish(shared, h, rx).await;
+    Box::pin(finish(shared, h, rx)).await;
     if h.closed().is_cancelled() {
         let code = h.close_code();
         let reason = match code {
@@ -257,7 +269,7 @@ async fn pump(
             CLOSE_TOKEN_EXPIRED => "token expired".to_owned(),
             _ => h.close_reason().unwrap_or_else(|| "closing".to_owned()),
         };
-        close_ws(&mut sink, &mut stream, code, &reason).await;
+        Box::pin(close_ws(&mut sink, &mut stream, code, &reason)).await;
     } else if client_closed {
         // The library queued the echo of the client's close frame; send it
         // (bounded: a client that closed may not read any more).
