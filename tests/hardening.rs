@@ -17,17 +17,6 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 const T: Duration = Duration::from_secs(10);
 
-async fn metric(node: &NodeProc, name: &str) -> Option<f64> {
-    let text = reqwest::get(node.http("/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 async fn mailbox_len(redis: &Redis, user: &str) -> usize {
     let key = format!("wsc:mailbox:{{{user}}}");
     let mut r = redis.conn_for(&key);

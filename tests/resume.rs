@@ -236,17 +236,6 @@ fn assert_run(msgs: &[Value], ids: &[String], first: u64, epoch: &str) {
     }
 }
 
-async fn metric(node: &NodeProc, name: &str) -> Option<f64> {
-    let text = reqwest::get(node.http("/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// The index of the node that routes (the send stream's router).
 async fn router_of(nodes: &[NodeProc]) -> usize {
     eventually("a router", T, || async {

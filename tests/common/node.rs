@@ -163,3 +163,15 @@ pub async fn cluster_with(n: usize, extra: &[&str]) -> (Redis, Vec<NodeProc>) {
     }
     (redis, nodes)
 }
+
+/// A counter or gauge from the node's `/metrics` (None if absent).
+pub async fn metric(node: &NodeProc, name: &str) -> Option<f64> {
+    let text = reqwest::get(node.http("/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
