@@ -200,19 +200,6 @@ impl Seen {
     }
 }
 
-/// `s` percent-encoded for a query string.
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 /// How many failure samples are kept for the report.
 const SAMPLES: usize = 20;
 

@@ -30,19 +30,6 @@ fn user_key(user: &str) -> String {
     format!("wsc:user:{{{user}}}")
 }
 
-/// `s` percent-encoded for a query string.
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 /// The query of a resume: `user=..&since=..&epoch=..`.
 fn resume_query(user: &str, since: u64, epoch: &str) -> String {
     format!("user={user}&since={since}&epoch={}", enc(epoch))

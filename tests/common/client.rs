@@ -243,3 +243,16 @@ impl Client {
 pub fn is_msg(id: &str) -> impl Fn(&Value) -> bool + '_ {
     move |v| v["type"] == "message" && v["id"] == id
 }
+
+/// `s` percent-encoded for a query string.
+pub fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
