@@ -55,6 +55,9 @@ pub async fn leave_finish(ctx: &Arc<Ctx>) {
     let me = ctx.membership.id();
     // Events of sessions that ended in the drain and failed: last chance.
     super::presence::retry(ctx, &ctx.unsent).await;
+    // What the drain delivered leaves the inbox first (the acker lingers),
+    // or the self-reap would route it again.
+    ctx.acker.flush(ctx.cfg.lease_ttl / 2).await;
     match reap_locked(ctx, &me, &me).await {
         Ok(()) => {
             super::presence::node_event(ctx, "node_left", &me, None, 0).await;

@@ -65,6 +65,12 @@ impl Acker {
 
 /// Jobs coalesced per round.
 const MAX_JOBS: usize = 256;
+/// How long a round waits for more jobs once it has one. At everyday rates
+/// an inbox read or a send batch holds a message or two: without this
+/// every message costs an `XDEL` (and a round trip) of its own. Entries
+/// acknowledged this much later are only delivered again after a crash
+/// (same id and seq); a barrier, a mailbox page or a stop does not wait.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 
 pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<AckJob>) {
     let mut jobs = Vec::new();
@@ -82,22 +88,16 @@ pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<AckJob>) {
         if n == 0 {
             return;
         }
+        linger(&ctx, &mut rx, &mut jobs).await;
         let mut batch = Batch::new();
         let mut barriers = Vec::new();
+        // One `XDEL` (and `XACK`) per stream per round, whatever the jobs.
+        let mut send: Vec<(String, Vec<String>)> = Vec::new();
+        let mut inbox: Vec<(String, Vec<String>)> = Vec::new();
         for j in jobs.drain(..) {
             match j {
-                AckJob::Send { key, ids } if !ids.is_empty() => {
-                    // XDEL first: if only it runs (a failure between the
-                    // two), the entries are deleted but still pending, and
-                    // the router's `XAUTOCLAIM` reports them as deleted and
-                    // acknowledges them. The other way round, acknowledged
-                    // entries would stay for good.
-                    batch.cmd_ignored("XDEL", &key).arg(&ids);
-                    batch.cmd_ignored("XACK", &key).arg(ROUTER_GROUP).arg(&ids);
-                }
-                AckJob::Inbox { key, ids } if !ids.is_empty() => {
-                    batch.cmd_ignored("XDEL", &key).arg(&ids);
-                }
+                AckJob::Send { key, ids } if !ids.is_empty() => merge(&mut send, key, ids),
+                AckJob::Inbox { key, ids } if !ids.is_empty() => merge(&mut inbox, key, ids),
                 AckJob::Mailbox { user, ids } if !ids.is_empty() => {
                     let written = Mailbox {
                         ids,
@@ -108,6 +108,17 @@ pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<AckJob>) {
                 AckJob::Barrier(tx) => barriers.push(tx),
                 _ => {}
             }
+        }
+        for (key, ids) in &send {
+            // XDEL first: if only it runs (a failure between the two), the
+            // entries are deleted but still pending, and the router's
+            // `XAUTOCLAIM` reports them as deleted and acknowledges them.
+            // The other way round, acknowledged entries would stay for good.
+            batch.cmd_ignored("XDEL", key).arg(ids);
+            batch.cmd_ignored("XACK", key).arg(ROUTER_GROUP).arg(ids);
+        }
+        for (key, ids) in &inbox {
+            batch.cmd_ignored("XDEL", key).arg(ids);
         }
         let mut conn = ctx.redis.clone();
         if let Err(e) = batch.run(&mut conn).await {
@@ -122,5 +133,41 @@ pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<AckJob>) {
         if ctx.life.at_least(Phase::Stopped) && rx.is_closed() && rx.is_empty() {
             return;
         }
+    }
+}
+
+/// Gather more jobs for up to [`LINGER`], unless one must not wait.
+async fn linger(ctx: &Ctx, rx: &mut mpsc::UnboundedReceiver<AckJob>, jobs: &mut Vec<AckJob>) {
+    let urgent = |jobs: &[AckJob]| {
+        jobs.len() >= MAX_JOBS
+            || jobs
+                .iter()
+                .any(|j| matches!(j, AckJob::Barrier(_) | AckJob::Mailbox { .. }))
+    };
+    if urgent(jobs) || rx.is_closed() {
+        return;
+    }
+    let deadline = tokio::time::sleep(LINGER);
+    tokio::pin!(deadline);
+    loop {
+        let room = MAX_JOBS - jobs.len();
+        tokio::select! {
+            biased;
+            n = rx.recv_many(jobs, room) => {
+                if n == 0 || urgent(jobs) {
+                    return;
+                }
+            }
+            _ = &mut deadline => return,
+            _ = ctx.life.reached(Phase::Stopped) => return,
+        }
+    }
+}
+
+/// Add `ids` to the entry of `key` (few keys per round: a vector is enough).
+fn merge(to: &mut Vec<(String, Vec<String>)>, key: String, mut ids: Vec<String>) {
+    match to.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, v)) => v.append(&mut ids),
+        None => to.push((key, ids)),
     }
 }

@@ -27,7 +27,7 @@ use crate::redis::lua;
 use crate::stream::{self, RawEntry};
 
 /// Entries read per batch.
-const BATCH: usize = 1000;
+const BATCH: usize = 4000;
 /// `<p>:dead` keeps about this many entries.
 const DEAD_MAX: usize = 100_000;
 
@@ -127,6 +127,11 @@ async fn lead(
     let mut claimed_at = Instant::now();
 
     let block_ms = (hb / 2).clamp(Duration::from_millis(5), crate::redis::conn::MAX_BLOCK / 2);
+    // A batch read but not routed yet: the next read overlaps its routing,
+    // so at full rate the router never waits for a read (one batch at a
+    // time is still routed, in order). Left pending if we stop: whoever
+    // leads next claims it.
+    let mut ready: Option<Vec<RawEntry>> = None;
     loop {
         if ctx.life.at_least(Phase::Leaving) || ctx.membership.id() != *me {
             ctx.acker.flush(ttl / 2).await;
@@ -169,47 +174,61 @@ async fn lead(
             Some(c) => c,
             None => blocking.insert(ctx.blocking_conn().await?),
         };
-        let v: Result<Value, redis::RedisError> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(ROUTER_GROUP)
-            .arg(me.as_str())
-            .arg("COUNT")
-            .arg(BATCH)
-            .arg("BLOCK")
-            .arg(block_ms.as_millis() as u64)
-            .arg("STREAMS")
-            .arg(&key)
-            .arg(">")
-            .query_async(bconn)
-            .await;
-        let v = match v {
-            Ok(v) => v,
+        // Route what was read last time while reading what comes next.
+        let routing = async {
+            let Some(entries) = ready.take() else {
+                return Ok(());
+            };
+            if Instant::now() >= lease_until {
+                // Frozen past our lease (or too slow to renew): the entries
+                // stay pending for whoever leads next.
+                return Err(RouterError::LeaseLost);
+            }
+            route_batch(ctx, shard, &key, entries, false).await?;
+            Ok(())
+        };
+        let (read, routed) = tokio::join!(read_batch(bconn, &key, me, block_ms), routing);
+        routed?;
+        match read {
+            Ok(entries) if !entries.is_empty() => ready = Some(entries),
+            Ok(_) => {}
             // The group vanished (Redis restarted empty, or the stream was
             // deleted): create it again. (A `BLOCK` that timed out is a nil
             // reply, not this.)
-            Err(e) if e.code() == Some("NOGROUP") => {
-                ensure_group(ctx, &key).await?;
-                continue;
-            }
+            Err(e) if e.code() == Some("NOGROUP") => ensure_group(ctx, &key).await?,
             // The stream left this Redis while we waited (deleted, or its
             // slot migrated): read again; a redirect then restarts us.
-            Err(e) if e.code() == Some("UNBLOCKED") => continue,
+            Err(e) if e.code() == Some("UNBLOCKED") => {}
             Err(e) => return Err(e.into()),
-        };
-        let entries: Vec<RawEntry> = stream::read_reply(&v)
-            .into_iter()
-            .flat_map(|(_, e)| e)
-            .collect();
-        if entries.is_empty() {
-            continue;
         }
-        if Instant::now() >= lease_until {
-            // Frozen past our lease (or too slow to renew): the entries
-            // stay pending for whoever leads next.
-            return Err(RouterError::LeaseLost);
-        }
-        route_batch(ctx, shard, &key, entries, false).await?;
     }
+}
+
+/// The next batch of new entries of send stream `key` for consumer `me`,
+/// waiting up to `block` for the first.
+async fn read_batch(
+    bconn: &mut Conn,
+    key: &str,
+    me: &NodeId,
+    block: Duration,
+) -> Result<Vec<RawEntry>, redis::RedisError> {
+    let v: Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(ROUTER_GROUP)
+        .arg(me.as_str())
+        .arg("COUNT")
+        .arg(BATCH)
+        .arg("BLOCK")
+        .arg(block.as_millis() as u64)
+        .arg("STREAMS")
+        .arg(key)
+        .arg(">")
+        .query_async(bconn)
+        .await?;
+    Ok(stream::read_reply(&v)
+        .into_iter()
+        .flat_map(|(_, e)| e)
+        .collect())
 }
 
 /// The send shards this node routes now, for its routers only (and the
