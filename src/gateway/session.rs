@@ -9,16 +9,16 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
+use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::mpsc;
 
 use super::Shared;
 use super::auth::Principal;
 use super::frames::{self, ClientFrame};
 use crate::bus::{Mailbox, Publish, Resume};
 use crate::ids::ConnId;
-use crate::local::{ConnHandle, Outgoing};
+use crate::local::{ConnHandle, OutboxRx, Outgoing};
 use crate::message::{self, Target, now_ms};
 
 /// Close codes (contract §3).
@@ -46,32 +46,40 @@ const CLOSE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Longest we wait for the client's side of the closing handshake.
 const CLOSE_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(1);
 
-pub async fn run(
+/// The session of one upgraded socket. Not an `async fn`: its arguments
+/// would stay in the future (which every idle connection keeps) for its
+/// whole life, the socket among them (368 bytes, twice with `pump`'s);
+/// the socket is split first and only its two small halves are kept.
+pub fn run(
     shared: Arc<Shared>,
     socket: WebSocket,
     who: Principal,
     resume: Option<Resume>,
-    _slot: tokio::sync::OwnedSemaphorePermit,
-) {
-    let (h, rx) = ConnHandle::new(ConnId::random(), who.user.clone());
-    shared.registry.insert(h.clone());
-    shared.metrics.connections.inc();
-    match pump(&shared, socket, &h, rx, &who, resume.as_ref()).await {
-        Ok(()) => tracing::debug!(conn = %h.conn, user = %h.user, "session ended"),
-        Err(e) => tracing::debug!(conn = %h.conn, user = %h.user, error = %e, "session ended"),
+    slot: tokio::sync::OwnedSemaphorePermit,
+) -> impl Future<Output = ()> + Send {
+    let (sink, stream) = socket.split();
+    async move {
+        let _slot = slot;
+        let (h, rx) = ConnHandle::new(ConnId::random(), who.user.clone());
+        shared.registry.insert(h.clone());
+        shared.metrics.connections.inc();
+        match pump(&shared, sink, stream, &h, rx, &who, resume.as_ref()).await {
+            Ok(()) => tracing::debug!(conn = %h.conn, user = %h.user, "session ended"),
+            Err(e) => tracing::debug!(conn = %h.conn, user = %h.user, error = %e, "session ended"),
+        }
+        shared.metrics.connections.dec();
     }
-    shared.metrics.connections.dec();
 }
 
 async fn pump(
     shared: &Arc<Shared>,
-    socket: WebSocket,
+    mut sink: SplitSink<WebSocket, WsMessage>,
+    mut stream: SplitStream<WebSocket>,
     h: &Arc<ConnHandle>,
-    mut rx: mpsc::Receiver<Outgoing>,
+    mut rx: OutboxRx,
     who: &Principal,
     resume: Option<&Resume>,
 ) -> Result<(), axum::Error> {
-    let (mut sink, mut stream) = socket.split();
     let reg = match shared.bus.register(h, resume).await {
         Ok(r) => r,
         Err(e) => {
@@ -162,7 +170,7 @@ async fn pump(
             }
             _ = tokio::time::sleep_until(acks.ping_due().unwrap_or_else(far_future)), if acks.ping_due().is_some() => {
                 let ping = WsMessage::Ping(acks.ping());
-                r = write_bounded(&mut sink, h, std::iter::once(ping)).await;
+                r = Box::pin(write_bounded(&mut sink, h, std::iter::once(ping))).await;
             }
             _ = h.mailbox_wanted() => {
                 let after = Mailbox { cursor: acks.cursor.clone(), ..Mailbox::default() };
@@ -188,7 +196,7 @@ async fn pump(
                     .iter()
                     .map(|out| WsMessage::Text(out.text.clone()))
                     .chain(ping);
-                r = write_bounded(&mut sink, h, frames).await;
+                r = Box::pin(write_bounded(&mut sink, h, frames)).await;
                 if r.is_ok() {
                     for out in &batch {
                         if let Some(m) = &out.msg {
@@ -585,10 +593,10 @@ where
 
 /// Leave the registry, hand back what was queued but not written, and
 /// unregister from the bus.
-async fn finish(shared: &Arc<Shared>, h: &Arc<ConnHandle>, mut rx: mpsc::Receiver<Outgoing>) {
+async fn finish(shared: &Arc<Shared>, h: &Arc<ConnHandle>, mut rx: OutboxRx) {
     shared.registry.remove(&h.conn);
     rx.close();
-    while let Ok(out) = rx.try_recv() {
+    while let Some(out) = rx.try_recv() {
         requeue(shared, out);
     }
     // Also forgets mailbox pages a re-registration queued: by now they are
