@@ -34,6 +34,9 @@ struct Outbox {
 struct Queue {
     items: VecDeque<Outgoing>,
     closed: bool,
+    /// The session is wanted for something else (a close, the mailbox):
+    /// one wake-up for all, so an idle session waits on one future.
+    signal: bool,
 }
 
 /// Capacity an emptied outbox keeps; more is given back.
@@ -55,6 +58,21 @@ impl Outbox {
         self.ready.notify_one();
         true
     }
+
+    fn signal(&self) {
+        self.lock().signal = true;
+        self.ready.notify_one();
+    }
+}
+
+/// What woke a session waiting on its outbox.
+pub enum Wake {
+    /// Frames were moved into the caller's buffer.
+    Frames,
+    /// Look at the connection's state: a close or the mailbox is wanted.
+    Signal,
+    /// Closed and empty.
+    Closed,
 }
 
 /// The session's end of its connection's outbox. Dropping it closes the
@@ -62,23 +80,28 @@ impl Outbox {
 pub struct OutboxRx(Arc<ConnHandle>);
 
 impl OutboxRx {
-    /// Wait for frames and move up to `limit` of them into `buf`. 0 once
-    /// closed and empty. Cancel-safe: nothing is taken unless returned.
-    pub async fn recv_many(&mut self, buf: &mut Vec<Outgoing>, limit: usize) -> usize {
+    /// Wait for frames, and move up to `limit` of them into `buf`, or for
+    /// a signal (which comes first). Cancel-safe: nothing is taken unless
+    /// returned.
+    pub async fn wait(&mut self, buf: &mut Vec<Outgoing>, limit: usize) -> Wake {
         let ob = &self.0.outbox;
         loop {
             {
                 let mut q = ob.lock();
+                if q.signal {
+                    q.signal = false;
+                    return Wake::Signal;
+                }
                 if !q.items.is_empty() {
                     let n = limit.min(q.items.len());
                     buf.extend(q.items.drain(..n));
                     if q.items.is_empty() && q.items.capacity() > OUTBOX_KEEP {
                         q.items = VecDeque::new();
                     }
-                    return n;
+                    return Wake::Frames;
                 }
                 if q.closed {
-                    return 0;
+                    return Wake::Closed;
                 }
             }
             // One consumer: a push between the check and here leaves a
@@ -148,7 +171,7 @@ pub struct ConnHandle {
     registered_as: Mutex<Option<NodeId>>,
     /// The user's mailbox got messages while this connection was live (a
     /// message that could not reach it in time): the session reads it.
-    mailbox_wanted: tokio::sync::Notify,
+    mailbox_wanted: std::sync::atomic::AtomicBool,
 }
 
 impl ConnHandle {
@@ -163,7 +186,7 @@ impl ConnHandle {
             topics: Mutex::new(HashSet::new()),
             ready: std::sync::atomic::AtomicBool::new(false),
             registered_as: Mutex::new(None),
-            mailbox_wanted: tokio::sync::Notify::new(),
+            mailbox_wanted: std::sync::atomic::AtomicBool::new(false),
         });
         (h.clone(), OutboxRx(h))
     }
@@ -180,6 +203,7 @@ impl ConnHandle {
             .close_code
             .compare_exchange(1000, code, Ordering::SeqCst, Ordering::SeqCst);
         self.close.cancel();
+        self.outbox.signal();
     }
 
     /// Close with `code` and a reason of the app's (`POST /api/disconnect`).
@@ -193,6 +217,7 @@ impl ConnHandle {
             *r = Some(reason.to_owned());
         }
         self.close.cancel();
+        self.outbox.signal();
     }
 
     /// The reason given with [`ConnHandle::close_with`].
@@ -218,13 +243,14 @@ impl ConnHandle {
 
     /// Ask the session to read the user's mailbox.
     pub fn want_mailbox(&self) {
-        self.mailbox_wanted.notify_one();
+        self.mailbox_wanted.store(true, Ordering::SeqCst);
+        self.outbox.signal();
     }
 
-    /// Resolves once the mailbox is wanted (a request made while nobody
-    /// waited is kept).
-    pub async fn mailbox_wanted(&self) {
-        self.mailbox_wanted.notified().await
+    /// Whether the mailbox was wanted since the last call (a request made
+    /// while the session was busy is kept).
+    pub fn take_mailbox_wanted(&self) -> bool {
+        self.mailbox_wanted.swap(false, Ordering::SeqCst)
     }
 
     pub fn set_registered_as(&self, node: &NodeId) {

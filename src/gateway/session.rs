@@ -18,7 +18,7 @@ use super::auth::Principal;
 use super::frames::{self, ClientFrame};
 use crate::bus::{Mailbox, Publish, Resume};
 use crate::ids::ConnId;
-use crate::local::{ConnHandle, OutboxRx, Outgoing};
+use crate::local::{ConnHandle, OutboxRx, Outgoing, Wake};
 use crate::message::{self, Target, now_ms};
 
 /// Close codes (contract §3).
@@ -71,31 +71,30 @@ pub fn run(
     }
 }
 
-async fn pump(
+/// What opening a session leaves for its loop.
+struct Opened {
+    replayed: Option<Replayed>,
+    acks: PageAcks,
+    /// How writing `welcome`, the replay and the mailbox went.
+    r: Result<(), axum::Error>,
+}
+
+/// Register, then write `welcome`, the replay and the mailbox. `None`:
+/// registering failed. Its own (boxed) future: what it holds is not kept
+/// for the connection's life.
+async fn open(
     shared: &Arc<Shared>,
-    mut sink: SplitSink<WebSocket, WsMessage>,
-    mut stream: SplitStream<WebSocket>,
+    sink: &mut SplitSink<WebSocket, WsMessage>,
     h: &Arc<ConnHandle>,
-    mut rx: OutboxRx,
-    who: &Principal,
     resume: Option<&Resume>,
-) -> Result<(), axum::Error> {
+) -> Option<Opened> {
     let reg = match shared.bus.register(h, resume).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "register failed");
-            Box::pin(finish(shared, h, rx)).await;
-            Box::pin(close_ws(
-                &mut sink,
-                &mut stream,
-                CLOSE_TRY_LATER,
-                "node unavailable",
-            ))
-            .await;
-            return Ok(());
+            return None;
         }
     };
-    let node = shared.bus.node_id();
     match reg.recovered {
         Some(true) => {
             shared.metrics.resumed.inc();
@@ -115,7 +114,7 @@ async fn pump(
     // `welcome`, the replay, then the mailbox page by page, before anything
     // live (which waits in the outbox meanwhile).
     let welcome = WsMessage::Text(message::welcome(
-        &node,
+        &shared.bus.node_id(),
         &h.conn,
         &h.user,
         &reg.pos,
@@ -127,23 +126,48 @@ async fn pump(
     let first: Vec<WsMessage> = std::iter::once(welcome)
         .chain(reg.replay.iter().map(|m| WsMessage::Text(m.frame())))
         .collect();
-    // Not kept for the connection's life (a replay may hold hundreds).
     drop(reg.replay);
-    drop(reg.pos);
-    drop(node);
     let mut acks = PageAcks::default();
-    // Rare or long steps are boxed: the session's future, which every idle
-    // connection keeps, is as large as its largest await (issue 16).
-    let mut r = Box::pin(write_mailbox(
+    let r = write_mailbox(
         shared,
-        &mut sink,
+        sink,
         h,
         first,
         reg.mailbox,
         &mut acks,
         replayed.as_ref(),
-    ))
+    )
     .await;
+    Some(Opened { replayed, acks, r })
+}
+
+async fn pump(
+    shared: &Arc<Shared>,
+    mut sink: SplitSink<WebSocket, WsMessage>,
+    mut stream: SplitStream<WebSocket>,
+    h: &Arc<ConnHandle>,
+    mut rx: OutboxRx,
+    who: &Principal,
+    resume: Option<&Resume>,
+) -> Result<(), axum::Error> {
+    // Rare or long steps are boxed: the session's future, which every idle
+    // connection keeps, is as large as its largest await (issue 16).
+    let Some(Opened {
+        replayed,
+        mut acks,
+        mut r,
+    }) = Box::pin(open(shared, &mut sink, h, resume)).await
+    else {
+        Box::pin(finish(shared, h, rx)).await;
+        Box::pin(close_ws(
+            &mut sink,
+            &mut stream,
+            CLOSE_TRY_LATER,
+            "node unavailable",
+        ))
+        .await;
+        return Ok(());
+    };
     h.set_ready();
     let rate = shared.cfg.max_msgs_per_sec;
     let limiter: DefaultDirectRateLimiter = RateLimiter::direct(
@@ -161,29 +185,46 @@ async fn pump(
     // with 4001 unless a `refresh` moved it (contract §3).
     let mut exp = who.exp;
 
+    // An idle session waits on three futures: one timer (token expiry or
+    // the next confirmation ping), its outbox (frames, a close, the
+    // mailbox), the socket.
     while r.is_ok() {
+        if h.closed().is_cancelled() {
+            break;
+        }
+        if h.take_mailbox_wanted() {
+            r = Box::pin(more_mailbox(
+                shared,
+                &mut sink,
+                h,
+                &mut acks,
+                replayed.as_ref(),
+            ))
+            .await;
+            continue;
+        }
+        let expires = exp.map(|_| expiry(exp, shared.cfg.jwt_leeway_s));
+        let timer = match (expires, acks.ping_due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         tokio::select! {
             biased;
-            _ = h.closed().cancelled() => break,
-            _ = tokio::time::sleep_until(expiry(exp, shared.cfg.jwt_leeway_s)), if exp.is_some() => {
-                h.close(CLOSE_TOKEN_EXPIRED);
+            _ = tokio::time::sleep_until(timer.unwrap_or_else(far_future)), if timer.is_some() => {
+                let now = tokio::time::Instant::now();
+                if expires.is_some_and(|t| t <= now) {
+                    h.close(CLOSE_TOKEN_EXPIRED);
+                } else if acks.ping_due().is_some_and(|t| t <= now) {
+                    let ping = WsMessage::Ping(acks.ping());
+                    r = Box::pin(write_bounded(&mut sink, h, std::iter::once(ping))).await;
+                }
             }
-            _ = tokio::time::sleep_until(acks.ping_due().unwrap_or_else(far_future)), if acks.ping_due().is_some() => {
-                let ping = WsMessage::Ping(acks.ping());
-                r = Box::pin(write_bounded(&mut sink, h, std::iter::once(ping))).await;
-            }
-            _ = h.mailbox_wanted() => {
-                let after = Mailbox { cursor: acks.cursor.clone(), ..Mailbox::default() };
-                r = match shared.bus.take_mailbox(h, &after).await {
-                    Ok(page) => Box::pin(write_mailbox(shared, &mut sink, h, Vec::new(), page, &mut acks, replayed.as_ref())).await,
-                    Err(e) => {
-                        tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "mailbox read failed");
-                        Ok(())
-                    }
-                };
-            }
-            n = rx.recv_many(&mut batch, WRITE_BATCH) => {
-                if n == 0 { break; }
+            w = rx.wait(&mut batch, WRITE_BATCH) => {
+                match w {
+                    Wake::Signal => continue,
+                    Wake::Closed => break,
+                    Wake::Frames => {}
+                }
                 if let Some(rp) = &replayed {
                     // Dropped: their guards release their inbox entries.
                     batch.retain(|o| !o.msg.as_ref().is_some_and(|m| rp.covers(m)));
@@ -284,6 +325,28 @@ async fn pump(
         let _ = tokio::time::timeout(CLOSE_HANDSHAKE, sink.flush()).await;
     }
     r
+}
+
+/// Read the user's mailbox after what was written, and write it (a
+/// message that could not reach the connection live went there).
+async fn more_mailbox(
+    shared: &Arc<Shared>,
+    sink: &mut SplitSink<WebSocket, WsMessage>,
+    h: &Arc<ConnHandle>,
+    acks: &mut PageAcks,
+    replayed: Option<&Replayed>,
+) -> Result<(), axum::Error> {
+    let after = Mailbox {
+        cursor: acks.cursor.clone(),
+        ..Mailbox::default()
+    };
+    match shared.bus.take_mailbox(h, &after).await {
+        Ok(page) => write_mailbox(shared, sink, h, Vec::new(), page, acks, replayed).await,
+        Err(e) => {
+            tracing::warn!(conn = %h.conn, user = %h.user, error = %e, "mailbox read failed");
+            Ok(())
+        }
+    }
 }
 
 /// When a token with `exp` (Unix s) stops being good: `exp` plus the
