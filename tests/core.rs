@@ -176,6 +176,19 @@ async fn routing_and_multi_device() {
         assert_eq!(m["from"], "alice");
         assert_eq!(m["payload"], json!([1, 2]));
     }
+    // A frame many times the socket's read chunk (512 bytes) arrives whole.
+    let big = "z".repeat(40_000);
+    alice
+        .send_json(json!({"type":"send","to":"bob","payload":{"big":big},"ref":"r2"}))
+        .await;
+    let sent = alice
+        .expect("sent", T, |v| v["type"] == "sent" && v["ref"] == "r2")
+        .await;
+    let bid = sent["id"].as_str().unwrap().to_owned();
+    for d in devices.iter_mut() {
+        let m = d.expect("big client message", T, is_msg(&bid)).await;
+        assert_eq!(m["payload"]["big"].as_str().map(str::len), Some(40_000));
+    }
     // Routed entries leave <p>:send; delivered ones leave the inboxes once
     // the clients confirm reading them (their pong to the ping after the
     // messages, sent as a client reads on).
