@@ -239,12 +239,18 @@ async fn ws(
     }
     let max = s.cfg.max_frame_bytes;
     let sessions = s.sessions.clone();
+    let start = Box::new(session::Start {
+        shared: s,
+        who,
+        resume,
+        slot,
+    });
     upgrade
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| sessions.track_future(session::run(s, socket, who, resume, slot)))
+        .on_upgrade(move |socket| sessions.track_future(session::run(start, socket)))
 }
 
 /// `since` and `epoch` (contract §9): both or neither; `since` a

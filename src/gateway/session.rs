@@ -46,24 +46,36 @@ const CLOSE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Longest we wait for the client's side of the closing handshake.
 const CLOSE_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// What a session starts from, boxed: the upgrade callback and the
+/// session's future each keep their captures for the connection's life,
+/// so they hold one pointer instead.
+pub struct Start {
+    pub shared: Arc<Shared>,
+    pub who: Principal,
+    pub resume: Option<Resume>,
+    /// The connection's place under `--max-connections`, held to the end.
+    pub slot: tokio::sync::OwnedSemaphorePermit,
+}
+
 /// The session of one upgraded socket. Not an `async fn`: its arguments
 /// would stay in the future (which every idle connection keeps) for its
 /// whole life, the socket among them (368 bytes, twice with `pump`'s);
 /// the socket is split first and only its two small halves are kept.
-pub fn run(
-    shared: Arc<Shared>,
-    socket: WebSocket,
-    who: Principal,
-    resume: Option<Resume>,
-    slot: tokio::sync::OwnedSemaphorePermit,
-) -> impl Future<Output = ()> + Send {
+pub fn run(start: Box<Start>, socket: WebSocket) -> impl Future<Output = ()> + Send {
     let (sink, stream) = socket.split();
     async move {
-        let _slot = slot;
+        let st = start;
+        // The slot is released when `st` drops, as the session ends.
+        let Start {
+            shared,
+            who,
+            resume,
+            slot: _held,
+        } = &*st;
         let (h, rx) = ConnHandle::new(ConnId::random(), who.user.clone());
         shared.registry.insert(h.clone());
         shared.metrics.connections.inc();
-        match pump(&shared, sink, stream, &h, rx, &who, resume.as_ref()).await {
+        match pump(shared, sink, stream, &h, rx, who, resume.as_ref()).await {
             Ok(()) => tracing::debug!(conn = %h.conn, user = %h.user, "session ended"),
             Err(e) => tracing::debug!(conn = %h.conn, user = %h.user, error = %e, "session ended"),
         }
