@@ -325,6 +325,46 @@ impl Cluster {
     pub fn local(&self) -> bool {
         self.redis.is_some()
     }
+
+    /// Commands Redis has run since the last `reset` (`INFO commandstats`,
+    /// summed over every seed: the primaries of a local Redis Cluster). A
+    /// script's inner calls count, as Redis counts them; the benchmark's
+    /// own `CONFIG`/`INFO` do not. `reset`: zero the counts first (`CONFIG
+    /// RESETSTAT`) and return 0. None if a Redis did not answer.
+    pub async fn redis_commands(&self, reset: bool) -> Option<u64> {
+        let mut total = 0;
+        for url in self.redis_url.split(',') {
+            let client = redis::Client::open(url.trim()).ok()?;
+            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+            if reset {
+                let _: () = redis::cmd("CONFIG")
+                    .arg("RESETSTAT")
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                continue;
+            }
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            total += info
+                .lines()
+                .filter_map(|l| l.strip_prefix("cmdstat_"))
+                .filter(|l| !l.starts_with("config|") && !l.starts_with("info:"))
+                .filter_map(|l| {
+                    l.split("calls=")
+                        .nth(1)?
+                        .split(',')
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .sum::<u64>();
+        }
+        Some(total)
+    }
 }
 
 /// `ws://h:p/...`, `http://h:p` or `h:p` → `h:p`.

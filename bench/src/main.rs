@@ -562,6 +562,7 @@ async fn s1(copts: &ClusterOpts, a: &S1Args) -> Result<Value> {
         dest: Dest::Users(users.clone()),
     };
     let sent = Arc::new(AtomicU64::new(0));
+    c.redis_commands(true).await;
     let cpu0 = CpuSnap::take(&c);
     let prod = tokio::spawn(produce::run(c.connector()?, plan, sent.clone()));
     let pb = bar(messages, "delivered");
@@ -576,6 +577,7 @@ async fn s1(copts: &ClusterOpts, a: &S1Args) -> Result<Value> {
     pb.finish_and_clear();
     let p = prod.await??;
     let cpu1 = CpuSnap::take(&c);
+    let commands = c.redis_commands(false).await;
     rx.abort_all();
     let sent = p.sent;
     let delivered = sink.distinct.load(Ordering::Relaxed);
@@ -600,7 +602,26 @@ async fn s1(copts: &ClusterOpts, a: &S1Args) -> Result<Value> {
     );
     println!("  {}", latency_line(&h));
     println!("  cpu (% of one core): {cpu}");
+    // Cost per delivered message (issue 16): CPU over the window, and
+    // the Redis commands of the whole run (the producer's `XADD`s too).
+    let per_msg = |pct: Option<f64>| {
+        pct.filter(|_| delivered > 0)
+            .map(|p| (p / 100.0 * window * 1e6 / delivered as f64 * 10.0).round() / 10.0)
+    };
+    let node_us = per_msg(cpu["nodes_pct"].as_f64());
+    let redis_us = per_msg(cpu["redis_pct"].as_f64());
+    let cmds = commands
+        .filter(|_| delivered > 0)
+        .map(|k| (k as f64 / delivered as f64 * 100.0).round() / 100.0);
+    if let (Some(nu), Some(ru), Some(k)) = (node_us, redis_us, cmds) {
+        println!(
+            "  per delivered message: node CPU {nu} µs, Redis CPU {ru} µs, Redis commands {k}"
+        );
+    }
     Ok(json!({
+        "node_cpu_us_per_msg": node_us,
+        "redis_cpu_us_per_msg": redis_us,
+        "redis_commands_per_msg": cmds,
         "nodes": n,
         "send_shards": c.send_shards,
         "redis_cluster": c.redis_cluster,

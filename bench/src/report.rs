@@ -274,6 +274,15 @@ fn machine() -> (String, usize, f64) {
     (model, cores, mem_gib)
 }
 
+/// A figure with one decimal, or "–" when the run did not measure it.
+fn opt1(v: &Value) -> String {
+    num(v).map_or_else(|| "–".into(), |x| format!("{x:.1}"))
+}
+
+fn opt2(v: &Value) -> String {
+    num(v).map_or_else(|| "–".into(), |x| format!("{x:.2}"))
+}
+
 fn cpu(r: &Value) -> String {
     let c = &r["cpu"];
     match (
@@ -493,11 +502,13 @@ pub fn write(runs: &[Value], out: &Path, plot_path: &Path, commit: Option<&str>)
          latency is from just before the `XADD` to the receipt on the WebSocket. Throughput is \
          distinct messages delivered over the time from the first `XADD` to the last receipt. \
          CPU is % of one core over that window: Redis / all nodes / load generator / \
-         everything else on the machine (other jobs; 200 = both cores busy).\n"
+         everything else on the machine (other jobs; 200 = both cores busy). Per delivered \
+         message: CPU of all nodes and of Redis over the window, and Redis commands over the \
+         run (`INFO commandstats`, a script's inner calls included, the producer's `XADD` too).\n"
     );
     let _ = writeln!(
         w,
-        "| run | nodes | send shards | users | messages | offered | delivered | lost | dup | throughput msg/s | ÷ Redis XADD (unpipelined / P16) | p50 | p90 | p99 | p99.9 | max | CPU % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| run | nodes | send shards | users | messages | offered | delivered | lost | dup | throughput msg/s | ÷ Redis XADD (unpipelined / P16) | p50 | p90 | p99 | p99.9 | max | CPU % | node CPU µs/msg | Redis CPU µs/msg | Redis cmds/msg |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for label in [
         "s1-1n-max",
@@ -517,7 +528,7 @@ pub fn write(runs: &[Value], out: &Path, plot_path: &Path, commit: Option<&str>)
         };
         let _ = writeln!(
             w,
-            "| {label} | {} | {} | {} | {} | {offered} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} |",
+            "| {label} | {} | {} | {} | {} | {offered} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             int(&r["nodes"]),
             r["send_shards"].as_u64().unwrap_or(1),
             int(&r["users"]),
@@ -533,7 +544,10 @@ pub fn write(runs: &[Value], out: &Path, plot_path: &Path, commit: Option<&str>)
             ms(&l["p99"]),
             ms(&l["p99_9"]),
             ms(&l["max"]),
-            cpu(r)
+            cpu(r),
+            opt1(&r["node_cpu_us_per_msg"]),
+            opt1(&r["redis_cpu_us_per_msg"]),
+            opt2(&r["redis_commands_per_msg"]),
         );
     }
     let _ = writeln!(w);
