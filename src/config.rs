@@ -47,6 +47,8 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("--history-size (WSC_HISTORY_SIZE) must be at most 10000")]
     HistorySize,
+    #[error("--worker-threads (WSC_WORKER_THREADS) must be at most 1024")]
+    WorkerThreads,
     #[error("--log-format (WSC_LOG_FORMAT) must be text or json")]
     LogFormat,
 }
@@ -113,6 +115,9 @@ pub struct Args {
     /// Newest entries kept in `<p>:events` (contract §10).
     #[arg(long, env = "WSC_EVENTS_MAX", default_value_t = 100_000)]
     pub events_max: u64,
+    /// Runtime worker threads; 0: one per CPU the process may use.
+    #[arg(long, env = "WSC_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
     /// Largest client message (uncompressed).
     #[arg(long, env = "WSC_MAX_FRAME_BYTES", default_value_t = 65536)]
     pub max_frame_bytes: usize,
@@ -212,6 +217,10 @@ pub struct Config {
     pub history_ttl: Duration,
     pub idempotency_ttl: Duration,
     pub events_max: u64,
+    /// Runtime worker threads (None: one per CPU). Fewer wake-ups hop
+    /// between threads with fewer: on a small machine one costs less CPU
+    /// per message (BENCHMARKS.md).
+    pub worker_threads: Option<usize>,
     pub max_frame_bytes: usize,
     pub max_payload_bytes: usize,
     pub max_msgs_per_sec: u32,
@@ -321,6 +330,9 @@ impl Config {
         if args.history_size > 10_000 {
             return Err(ConfigError::HistorySize);
         }
+        if args.worker_threads > 1024 {
+            return Err(ConfigError::WorkerThreads);
+        }
         for (name, v) in [
             ("mailbox-max (WSC_MAILBOX_MAX)", args.mailbox_max as usize),
             (
@@ -407,6 +419,7 @@ impl Config {
             history_ttl: Duration::from_secs(args.history_ttl_s),
             idempotency_ttl: Duration::from_secs(args.idempotency_ttl_s),
             events_max: args.events_max,
+            worker_threads: (args.worker_threads > 0).then_some(args.worker_threads),
             max_frame_bytes: args.max_frame_bytes,
             max_payload_bytes: args.max_payload_bytes,
             max_msgs_per_sec: args.max_msgs_per_sec,
@@ -491,6 +504,11 @@ mod tests {
         assert_eq!(split_urls(c.redis_url.as_deref().unwrap()).len(), 2);
         let e = parse(&["--dev", "--log-format", "xml"]).unwrap_err();
         assert!(e.contains("--log-format"), "{e}");
+        let e = parse(&["--dev", "--worker-threads", "5000"]).unwrap_err();
+        assert!(e.contains("--worker-threads"), "{e}");
+        assert_eq!(parse(&["--dev"]).unwrap().worker_threads, None);
+        let c = parse(&["--dev", "--worker-threads", "1"]).unwrap();
+        assert_eq!(c.worker_threads, Some(1));
     }
 
     #[test]

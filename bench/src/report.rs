@@ -785,8 +785,9 @@ fn notes(w: &mut String, runs: &[Value]) {
         out.push(format!(
             "- **S1 at full speed, 3 nodes, 1 send shard**: the send stream is the queue \
              (its backlog grows while the inboxes stay near empty): one router per send shard \
-             routes in a sequential loop — read up to 1,000 entries, look their users up \
-             (one `HGETALL` pipeline), add to the inboxes (one `XADD` pipeline), read again — \
+             routes one batch at a time — up to 4,000 entries; per user one `ROUTE` script \
+             that looks the connections up and numbers the messages into the history, \
+             pipelined; then the inbox `XADD`s, pipelined — while the next batch is read, \
              and the router's node also writes its own users' frames. The machine was {}% busy \
              (of 200) with Redis at {}% of one core, so Redis is not the bound here. \
              `--send-shards 3` runs one router per shard on different nodes: see \
