@@ -80,7 +80,7 @@ impl RedisBus {
         let bus = self.clone();
         let tracker2 = tracker.clone();
         tracker.spawn(async move {
-            let Some((connector, conn, lease_conn)) = bus.connect().await else {
+            let Some((connector, redis, lease_conn)) = bus.connect().await else {
                 return;
             };
             let (rerouter, reroute_rx) = Rerouter::channel();
@@ -90,7 +90,7 @@ impl RedisBus {
                 cfg: bus.cfg.clone(),
                 keys: Keys::new(&bus.cfg.prefix),
                 connector,
-                redis: conn,
+                redis,
                 lease_conn,
                 membership: Membership::new(bus.boot_id.clone(), bus.life.clone()),
                 registry: bus.registry.clone(),
@@ -127,9 +127,9 @@ impl RedisBus {
         loop {
             let attempt = async {
                 let connector = Connector::new(&self.cfg)?;
-                let conn = connector.shared().await?;
+                let redis = connector.shared().await?;
                 let lease_conn = connector.shared().await?;
-                Ok::<_, redis::RedisError>((connector, conn, lease_conn))
+                Ok::<_, redis::RedisError>((connector, redis, lease_conn))
             };
             match attempt.await {
                 Ok(c) => return Some(c),
@@ -219,11 +219,11 @@ impl Bus for RedisBus {
 
     async fn take_mailbox(&self, h: &ConnHandle, written: &Mailbox) -> Result<Mailbox, BusError> {
         let ctx = self.ctx()?;
-        let mut conn = ctx.redis.clone();
+        let mut redis = ctx.redis.clone();
         // Safe to replay: deleting the same ids and reading the same page.
         let mut batch = Batch::new();
         take_cmd(ctx, &mut batch, &h.user, written, MAILBOX_PAGE);
-        let page = batch.run(&mut conn).await.map_err(|e| {
+        let page = batch.run(&mut redis).await.map_err(|e| {
             ctx.redis_error();
             BusError::from(e)
         })?;
@@ -235,10 +235,10 @@ impl Bus for RedisBus {
         if written.ids.is_empty() {
             return;
         }
-        let mut conn = ctx.redis.clone();
+        let mut redis = ctx.redis.clone();
         let mut batch = Batch::new();
         take_cmd(ctx, &mut batch, &h.user, written, 0);
-        if let Err(e) = batch.run(&mut conn).await {
+        if let Err(e) = batch.run(&mut redis).await {
             ctx.redis_error();
             // They stay in the mailbox: the next connection gets them again
             // (duplicates with the same id, never loss).
@@ -282,9 +282,9 @@ impl Bus for RedisBus {
             (Target::User(u), Some(k)) => Some(ctx.keys.idem(u, k)),
             _ => None,
         };
-        let mut conn = ctx.redis.clone();
+        let mut redis = ctx.redis.clone();
         if let Some(key) = &idem_key {
-            let first: Option<String> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
+            let first: Option<String> = redis::cmd("GET").arg(key).query_async(&mut redis).await?;
             if let Some(first) = first {
                 ctx.metrics.deduplicated.inc();
                 return Ok(first);
@@ -301,7 +301,7 @@ impl Bus for RedisBus {
                 .arg("GET")
                 .arg("PX")
                 .arg(ctx.cfg.idempotency_ttl.as_millis() as u64)
-                .query_async(&mut conn)
+                .query_async(&mut redis)
                 .await?;
             if let Some(first) = set {
                 return Ok(first);
@@ -312,10 +312,10 @@ impl Bus for RedisBus {
 
     async fn user_connections(&self, user: &UserId) -> Result<usize, BusError> {
         let ctx = self.ctx()?;
-        let mut conn = ctx.redis.clone();
+        let mut redis = ctx.redis.clone();
         let fields: Vec<(String, String)> = redis::cmd("HGETALL")
             .arg(ctx.keys.user(user))
-            .query_async(&mut conn)
+            .query_async(&mut redis)
             .await?;
         Ok(fields
             .iter()
@@ -417,8 +417,8 @@ async fn read_cluster_view(ctx: &Ctx) -> Result<ClusterView, BusError> {
     for id in &known {
         hlen(&mut batch, id);
     }
-    let mut conn = ctx.redis.clone();
-    let mut replies = batch.run(&mut conn).await?.into_iter();
+    let mut redis = ctx.redis.clone();
+    let mut replies = batch.run(&mut redis).await?.into_iter();
     let nodes: Vec<(String, f64)> =
         redis::from_redis_value(replies.next().unwrap_or(Value::Nil)).unwrap_or_default();
     let versions: std::collections::HashMap<String, String> =
@@ -437,7 +437,7 @@ async fn read_cluster_view(ctx: &Ctx) -> Result<ClusterView, BusError> {
         for id in &joined {
             hlen(&mut batch, id);
         }
-        for (id, v) in joined.iter().zip(batch.run(&mut conn).await?) {
+        for (id, v) in joined.iter().zip(batch.run(&mut redis).await?) {
             counts.insert((*id).clone(), stream::int(&v).unwrap_or(0).max(0) as u64);
         }
     }

@@ -16,7 +16,7 @@ const CLOSE_WAIT_MS: u64 = 600_000;
 /// Each user's connections (conn id, node id), one pipeline.
 async fn connections(
     ctx: &Ctx,
-    conn: &mut Conn,
+    redis: &mut Conn,
     users: &[UserId],
 ) -> Result<Vec<Vec<(String, String)>>, redis::RedisError> {
     let mut batch = Batch::new();
@@ -24,7 +24,7 @@ async fn connections(
         batch.cmd("HGETALL", &ctx.keys.user(u));
     }
     Ok(redis::from_redis_value(Value::Array(
-        batch.run(conn).await?,
+        batch.run(redis).await?,
     ))?)
 }
 
@@ -33,7 +33,7 @@ async fn connections(
 /// [`super::LiveNodes::status`] answers for them. Shared with routing.
 pub(crate) async fn learn(
     ctx: &Ctx,
-    conn: &mut Conn,
+    redis: &mut Conn,
     nodes: &[&str],
 ) -> Result<(), redis::RedisError> {
     let me = ctx.membership.id();
@@ -53,7 +53,7 @@ pub(crate) async fn learn(
     let scores: Vec<Option<f64>> = redis::cmd("ZMSCORE")
         .arg(ctx.keys.nodes())
         .arg(&unknown)
-        .query_async(conn)
+        .query_async(redis)
         .await?;
     for (node, score) in unknown.iter().zip(scores) {
         live.learn(node, score.map(|s| s as u64));
@@ -70,10 +70,10 @@ fn is_live(ctx: &Ctx, node: &str) -> bool {
 
 /// Live connections of each user: those on nodes whose lease is live.
 pub async fn presence(ctx: &Ctx, users: &[UserId]) -> Result<Vec<usize>, redis::RedisError> {
-    let mut conn = ctx.redis.clone();
-    let found = connections(ctx, &mut conn, users).await?;
+    let mut redis = ctx.redis.clone();
+    let found = connections(ctx, &mut redis, users).await?;
     let nodes: Vec<&str> = found.iter().flatten().map(|(_, n)| n.as_str()).collect();
-    learn(ctx, &mut conn, &nodes).await?;
+    learn(ctx, &mut redis, &nodes).await?;
     Ok(found
         .iter()
         .map(|f| f.iter().filter(|(_, n)| is_live(ctx, n)).count())
@@ -93,8 +93,8 @@ pub async fn close(
     c: &Close,
     reaping: Option<&NodeId>,
 ) -> Result<usize, redis::RedisError> {
-    let mut conn = ctx.redis.clone();
-    let found = connections(ctx, &mut conn, std::slice::from_ref(&c.user))
+    let mut redis = ctx.redis.clone();
+    let found = connections(ctx, &mut redis, std::slice::from_ref(&c.user))
         .await?
         .pop()
         .unwrap_or_default();
@@ -103,7 +103,7 @@ pub async fn close(
         .filter(|(id, _)| c.conns.is_empty() || c.conns.contains(id))
         .collect();
     let nodes: Vec<&str> = found.iter().map(|(_, n)| n.as_str()).collect();
-    learn(ctx, &mut conn, &nodes).await?;
+    learn(ctx, &mut redis, &nodes).await?;
     let live = found.iter().filter(|(_, n)| is_live(ctx, n)).count();
     let mut by_node: HashMap<&str, Vec<String>> = HashMap::new();
     let mut batch = Batch::new();
@@ -141,6 +141,6 @@ pub async fn close(
             .arg("*")
             .arg(entry::close_fields(&entry));
     }
-    batch.run(&mut conn).await?;
+    batch.run(&mut redis).await?;
     Ok(live)
 }

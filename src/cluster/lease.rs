@@ -36,9 +36,9 @@ enum Renewal {
 /// Create the inbox and add the node to `<p>:nodes`. Returns the local
 /// lease deadline.
 pub async fn join(ctx: &Ctx, id: &NodeId) -> Result<Instant, redis::RedisError> {
-    let mut conn = ctx.lease_conn.clone();
+    let mut redis = ctx.lease_conn.clone();
     // A Redis restarted empty lost its scripts too.
-    lua::load_all(&mut conn).await?;
+    lua::load_all(&mut redis).await?;
     let started = Instant::now();
     // `XGROUP CREATE … MKSTREAM` is how an empty stream is made.
     let created: Result<(), _> = redis::cmd("XGROUP")
@@ -47,7 +47,7 @@ pub async fn join(ctx: &Ctx, id: &NodeId) -> Result<Instant, redis::RedisError> 
         .arg(INBOX_GROUP)
         .arg("$")
         .arg("MKSTREAM")
-        .query_async(&mut conn)
+        .query_async(&mut redis)
         .await;
     if let Err(e) = created
         && e.code() != Some("BUSYGROUP")
@@ -57,25 +57,25 @@ pub async fn join(ctx: &Ctx, id: &NodeId) -> Result<Instant, redis::RedisError> 
     let (_exp, now): (u64, u64) = lua::eval_cmd(lua::JOIN, &[&ctx.keys.nodes()])?
         .arg(id.as_str())
         .arg(ctx.ttl_ms())
-        .query_async(&mut conn)
+        .query_async(&mut redis)
         .await?;
     // Our release, where every node reads it with the lease set.
     let _: () = redis::cmd("HSET")
         .arg(ctx.keys.versions())
         .arg(id.as_str())
         .arg(env!("CARGO_PKG_VERSION"))
-        .query_async(&mut conn)
+        .query_async(&mut redis)
         .await?;
     presence::node_event(ctx, "node_joined", id, None, now).await;
     Ok(started + ctx.cfg.lease_ttl)
 }
 
 async fn renew(ctx: &Ctx, id: &NodeId) -> Result<Renewal, redis::RedisError> {
-    let mut conn = ctx.lease_conn.clone();
+    let mut redis = ctx.lease_conn.clone();
     let (expiry, now): (i64, u64) = lua::eval_cmd(lua::RENEW, &[&ctx.keys.nodes()])?
         .arg(id.as_str())
         .arg(ctx.ttl_ms())
-        .query_async(&mut conn)
+        .query_async(&mut redis)
         .await?;
     Ok(if expiry < 0 {
         Renewal::Lost
@@ -89,13 +89,13 @@ async fn renew(ctx: &Ctx, id: &NodeId) -> Result<Renewal, redis::RedisError> {
 
 /// Refresh the cache of `<p>:nodes`.
 async fn refresh_nodes(ctx: &Ctx, redis_now: u64) -> Result<(), redis::RedisError> {
-    let mut conn = ctx.lease_conn.clone();
+    let mut redis = ctx.lease_conn.clone();
     let v: Value = redis::cmd("ZRANGE")
         .arg(ctx.keys.nodes())
         .arg(0)
         .arg(-1)
         .arg("WITHSCORES")
-        .query_async(&mut conn)
+        .query_async(&mut redis)
         .await?;
     let mut nodes = Vec::new();
     if let Value::Array(items) = v {
@@ -149,7 +149,7 @@ async fn reregister(ctx: Arc<Ctx>) -> Result<(), redis::RedisError> {
         if ctx.membership.id() != new {
             return Ok(());
         }
-        let mut conn = ctx.redis.clone();
+        let mut redis = ctx.redis.clone();
         // The index first (its slot differs on Redis Cluster), then the
         // user hashes with the first mailbox page of each.
         let mut batch = Batch::new();
@@ -157,13 +157,13 @@ async fn reregister(ctx: Arc<Ctx>) -> Result<(), redis::RedisError> {
         for h in chunk {
             index.arg(h.conn.as_str()).arg(h.user.as_str());
         }
-        if conn.is_cluster() {
-            std::mem::take(&mut batch).run(&mut conn).await?;
+        if redis.is_cluster() {
+            std::mem::take(&mut batch).run(&mut redis).await?;
         }
         for h in chunk {
             register_cmd(&ctx, &mut batch, &new, h, None);
         }
-        let replies = batch.run(&mut conn).await?;
+        let replies = batch.run(&mut redis).await?;
         let mut more: Vec<(Arc<ConnHandle>, Mailbox)> = Vec::new();
         // A user made online again (reaped meanwhile), or a pending event.
         let events: Vec<_> = chunk
@@ -187,7 +187,7 @@ async fn reregister(ctx: Arc<Ctx>) -> Result<(), redis::RedisError> {
             for (h, after) in &more {
                 take_cmd(&ctx, &mut batch, &h.user, after, MAILBOX_PAGE);
             }
-            let replies = batch.run(&mut conn).await?;
+            let replies = batch.run(&mut redis).await?;
             let mut next = Vec::new();
             for ((h, after), v) in more.into_iter().zip(&replies) {
                 let page = mailbox_page(Some(v), after.cursor.clone());
@@ -255,7 +255,7 @@ async fn reconcile(ctx: Arc<Ctx>) -> Result<u64, redis::RedisError> {
     }
     let me = ctx.membership.id();
     let index = ctx.keys.node_conns(&me);
-    let mut conn = ctx.redis.clone();
+    let mut redis = ctx.redis.clone();
     let mut cursor = "0".to_owned();
     let mut removed = 0u64;
     loop {
@@ -264,7 +264,7 @@ async fn reconcile(ctx: Arc<Ctx>) -> Result<u64, redis::RedisError> {
             .arg(&cursor)
             .arg("COUNT")
             .arg(1000)
-            .query_async(&mut conn)
+            .query_async(&mut redis)
             .await?;
         let stale = stale_entries(&fields, |c| ctx.registry.get(c).is_some());
         if !stale.is_empty() && ctx.membership.id() == me {

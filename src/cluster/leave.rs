@@ -18,12 +18,12 @@ use crate::shutdown::Phase;
 /// (routers stop sending to us), release router leases.
 pub async fn leave_begin(ctx: &Arc<Ctx>) {
     let me = ctx.membership.id();
-    let mut conn = ctx.redis.clone();
+    let mut redis = ctx.redis.clone();
     let r: Result<(), redis::RedisError> = async {
         let _: i64 = lua::eval_cmd(lua::LEASE_ACQUIRE, &[&ctx.keys.reap_lock(&me)])?
             .arg(me.as_str())
             .arg(ctx.ttl_ms())
-            .query_async(&mut conn)
+            .query_async(&mut redis)
             .await?;
         // Renewed for the whole drain; a node that dies midway lets it
         // lapse within a lease TTL and a survivor finishes the reap.
@@ -33,10 +33,10 @@ pub async fn leave_begin(ctx: &Arc<Ctx>) {
         });
         let _: u64 = lua::eval_cmd(lua::EXPIRE_NOW, &[&ctx.keys.nodes()])?
             .arg(me.as_str())
-            .query_async(&mut conn)
+            .query_async(&mut redis)
             .await?;
         for shard in 0..ctx.cfg.send_shards {
-            lua::release_lease(&mut conn, &ctx.keys.router_lease(shard), me.as_str()).await?;
+            lua::release_lease(&mut redis, &ctx.keys.router_lease(shard), me.as_str()).await?;
         }
         Ok(())
     }

@@ -82,7 +82,7 @@ pub async fn emit(ctx: &Ctx, events: &[UserEvent]) -> Result<(), redis::RedisErr
     if events.is_empty() {
         return Ok(());
     }
-    let mut conn = ctx.redis.clone();
+    let mut redis = ctx.redis.clone();
     let key = ctx.keys.events();
     let mut batch = Batch::new();
     for e in events {
@@ -105,7 +105,7 @@ pub async fn emit(ctx: &Ctx, events: &[UserEvent]) -> Result<(), redis::RedisErr
             .arg("n")
             .arg(&e.n);
     }
-    batch.run(&mut conn).await?;
+    batch.run(&mut redis).await?;
     let mut batch = Batch::new();
     let online = ctx.keys.online();
     for e in events {
@@ -118,7 +118,7 @@ pub async fn emit(ctx: &Ctx, events: &[UserEvent]) -> Result<(), redis::RedisErr
             .eval(lua::CONFIRM_EVENT, &[&ctx.keys.presence(&e.user)], false)
             .arg(&e.n);
     }
-    batch.run(&mut conn).await?;
+    batch.run(&mut redis).await?;
     Ok(())
 }
 
@@ -138,7 +138,7 @@ pub async fn sweep(ctx: &Ctx, at: &Sweep) -> Result<usize, redis::RedisError> {
             .ok()
             .and_then(|g| g.clone())
             .unwrap_or_else(|| "0".to_owned());
-    let mut conn = ctx.redis.clone();
+    let mut redis = ctx.redis.clone();
     let page: Vec<(String, f64)> = redis::cmd("ZRANGE")
         .arg(ctx.keys.online())
         .arg(&from)
@@ -148,7 +148,7 @@ pub async fn sweep(ctx: &Ctx, at: &Sweep) -> Result<usize, redis::RedisError> {
         .arg(0)
         .arg(SWEEP_PAGE)
         .arg("WITHSCORES")
-        .query_async(&mut conn)
+        .query_async(&mut redis)
         .await?;
     let next = if page.len() < SWEEP_PAGE {
         None
@@ -175,7 +175,7 @@ pub async fn sweep(ctx: &Ctx, at: &Sweep) -> Result<usize, redis::RedisError> {
             )
             .arg(ctx.cfg.mailbox_ttl.as_millis() as u64);
     }
-    let replies = batch.run(&mut conn).await?;
+    let replies = batch.run(&mut redis).await?;
     let events: Vec<UserEvent> = users
         .iter()
         .zip(&replies)
@@ -191,7 +191,7 @@ pub async fn activity(
     ctx: &Ctx,
     last: usize,
 ) -> Result<(u64, Vec<Vec<(String, String)>>), redis::RedisError> {
-    let mut conn = ctx.redis.clone();
+    let mut redis = ctx.redis.clone();
     let mut batch = Batch::new();
     batch.cmd("ZCOUNT", &ctx.keys.online()).arg(0).arg("+inf");
     batch
@@ -200,7 +200,7 @@ pub async fn activity(
         .arg("-")
         .arg("COUNT")
         .arg(last);
-    let r = batch.run(&mut conn).await?;
+    let r = batch.run(&mut redis).await?;
     let online = r.first().and_then(stream::int).unwrap_or(0).max(0) as u64;
     let events = r
         .get(1)
@@ -248,7 +248,7 @@ pub async fn node_event(ctx: &Ctx, kind: &str, node: &NodeId, by: Option<&NodeId
     } else {
         at_ms
     };
-    let mut conn = ctx.redis.clone();
+    let mut redis = ctx.redis.clone();
     let mut cmd = redis::cmd("XADD");
     cmd.arg(ctx.keys.events())
         .arg("MAXLEN")
@@ -264,7 +264,7 @@ pub async fn node_event(ctx: &Ctx, kind: &str, node: &NodeId, by: Option<&NodeId
     if let Some(by) = by {
         cmd.arg("by").arg(by.as_str());
     }
-    if let Err(e) = cmd.query_async::<()>(&mut conn).await {
+    if let Err(e) = cmd.query_async::<()>(&mut redis).await {
         ctx.redis_error();
         tracing::warn!(kind, node = %node, error = %e, "node event not added");
     }

@@ -73,12 +73,12 @@ pub async fn run(ctx: Arc<Ctx>) {
 
 /// Reap `dead` if its lock can be taken. True if this call finished it.
 async fn try_reap(ctx: &Arc<Ctx>, dead: &NodeId, me: &NodeId) -> Result<bool, ReapError> {
-    let mut conn = ctx.redis.clone();
+    let mut redis = ctx.redis.clone();
     // Our view of `<p>:nodes` may be stale: confirm by Redis `TIME` before
     // touching a node's work. An expired lease can never come back.
     let expired: i64 = lua::eval_cmd(lua::IS_EXPIRED, &[&ctx.keys.nodes()])?
         .arg(dead.as_str())
-        .query_async(&mut conn)
+        .query_async(&mut redis)
         .await?;
     if expired != 1 {
         return Ok(false);
@@ -86,7 +86,7 @@ async fn try_reap(ctx: &Arc<Ctx>, dead: &NodeId, me: &NodeId) -> Result<bool, Re
     let got: i64 = lua::eval_cmd(lua::LEASE_ACQUIRE, &[&ctx.keys.reap_lock(dead)])?
         .arg(me.as_str())
         .arg(ctx.ttl_ms())
-        .query_async(&mut conn)
+        .query_async(&mut redis)
         .await?;
     if got != 1 {
         return Ok(false);
@@ -106,9 +106,9 @@ pub(super) async fn reap_locked(
     let lock_lost = spawn_lock_renewer(ctx.clone(), dead.clone(), done.clone().cancelled_owned());
     let result = reap_steps(ctx, dead, &lock_lost).await;
     done.cancel();
-    let mut conn = ctx.redis.clone();
+    let mut redis = ctx.redis.clone();
     // Best effort: an unreleased lock expires within a TTL.
-    let _ = lua::release_lease(&mut conn, &ctx.keys.reap_lock(dead), holder.as_str()).await;
+    let _ = lua::release_lease(&mut redis, &ctx.keys.reap_lock(dead), holder.as_str()).await;
     result
 }
 
@@ -132,8 +132,8 @@ pub(super) fn spawn_lock_renewer(
                 _ = &mut done => return,
                 _ = tokio::time::sleep(every) => {}
             }
-            let mut conn = ctx.lease_conn.clone();
-            let r = lua::renew_lease(&mut conn, &key, holder.as_str(), ctx.ttl_ms()).await;
+            let mut redis = ctx.lease_conn.clone();
+            let r = lua::renew_lease(&mut redis, &key, holder.as_str(), ctx.ttl_ms()).await;
             if !matches!(r, Ok(1)) {
                 lost2.cancel();
                 return;
@@ -150,7 +150,7 @@ async fn reap_steps(
 ) -> Result<(), ReapError> {
     let inbox = ctx.keys.inbox(dead);
     let index = ctx.keys.node_conns(dead);
-    let mut conn = ctx.redis.clone();
+    let mut redis = ctx.redis.clone();
     loop {
         // 1. Route again everything left in the inbox: delivered or not,
         //    read or not (a live node deletes what it delivered).
@@ -164,7 +164,7 @@ async fn reap_steps(
                 .arg("+")
                 .arg("COUNT")
                 .arg(REAP_BATCH)
-                .query_async(&mut conn)
+                .query_async(&mut redis)
                 .await?;
             let entries = stream::entries(&v);
             if entries.is_empty() {
@@ -189,14 +189,14 @@ async fn reap_steps(
             let _: i64 = redis::cmd("XDEL")
                 .arg(&inbox)
                 .arg(&ids)
-                .query_async(&mut conn)
+                .query_async(&mut redis)
                 .await?;
         }
         // 2. Remove its connections from the users' hashes (only fields
         //    that still name it: a woken node may have re-registered them).
         let conns: Vec<(String, String)> = redis::cmd("HGETALL")
             .arg(&index)
-            .query_async(&mut conn)
+            .query_async(&mut redis)
             .await?;
         // Mailbox pages its connections had taken but maybe not written
         // (only a node of the previous release moves them aside).
@@ -215,7 +215,7 @@ async fn reap_steps(
             for k in &keys {
                 batch.cmd("XRANGE", k).arg("-").arg("+");
             }
-            let pages: Vec<Value> = batch.run(&mut conn).await?;
+            let pages: Vec<Value> = batch.run(&mut redis).await?;
             let msgs: Vec<Arc<Message>> = pages
                 .iter()
                 .flat_map(stream::entries)
@@ -232,7 +232,7 @@ async fn reap_steps(
             for k in &keys {
                 batch.cmd_ignored("DEL", k);
             }
-            batch.run(&mut conn).await?;
+            batch.run(&mut redis).await?;
         }
         // Their users' offline events go out before the index goes.
         let entries: Vec<(ConnId, UserId)> = conns
@@ -246,7 +246,7 @@ async fn reap_steps(
             unregister_many(ctx, dead, chunk).await?;
         }
         let deleted: i64 = lua::eval_cmd(lua::DELETE_IF_DRAINED, &[&inbox, &index])?
-            .query_async(&mut conn)
+            .query_async(&mut redis)
             .await?;
         if deleted == 1 {
             break;
@@ -255,12 +255,12 @@ async fn reap_steps(
     // 4. Last, leave `<p>:nodes`.
     let _: i64 = lua::eval_cmd(lua::REMOVE_IF_EXPIRED, &[&ctx.keys.nodes()])?
         .arg(dead.as_str())
-        .query_async(&mut conn)
+        .query_async(&mut redis)
         .await?;
     let _: i64 = redis::cmd("HDEL")
         .arg(ctx.keys.versions())
         .arg(dead.as_str())
-        .query_async(&mut conn)
+        .query_async(&mut redis)
         .await?;
     ctx.membership.live.mark_gone(dead.as_str());
     Ok(())

@@ -30,17 +30,17 @@ pub async fn register_under(
     h: &ConnHandle,
     resume: Option<&Resume>,
 ) -> Result<Registered, redis::RedisError> {
-    let mut conn = ctx.redis.clone();
+    let mut redis = ctx.redis.clone();
     let mut batch = Batch::new();
     batch
         .cmd_ignored("HSET", &ctx.keys.node_conns(me))
         .arg(h.conn.as_str())
         .arg(h.user.as_str());
-    if conn.is_cluster() {
-        std::mem::take(&mut batch).run(&mut conn).await?;
+    if redis.is_cluster() {
+        std::mem::take(&mut batch).run(&mut redis).await?;
     }
     register_cmd(ctx, &mut batch, me, h, resume);
-    let replies = batch.run(&mut conn).await?;
+    let replies = batch.run(&mut redis).await?;
     let events = presence::parse(&h.user, registered_events(replies.last()));
     presence::emit_or_keep(ctx, &ctx.unsent, events).await;
     apply_pending_close(h, replies.last());
@@ -178,7 +178,7 @@ pub async fn unregister_many(
     if conns.is_empty() {
         return Ok(());
     }
-    let mut conn = ctx.redis.clone();
+    let mut redis = ctx.redis.clone();
     let mut batch = Batch::new();
     for (c, u) in conns {
         batch
@@ -191,7 +191,7 @@ pub async fn unregister_many(
             .arg(node.as_str())
             .arg(ctx.cfg.mailbox_ttl.as_millis() as u64);
     }
-    let replies = batch.run(&mut conn).await?;
+    let replies = batch.run(&mut redis).await?;
     let events: Vec<_> = conns
         .iter()
         .zip(&replies)
@@ -203,7 +203,7 @@ pub async fn unregister_many(
     for (c, _) in conns {
         del.arg(c.as_str());
     }
-    batch.run(&mut conn).await?;
+    batch.run(&mut redis).await?;
     Ok(())
 }
 

@@ -120,8 +120,8 @@ pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<AckJob>) {
         for (key, ids) in &inbox {
             batch.cmd_ignored("XDEL", key).arg(ids);
         }
-        let mut conn = ctx.redis.clone();
-        if let Err(e) = batch.run(&mut conn).await {
+        let mut redis = ctx.redis.clone();
+        if let Err(e) = batch.run(&mut redis).await {
             ctx.redis_error();
             // Not retried: the entries stay and are routed again later
             // (duplicates with the same id, never loss).

@@ -31,13 +31,13 @@ fn block_ms(ctx: &Ctx) -> u64 {
 
 async fn xread(
     ctx: &Ctx,
-    conn: &mut Option<Conn>,
+    redis: &mut Option<Conn>,
     key: &str,
     last: &str,
 ) -> Result<Vec<stream::RawEntry>, redis::RedisError> {
-    let c = match conn {
+    let c = match redis {
         Some(c) => c,
-        None => conn.insert(ctx.blocking_conn().await?),
+        None => redis.insert(ctx.blocking_conn().await?),
     };
     let v: Value = redis::cmd("XREAD")
         .arg("COUNT")
@@ -58,7 +58,7 @@ async fn xread(
 /// Read the inbox and hand messages to local connections; a message whose
 /// user is no longer here is routed again (hops + 1).
 pub async fn run_inbox(ctx: Arc<Ctx>) {
-    let mut conn = None;
+    let mut redis = None;
     let mut backoff = Backoff::redis();
     let mut reading: Option<NodeId> = None;
     let mut last = "0-0".to_owned();
@@ -75,7 +75,7 @@ pub async fn run_inbox(ctx: Arc<Ctx>) {
         let key = ctx.keys.inbox(&me);
         let read = tokio::select! {
             _ = ctx.life.reached(Phase::SelfReaping) => return,
-            r = xread(&ctx, &mut conn, &key, &last) => r,
+            r = xread(&ctx, &mut redis, &key, &last) => r,
         };
         let entries = match read {
             Ok(e) => {
@@ -84,7 +84,7 @@ pub async fn run_inbox(ctx: Arc<Ctx>) {
             }
             Err(e) => {
                 ctx.redis_error();
-                conn = None;
+                redis = None;
                 let d = backoff.next_delay();
                 tracing::debug!(error = %e, retry_in_ms = d.as_millis() as u64, "inbox read failed");
                 if !ctx.life.sleep(d, Phase::SelfReaping).await {
@@ -142,7 +142,7 @@ pub async fn run_inbox(ctx: Arc<Ctx>) {
 /// subscribers of its topic. At-most-once: nothing is kept or re-sent.
 pub async fn run_topics(ctx: Arc<Ctx>) {
     let key = ctx.keys.topics();
-    let mut conn = None;
+    let mut redis = None;
     let mut backoff = Backoff::redis();
     // Start after the newest entry: history is not replayed.
     let mut last: Option<String> = None;
@@ -182,7 +182,7 @@ pub async fn run_topics(ctx: Arc<Ctx>) {
         let from = last.clone().unwrap_or_else(|| "0-0".to_owned());
         let read = tokio::select! {
             _ = ctx.life.reached(Phase::SelfReaping) => return,
-            r = xread(&ctx, &mut conn, &key, &from) => r,
+            r = xread(&ctx, &mut redis, &key, &from) => r,
         };
         match read {
             Ok(entries) => {
@@ -202,7 +202,7 @@ pub async fn run_topics(ctx: Arc<Ctx>) {
             }
             Err(_) => {
                 ctx.redis_error();
-                conn = None;
+                redis = None;
                 // After an outage Redis may have restarted empty: find the
                 // stream's end again.
                 last = None;

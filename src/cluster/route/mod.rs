@@ -91,7 +91,7 @@ enum Op {
 /// added to an inbox, to a mailbox or to the topic stream. Order is kept
 /// per user.
 pub async fn route(ctx: &Ctx, msgs: Vec<Arc<Message>>) -> Result<(), redis::RedisError> {
-    let mut conn = ctx.redis.clone();
+    let mut redis = ctx.redis.clone();
     let (topics, mut pending): (Vec<_>, Vec<_>) = msgs
         .into_iter()
         .partition(|m| matches!(m.target, Target::Topic(_)));
@@ -119,7 +119,7 @@ pub async fn route(ctx: &Ctx, msgs: Vec<Arc<Message>>) -> Result<(), redis::Redi
             .arg("MINID")
             .arg("~")
             .arg(horizon);
-        batch.run(&mut conn).await?;
+        batch.run(&mut redis).await?;
     }
     // Each round routes what the previous one could not (a node found gone,
     // a user who just connected, a connection that just closed); the last
@@ -129,14 +129,14 @@ pub async fn route(ctx: &Ctx, msgs: Vec<Arc<Message>>) -> Result<(), redis::Redi
             break;
         }
         let force_mailbox = round == MAX_HOPS;
-        pending = route_round(ctx, &mut conn, pending, force_mailbox).await?;
+        pending = route_round(ctx, &mut redis, pending, force_mailbox).await?;
     }
     Ok(())
 }
 
 async fn route_round(
     ctx: &Ctx,
-    conn: &mut Conn,
+    redis: &mut Conn,
     pending: Vec<Arc<Message>>,
     force_mailbox: bool,
 ) -> Result<Vec<Arc<Message>>, redis::RedisError> {
@@ -158,14 +158,14 @@ async fn route_round(
         let n = users.len();
         (pending, vec![Vec::new(); n])
     } else {
-        look_up(ctx, conn, &users, &index, pending).await?
+        look_up(ctx, redis, &users, &index, pending).await?
     };
     // 2. Ask Redis about nodes this node has not seen yet, and about those
     //    it believes expired (its view may be stale; skipping a live node
     //    would mailbox a message for a user who is online).
     let live = &ctx.membership.live;
     let nodes: Vec<&str> = lookups.iter().flatten().map(|(_, n)| n.as_str()).collect();
-    crate::cluster::control::learn(ctx, conn, &nodes).await?;
+    crate::cluster::control::learn(ctx, redis, &nodes).await?;
     // 3. Classify each user's connections; stale fields are removed.
     let mut routes: Vec<UserRoute> = Vec::with_capacity(users.len());
     let mut batch = Batch::new();
@@ -217,7 +217,7 @@ async fn route_round(
             ops.push(Op::Inbox(i, node.clone()));
         }
     }
-    let replies: Vec<Value> = batch.run(conn).await?;
+    let replies: Vec<Value> = batch.run(redis).await?;
     // 5. Read the results; collect what must go round again.
     let mut ok = vec![false; pending.len()];
     let mut nudges: Vec<(String, &UserId)> = Vec::new();
@@ -265,7 +265,7 @@ async fn route_round(
                 .arg(&entry::mailbox_nudge_fields(u));
         }
         // Best effort: the message is safe in the mailbox either way.
-        if let Err(e) = batch.run(conn).await {
+        if let Err(e) = batch.run(redis).await {
             tracing::debug!(error = %e, "mailbox nudge failed");
         }
     }
@@ -282,7 +282,7 @@ async fn route_round(
 /// nothing to number, the `ROUTE` script otherwise.
 async fn look_up(
     ctx: &Ctx,
-    conn: &mut Conn,
+    redis: &mut Conn,
     users: &[UserId],
     index: &HashMap<UserId, usize>,
     pending: Vec<Arc<Message>>,
@@ -330,7 +330,7 @@ async fn look_up(
                 .arg(f);
         }
     }
-    let replies = batch.run(conn).await?;
+    let replies = batch.run(redis).await?;
     let mut lookups = Vec::with_capacity(users.len());
     // Per message: None (untouched), Some(seq) or Some(-1) (duplicate).
     let mut results: Vec<Option<(i64, Arc<str>)>> = vec![None; pending.len()];
@@ -463,7 +463,7 @@ mod tests {
             Config::try_parse_from(["wscluster", "--dev", "--redis-url", url]).expect("config"),
         );
         let connector = Connector::new(&cfg).expect("connector");
-        let conn = connector.shared().await.expect("redis");
+        let redis = connector.shared().await.expect("redis");
         let lease_conn = connector.shared().await.expect("redis");
         let life = Lifecycle::new();
         Ctx {
@@ -479,7 +479,7 @@ mod tests {
             sweep: Default::default(),
             cfg,
             connector,
-            redis: conn,
+            redis,
             lease_conn,
             life,
         }

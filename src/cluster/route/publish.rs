@@ -81,9 +81,9 @@ async fn add_all(ctx: &Ctx, key: String, reqs: Vec<PublishReq>) {
     for r in &reqs {
         adds.cmd("XADD", &key).arg("*").arg(&r.fields);
     }
-    let mut conn = ctx.redis.clone();
+    let mut redis = ctx.redis.clone();
     let result = adds
-        .run(&mut conn)
+        .run(&mut redis)
         .await
         .and_then(|v| Ok(redis::from_redis_value::<Vec<String>>(Value::Array(v))?));
     match result {

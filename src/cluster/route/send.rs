@@ -296,7 +296,7 @@ async fn claim_pending(
     min_idle_ms: u64,
     lease_until: Instant,
 ) -> Result<(), RouterError> {
-    let mut conn = ctx.redis.clone();
+    let mut redis = ctx.redis.clone();
     let mut cursor = "0-0".to_owned();
     loop {
         let v: Value = redis::cmd("XAUTOCLAIM")
@@ -307,7 +307,7 @@ async fn claim_pending(
             .arg(&cursor)
             .arg("COUNT")
             .arg(BATCH)
-            .query_async(&mut conn)
+            .query_async(&mut redis)
             .await?;
         let Value::Array(parts) = v else { break };
         let next = parts.first().and_then(stream::string).unwrap_or_default();
@@ -341,12 +341,12 @@ async fn claim_pending(
 /// ever routed leaves one) once they hold nothing and have been idle for
 /// two lease TTLs.
 async fn forget_idle_consumers(ctx: &Ctx, key: &str, me: &NodeId) -> Result<(), RouterError> {
-    let mut conn = ctx.redis.clone();
+    let mut redis = ctx.redis.clone();
     let n: i64 = lua::eval_cmd(lua::DEL_IDLE_CONSUMERS, &[key])?
         .arg(ROUTER_GROUP)
         .arg(me.as_str())
         .arg(2 * ctx.ttl_ms())
-        .query_async(&mut conn)
+        .query_async(&mut redis)
         .await?;
     if n > 0 {
         tracing::debug!(stream = key, consumers = n, "idle router consumers deleted");
@@ -355,22 +355,22 @@ async fn forget_idle_consumers(ctx: &Ctx, key: &str, me: &NodeId) -> Result<(), 
 }
 
 async fn release(ctx: &Ctx, lease_key: &str, me: &NodeId) {
-    let mut conn = ctx.redis.clone();
+    let mut redis = ctx.redis.clone();
     // Best effort: an unreleased lease expires within a TTL.
-    let _ = lua::release_lease(&mut conn, lease_key, me.as_str()).await;
+    let _ = lua::release_lease(&mut redis, lease_key, me.as_str()).await;
 }
 
 /// Create the router group at the start of the stream (entries added while
 /// no node ran are routed), creating the stream if needed.
 async fn ensure_group(ctx: &Ctx, key: &str) -> Result<(), redis::RedisError> {
-    let mut conn = ctx.redis.clone();
+    let mut redis = ctx.redis.clone();
     let r: Result<(), _> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(key)
         .arg(ROUTER_GROUP)
         .arg("0")
         .arg("MKSTREAM")
-        .query_async(&mut conn)
+        .query_async(&mut redis)
         .await;
     match r {
         Err(e) if e.code() != Some("BUSYGROUP") => Err(e),
@@ -405,7 +405,7 @@ async fn route_batch(
             Err(r) => dead.push((e, r)),
         }
     }
-    let mut conn = ctx.redis.clone();
+    let mut redis = ctx.redis.clone();
     if !dead.is_empty() {
         let dead_key = ctx.keys.dead();
         let mut batch = Batch::new();
@@ -425,7 +425,7 @@ async fn route_batch(
                 .arg("entry")
                 .arg(e.fields_json());
         }
-        batch.run(&mut conn).await?;
+        batch.run(&mut redis).await?;
         ctx.metrics.dead.inc_by(dead.len() as u64);
         for (e, reason) in &dead {
             tracing::warn!(stream = key, id = %e.id, reason = reason.code(), "dead letter");
