@@ -235,8 +235,6 @@ impl Cluster {
         let mut args: Vec<String> = vec![
             "--redis-url".into(),
             c.redis_url.clone(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
             "--prefix".into(),
             opts.prefix.clone(),
             "--dev".into(),
@@ -260,19 +258,20 @@ impl Cluster {
             args.extend(["--send-shards".into(), opts.send_shards.to_string()]);
         }
         args.extend(opts.node_args.iter().cloned());
-        // All started at once, then each waited for.
         for i in 0..n {
             let log = NodeLog::File(dir.join(format!("node{i}.log")));
-            let p = NodeProcess::spawn(&bin, &i.to_string(), &args, &[("RUST_LOG", "info")], log)?;
+            let p = NodeProcess::launch(
+                &bin,
+                &i.to_string(),
+                &args,
+                &[("RUST_LOG", "info")],
+                log,
+                Duration::from_secs(15),
+            )?;
             c.nodes.push(Node {
-                addr: String::new(),
+                addr: p.addr().to_owned(),
                 process: Some(p),
             });
-        }
-        for node in &mut c.nodes {
-            if let Some(p) = &mut node.process {
-                node.addr = p.wait_addr(Duration::from_secs(15))?;
-            }
         }
         for (i, node) in c.nodes.iter().enumerate() {
             wait_ready(&node.addr, Duration::from_secs(15))

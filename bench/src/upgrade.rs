@@ -761,8 +761,6 @@ impl Procs {
         let args: Vec<String> = [
             "--redis-url",
             &self.redis_url,
-            "--listen",
-            "127.0.0.1:0",
             "--prefix",
             PREFIX,
             "--dev",
@@ -773,8 +771,15 @@ impl Procs {
         .map(|s| s.to_string())
         .collect();
         let log = NodeLog::File(self.dir.join(format!("{name}.log")));
-        let mut process = NodeProcess::spawn(bin, &name, &args, &[("RUST_LOG", "info")], log)?;
-        let addr = process.wait_addr(Duration::from_secs(15))?;
+        let process = NodeProcess::launch(
+            bin,
+            &name,
+            &args,
+            &[("RUST_LOG", "info")],
+            log,
+            Duration::from_secs(15),
+        )?;
+        let addr = process.addr().to_owned();
         wait_ready(&addr, Duration::from_secs(15))
             .await
             .with_context(|| format!("node {name} at {addr} not ready"))?;

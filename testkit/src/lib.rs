@@ -8,8 +8,9 @@
 //! - [`RedisCluster`]: a Redis Cluster of cluster-enabled `redis-server`s,
 //!   with replicas or not, converged before use; the administration tests
 //!   need (kill a primary, wait for failover, migrate a slot, error stats).
-//! - [`NodeProcess`]: a `wscluster` node as a child process, its log
-//!   captured (in memory or to a file) and its listen address read from it.
+//! - [`NodeProcess`]: a `wscluster` node as a child process on a port the
+//!   launcher chose (another on a bind race), its log captured (in memory or
+//!   to a file), ready once it answers `/healthz`.
 //! - [`http`]: a minimal HTTP/1.1 `GET`, and waiting for `/readyz`.
 //! - Small pieces: [`free_port`], [`tmpdir`], [`strip_ansi`], [`signal`],
 //!   [`poll_until`] and [`wait_until`] (polling with a deadline), and
@@ -28,7 +29,7 @@ mod redis_cluster;
 mod redis_server;
 mod wait;
 
-pub use node::{NodeLog, NodeProcess, listen_addr};
+pub use node::{NodeLog, NodeProcess};
 pub use proc::{free_port, signal, strip_ansi, tmpdir, workspace_bin};
 pub use redis_cluster::{ClusterSpec, RedisCluster, SlotMigration};
 pub use redis_server::{Listen, RedisServer, plain};

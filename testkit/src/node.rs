@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::proc::{signal, strip_ansi};
+use crate::proc::{free_port, signal, strip_ansi};
 
 /// Where a node's log lines go.
 #[derive(Clone, Debug)]
@@ -24,36 +24,61 @@ enum Sink {
     File(std::fs::File, PathBuf),
 }
 
-/// A `wscluster` node: a child process of a built binary, stdout and
-/// stderr captured line by line (colours stripped), its listen address
-/// read from its log. On drop: SIGCONT (it may have been stopped), SIGKILL,
-/// reaped; its log printed first if the thread is panicking (a failed test).
+/// A `wscluster` node: a child process of a built binary listening on a
+/// port of 127.0.0.1 chosen by the launcher, stdout and stderr captured line
+/// by line (colours stripped). On drop: SIGCONT (it may have been stopped),
+/// SIGKILL, reaped; its log printed first if the thread is panicking (a
+/// failed test).
 pub struct NodeProcess {
     pub name: String,
     child: Child,
     sink: Arc<Mutex<Sink>>,
-    addr: Arc<Mutex<Option<String>>>,
+    addr: String,
 }
 
-/// The address in a node's "listening" log line: `listen=ADDR` (text
-/// logs) or `"listen":"ADDR"` (JSON logs).
-pub fn listen_addr(line: &str) -> Option<String> {
-    if let Some(rest) = line.split("listen=").nth(1) {
-        return rest.split_whitespace().next().map(str::to_owned);
-    }
-    let rest = line.split("\"listen\":\"").nth(1)?;
-    rest.split('"').next().map(str::to_owned)
-}
+/// Attempts at a port before giving up (another process may take a free
+/// port between its choice and the node's bind).
+const PORT_ATTEMPTS: usize = 5;
 
 impl NodeProcess {
-    /// Spawn `bin args…` with `NO_COLOR=1` and `env`, its log to `log`;
-    /// returns at once ([`NodeProcess::wait_addr`] waits until it listens).
-    pub fn spawn(
+    /// Start `bin args…` with `--listen 127.0.0.1:<a free port>` added,
+    /// `NO_COLOR=1` and `env`, its log to `log`, and wait (up to `timeout`)
+    /// until it answers `GET /healthz`. A node that could not bind its port
+    /// (taken meanwhile) is started again on another; any other early exit
+    /// is an error carrying its log.
+    pub fn launch(
         bin: &Path,
         name: &str,
         args: &[String],
         env: &[(&str, &str)],
         log: NodeLog,
+        timeout: Duration,
+    ) -> Result<NodeProcess> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let addr = format!("127.0.0.1:{}", free_port().context("free port")?);
+            let mut all = vec!["--listen".to_owned(), addr.clone()];
+            all.extend(args.iter().cloned());
+            let mut p = Self::spawn(bin, name, &all, env, log.clone(), addr)?;
+            match p.wait_healthy(timeout) {
+                Ok(()) => return Ok(p),
+                Err(e) if attempt < PORT_ATTEMPTS && p.lost_its_port() => {
+                    drop(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn spawn(
+        bin: &Path,
+        name: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+        log: NodeLog,
+        addr: String,
     ) -> Result<NodeProcess> {
         let sink = match log {
             NodeLog::Memory => Sink::Memory(String::new()),
@@ -76,7 +101,6 @@ impl NodeProcess {
             .spawn()
             .with_context(|| format!("spawn {}", bin.display()))?;
         let sink = Arc::new(Mutex::new(sink));
-        let addr = Arc::new(Mutex::new(None::<String>));
         let pipes: Vec<Box<dyn Read + Send>> = [
             child
                 .stdout
@@ -91,15 +115,10 @@ impl NodeProcess {
         .flatten()
         .collect();
         for pipe in pipes {
-            let (sink, addr) = (sink.clone(), addr.clone());
+            let sink = sink.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                     let line = strip_ansi(&line);
-                    if let Ok(mut a) = addr.lock()
-                        && a.is_none()
-                    {
-                        *a = listen_addr(&line);
-                    }
                     if let Ok(mut s) = sink.lock() {
                         match &mut *s {
                             Sink::Memory(text) => {
@@ -122,45 +141,42 @@ impl NodeProcess {
         })
     }
 
-    /// Spawn it and wait (up to `timeout`) until it listens.
-    pub fn start(
-        bin: &Path,
-        name: &str,
-        args: &[String],
-        env: &[(&str, &str)],
-        log: NodeLog,
-        timeout: Duration,
-    ) -> Result<NodeProcess> {
-        let mut p = Self::spawn(bin, name, args, env, log)?;
-        p.wait_addr(timeout)?;
-        Ok(p)
+    /// Its listen address (`host:port`).
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
-    /// Its listen address (`host:port`), once it has logged it.
-    pub fn addr(&self) -> Option<String> {
-        self.addr.lock().ok().and_then(|a| a.clone())
-    }
-
-    /// Wait until it has logged its listen address; an error with its log
-    /// if it exited first or did not within `timeout`.
-    pub fn wait_addr(&mut self, timeout: Duration) -> Result<String> {
+    /// Wait until it answers `/healthz` with 200; an error with its log if
+    /// it exited first or did not within `timeout`.
+    fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(a) = self.addr() {
-                return Ok(a);
-            }
+            // Exited first: whatever answers on the port is not this node.
             let exited = self.child.try_wait().ok().flatten();
+            if exited.is_none() && healthz_ok(&self.addr) {
+                return Ok(());
+            }
             if exited.is_some() || Instant::now() > deadline {
                 // The reader threads may still hold the last lines.
                 std::thread::sleep(Duration::from_millis(50));
                 let how = match exited {
                     Some(st) => format!("exited ({st})"),
-                    None => format!("not listening after {timeout:?}"),
+                    None => format!("not answering /healthz after {timeout:?}"),
                 };
-                bail!("node {} did not start: {how}:\n{}", self.name, self.log());
+                bail!(
+                    "node {} did not start on {}: {how}:\n{}",
+                    self.name,
+                    self.addr,
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// It exited because its port was taken.
+    fn lost_its_port(&mut self) -> bool {
+        self.try_exit().is_some() && self.log().contains("Address already in use")
     }
 
     pub fn pid(&self) -> i32 {
@@ -219,4 +235,30 @@ impl Drop for NodeProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `GET /healthz` on `addr` answers 200 (a short blocking check).
+fn healthz_ok(addr: &str) -> bool {
+    let Ok(sa) = addr.parse::<std::net::SocketAddr>() else {
+        return false;
+    };
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 16];
+    let mut n = 0;
+    while n < head.len() {
+        match s.read(&mut head[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    head[..n].starts_with(b"HTTP/1.1 200")
 }

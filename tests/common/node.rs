@@ -65,24 +65,22 @@ impl NodeProc {
         Self::start_env(name, args, &[])
     }
 
-    /// Start it (`--listen 127.0.0.1:0`, debug logs, `env` on top) and
-    /// wait until it listens.
+    /// Start it (on a port of 127.0.0.1 the launcher picks, debug logs,
+    /// `env` on top) and wait until it answers `/healthz`.
     pub fn start_env(name: &str, args: &[String], env: &[(&str, &str)]) -> NodeProc {
-        let mut all: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into()];
-        all.extend(args.iter().cloned());
         let mut vars = vec![("RUST_LOG", "info,wscluster=debug")];
         vars.extend_from_slice(env);
         let bin = Path::new(env!("CARGO_BIN_EXE_wscluster"));
-        let mut process =
-            NodeProcess::spawn(bin, name, &all, &vars, NodeLog::Memory).expect("spawn wscluster");
-        let addr = match process.wait_addr(Duration::from_secs(10)) {
-            Ok(a) => a,
-            Err(e) => {
-                // Killed before the panic, which then prints its log once.
-                drop(process);
-                panic!("{e:#}");
-            }
-        };
+        let process = NodeProcess::launch(
+            bin,
+            name,
+            args,
+            &vars,
+            NodeLog::Memory,
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        let addr = process.addr().to_owned();
         NodeProc {
             addr,
             name: name.to_owned(),
