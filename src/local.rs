@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::ack::AckGuard;
 use crate::ids::{ConnId, NodeId, Topic, UserId};
@@ -157,7 +156,11 @@ pub struct ConnHandle {
     pub conn: ConnId,
     pub user: UserId,
     outbox: Outbox,
-    close: CancellationToken,
+    /// A close was asked for ([`ConnHandle::close`]); `closing` wakes
+    /// whoever waits for it. (A flag and a `Notify` live in the handle; a
+    /// cancellation token would allocate a node per connection.)
+    close_asked: std::sync::atomic::AtomicBool,
+    closing: Notify,
     close_code: AtomicU16,
     /// The app's reason for a close it asked for (contract §10).
     close_reason: Mutex<Option<String>>,
@@ -180,7 +183,8 @@ impl ConnHandle {
             conn,
             user,
             outbox: Outbox::default(),
-            close: CancellationToken::new(),
+            close_asked: std::sync::atomic::AtomicBool::new(false),
+            closing: Notify::new(),
             close_code: AtomicU16::new(1000),
             close_reason: Mutex::new(None),
             topics: Mutex::new(HashSet::new()),
@@ -202,7 +206,8 @@ impl ConnHandle {
         let _ = self
             .close_code
             .compare_exchange(1000, code, Ordering::SeqCst, Ordering::SeqCst);
-        self.close.cancel();
+        self.close_asked.store(true, Ordering::SeqCst);
+        self.closing.notify_waiters();
         self.outbox.signal();
     }
 
@@ -216,7 +221,8 @@ impl ConnHandle {
         {
             *r = Some(reason.to_owned());
         }
-        self.close.cancel();
+        self.close_asked.store(true, Ordering::SeqCst);
+        self.closing.notify_waiters();
         self.outbox.signal();
     }
 
@@ -225,8 +231,21 @@ impl ConnHandle {
         self.close_reason.lock().ok().and_then(|r| r.clone())
     }
 
-    pub fn closed(&self) -> &CancellationToken {
-        &self.close
+    /// Whether a close was asked for.
+    pub fn is_closing(&self) -> bool {
+        self.close_asked.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once a close is asked for (at once if it was).
+    pub async fn closing(&self) {
+        let notified = self.closing.notified();
+        tokio::pin!(notified);
+        // Registered before the check: a close between the two still wakes us.
+        notified.as_mut().enable();
+        if self.is_closing() {
+            return;
+        }
+        notified.await;
     }
 
     pub fn close_code(&self) -> u16 {
@@ -446,7 +465,7 @@ mod tests {
             assert_eq!(r.deliver_user(&u, &out).queued, 1);
         }
         assert_eq!(r.deliver_user(&u, &out).overflowed, 1);
-        assert!(a.closed().is_cancelled());
+        assert!(a.is_closing());
         assert_eq!(a.close_code(), CLOSE_SLOW);
     }
 }

@@ -176,7 +176,7 @@ async fn routing_and_multi_device() {
         assert_eq!(m["from"], "alice");
         assert_eq!(m["payload"], json!([1, 2]));
     }
-    // A frame many times the socket's read chunk (512 bytes) arrives whole.
+    // A frame many times the socket's read chunk (256 bytes) arrives whole.
     let big = "z".repeat(40_000);
     alice
         .send_json(json!({"type":"send","to":"bob","payload":{"big":big},"ref":"r2"}))

@@ -35,10 +35,10 @@ use auth::Auth;
 /// Read buffer per WebSocket: tungstenite's default (128 KiB) would cost
 /// ~137 KB per idle connection. It is only the read chunk, allocated for
 /// the connection's life: larger frames (up to --max-frame-bytes) still
-/// arrive whole, in more reads. Client frames are small (a `send` of a
-/// typical payload, a ping); 512 bytes rather than 1 KiB saves ~0.6 KB
-/// per idle connection (S2, issue 16).
-const READ_BUFFER: usize = 512;
+/// arrive whole, the buffer growing as they do. Client frames are small (a
+/// `send` of a typical payload, a pong); 256 bytes rather than 1 KiB saves
+/// ~1.1 KB per idle connection (S2, issue 16).
+const READ_BUFFER: usize = 256;
 
 /// State shared by every handler and session of a node.
 pub struct Shared {

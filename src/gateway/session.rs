@@ -201,7 +201,7 @@ async fn pump(
     // the next confirmation ping), its outbox (frames, a close, the
     // mailbox), the socket.
     while r.is_ok() {
-        if h.closed().is_cancelled() {
+        if h.is_closing() {
             break;
         }
         if h.take_mailbox_wanted() {
@@ -321,7 +321,7 @@ async fn pump(
         requeue(shared, out);
     }
     Box::pin(finish(shared, h, rx)).await;
-    if h.closed().is_cancelled() {
+    if h.is_closing() {
         let code = h.close_code();
         let reason = match code {
             CLOSE_GOING_AWAY => "node going away".to_owned(),
@@ -662,7 +662,7 @@ where
             h.close(CLOSE_TRY_LATER);
             Err(axum::Error::new("write deadline passed"))
         }),
-        _ = h.closed().cancelled() => Err(axum::Error::new("closed while writing")),
+        _ = h.closing() => Err(axum::Error::new("closed while writing")),
     }
 }
 
