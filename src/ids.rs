@@ -5,6 +5,7 @@
 //! `Topic` that exists is safe to put in a key.
 
 use std::fmt;
+use std::sync::Arc;
 
 use uuid::Uuid;
 
@@ -40,8 +41,10 @@ fn check(s: &str, extra: Option<char>) -> Result<(), IdError> {
 macro_rules! string_id {
     ($(#[$m:meta])* $name:ident) => {
         $(#[$m])*
+        // Shared, not copied: ids are cloned into maps, messages and
+        // connection handles all the time, and a clone is then a count.
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         impl $name {
             pub fn as_str(&self) -> &str {
@@ -83,33 +86,33 @@ string_id!(
 
 impl UserId {
     pub fn parse(s: &str) -> Result<Self, IdError> {
-        check(s, None).map(|()| Self(s.to_owned()))
+        check(s, None).map(|()| Self(s.into()))
     }
 }
 
 impl Topic {
     pub fn parse(s: &str) -> Result<Self, IdError> {
-        check(s, Some('/')).map(|()| Self(s.to_owned()))
+        check(s, Some('/')).map(|()| Self(s.into()))
     }
 }
 
 impl NodeId {
     pub fn random() -> Self {
-        Self(Uuid::new_v4().to_string())
+        Self(Uuid::new_v4().to_string().into())
     }
     /// A node id read back from Redis. It is only compared and used in key
     /// names we build ourselves, so any string read from our own keys will do.
     pub fn from_redis(s: String) -> Self {
-        Self(s)
+        Self(s.into())
     }
 }
 
 impl ConnId {
     pub fn random() -> Self {
-        Self(Uuid::new_v4().to_string())
+        Self(Uuid::new_v4().to_string().into())
     }
     pub fn from_redis(s: String) -> Self {
-        Self(s)
+        Self(s.into())
     }
 }
 
