@@ -112,6 +112,12 @@ pub fn read_reply(v: &Value) -> Vec<(String, Vec<RawEntry>)> {
     }
 }
 
+/// The entries of an `XREAD`/`XREADGROUP` reply, every stream's in turn
+/// (our reads name one stream).
+pub fn read_entries(v: &Value) -> Vec<RawEntry> {
+    read_reply(v).into_iter().flat_map(|(_, e)| e).collect()
+}
+
 /// The millisecond part of a stream id.
 pub fn id_ms(id: &str) -> u64 {
     id.split('-')

@@ -49,10 +49,7 @@ async fn xread(
         .arg(last)
         .query_async(c)
         .await?;
-    Ok(stream::read_reply(&v)
-        .into_iter()
-        .flat_map(|(_, e)| e)
-        .collect())
+    Ok(stream::read_entries(&v))
 }
 
 /// Read the inbox and hand messages to local connections; a message whose

@@ -225,10 +225,7 @@ async fn read_batch(
         .arg(">")
         .query_async(bconn)
         .await?;
-    Ok(stream::read_reply(&v)
-        .into_iter()
-        .flat_map(|(_, e)| e)
-        .collect())
+    Ok(stream::read_entries(&v))
 }
 
 /// The send shards this node routes now, for its routers only (and the
