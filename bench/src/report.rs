@@ -713,7 +713,7 @@ fn redis_cluster_section(w: &mut String, runs: &[Value], cores: usize) {
     );
     let _ = writeln!(
         w,
-        "| Redis | send shards | runs | throughput msg/s, each run | median msg/s | ÷ single Redis, same shards (medians) | lost | dup | p50 / p99 (mean) | CPU % Redis / nodes / bench / other | Redis CPU % per primary, slots low → high (mean) |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| Redis | send shards | runs | throughput msg/s, each run | median msg/s | ÷ single Redis, same shards (medians) | lost | dup | p50 / p99 (mean) | CPU % Redis / nodes / bench / other | Redis CPU % per primary, slots low → high (mean) | node / Redis CPU µs/msg, Redis cmds/msg (mean) |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for (label, redis, shards) in RC_RUNS {
         let rs = get_all(runs, label);
@@ -754,7 +754,7 @@ fn redis_cluster_section(w: &mut String, runs: &[Value], cores: usize) {
             .unwrap_or("–".into());
         let _ = writeln!(
             w,
-            "| {redis} | {shards} | {} | {} | {} | {} | {} | {} | {} / {} | {} / {} / {} / {} | {per_primary} |",
+            "| {redis} | {shards} | {} | {} | {} | {} | {} | {} | {} / {} | {} / {} / {} / {} | {per_primary} | {} / {} / {} |",
             rs.len(),
             each.join(" / "),
             t.map(|t| group(t.round() as i64)).unwrap_or("–".into()),
@@ -771,6 +771,9 @@ fn redis_cluster_section(w: &mut String, runs: &[Value], cores: usize) {
             c("nodes_pct"),
             c("bench_pct"),
             c("other_pct"),
+            opt1(&avg(&|r: &Value| &r["node_cpu_us_per_msg"]).map_or(Value::Null, Value::from)),
+            opt1(&avg(&|r: &Value| &r["redis_cpu_us_per_msg"]).map_or(Value::Null, Value::from)),
+            opt2(&avg(&|r: &Value| &r["redis_commands_per_msg"]).map_or(Value::Null, Value::from)),
         );
     }
     let _ = writeln!(w);
