@@ -551,30 +551,49 @@ async fn sigkill_reaper_takes_its_users_offline() {
     wait_applied(&redis, a_only, 2, "users only on the dead node offline").await;
 
     let evs = events(&redis);
-    for u in a_only {
-        let seq = applied(&evs, u);
+    let elsewhere: Vec<String> = shared.iter().chain(&b_only).cloned().collect();
+    only_theirs_went_offline(&evs, &nodes[1], &a_id, a_only, &elsewhere, Some(&conn_on_a)).await;
+}
+
+/// After node `gone` ended: each user of `gone_only` (connected only there)
+/// went online then offline, the offline naming `gone` (and the user's
+/// conn there, when `conns` has it); each of `elsewhere` (also connected to
+/// `survivor`) is still just online; presence on `survivor` agrees.
+async fn only_theirs_went_offline(
+    evs: &[Ev],
+    survivor: &NodeProc,
+    gone: &str,
+    gone_only: &[String],
+    elsewhere: &[String],
+    conns: Option<&HashMap<String, String>>,
+) {
+    for u in gone_only {
+        let seq = applied(evs, u);
         assert_eq!(
-            types(&evs, u),
+            types(evs, u),
             ["online", "offline"],
             "{u}: [{}]",
             describe(&seq)
         );
-        assert_eq!(seq[1].get("node"), a_id, "{u}: offline names the dead node");
-        assert_eq!(seq[1].get("conn"), conn_on_a[u], "{u}: and its conn");
+        assert_eq!(seq[1].get("node"), gone, "{u}: offline names the node");
+        if let Some(c) = conns {
+            assert_eq!(seq[1].get("conn"), c[u], "{u}: and its conn");
+        }
     }
-    for u in shared.iter().chain(&b_only) {
+    for u in elsewhere {
         assert_eq!(
-            types(&evs, u),
+            types(evs, u),
             ["online"],
             "{u} still has a connection on the survivor: [{}]",
-            describe(&applied(&evs, u))
+            describe(&applied(evs, u))
         );
     }
-    let p = presence(&nodes[1], &all).await;
-    for u in a_only {
+    let all: Vec<String> = gone_only.iter().chain(elsewhere).cloned().collect();
+    let p = presence(survivor, &all).await;
+    for u in gone_only {
         assert_eq!(p[u], 0, "{u}");
     }
-    for u in shared.iter().chain(&b_only) {
+    for u in elsewhere {
         assert_eq!(p[u], 1, "{u}");
     }
 }
@@ -626,31 +645,8 @@ async fn drain_takes_its_users_offline() {
         node_events(&evs, "node_reaped", &a_id).is_empty(),
         "a drain that finished is node_left, not node_reaped"
     );
-    for u in a_only {
-        let seq = applied(&evs, u);
-        assert_eq!(
-            types(&evs, u),
-            ["online", "offline"],
-            "{u}: [{}]",
-            describe(&seq)
-        );
-        assert_eq!(seq[1].get("node"), a_id, "{u}");
-    }
-    for u in shared.iter().chain(&b_only) {
-        assert_eq!(
-            types(&evs, u),
-            ["online"],
-            "{u}: [{}]",
-            describe(&applied(&evs, u))
-        );
-    }
-    let p = presence(&nodes[1], &all).await;
-    for u in a_only {
-        assert_eq!(p[u], 0, "{u}");
-    }
-    for u in shared.iter().chain(&b_only) {
-        assert_eq!(p[u], 1, "{u}");
-    }
+    let elsewhere: Vec<String> = shared.iter().chain(&b_only).cloned().collect();
+    only_theirs_went_offline(&evs, &nodes[1], &a_id, a_only, &elsewhere, None).await;
     for p in &mut peers_b {
         p.assert_open(Duration::ZERO, "on the survivor").await;
     }
