@@ -5,12 +5,13 @@
 //! Each connection has a bounded outbox: delivery never waits for a slow
 //! client, it closes it instead (its queued messages are routed again).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
+use smallvec::SmallVec;
 use tokio::sync::Notify;
 
 use crate::ack::AckGuard;
@@ -164,7 +165,9 @@ pub struct ConnHandle {
     close_code: AtomicU16,
     /// The app's reason for a close it asked for (contract §10).
     close_reason: Mutex<Option<String>>,
-    topics: Mutex<HashSet<Topic>>,
+    /// Its subscriptions (at most `--max-topics-per-conn`, 64 by default:
+    /// a vector, which costs nothing while empty).
+    topics: Mutex<Vec<Topic>>,
     /// Set once the mailbox has been written. Before that a full outbox
     /// means the mailbox is still going out, not that the client is slow.
     ready: std::sync::atomic::AtomicBool,
@@ -187,7 +190,7 @@ impl ConnHandle {
             closing: Notify::new(),
             close_code: AtomicU16::new(1000),
             close_reason: Mutex::new(None),
-            topics: Mutex::new(HashSet::new()),
+            topics: Mutex::new(Vec::new()),
             ready: std::sync::atomic::AtomicBool::new(false),
             registered_as: Mutex::new(None),
             mailbox_wanted: std::sync::atomic::AtomicBool::new(false),
@@ -287,10 +290,14 @@ impl ConnHandle {
 }
 
 /// All connections of this node.
+/// A user's connections on this node: most users have one, held inline
+/// (no allocation per user, none to copy them out for a delivery).
+pub type UserConns = SmallVec<[Arc<ConnHandle>; 1]>;
+
 #[derive(Default)]
 pub struct Registry {
     conns: DashMap<ConnId, Arc<ConnHandle>>,
-    users: DashMap<UserId, Vec<Arc<ConnHandle>>>,
+    users: DashMap<UserId, UserConns>,
     topics: DashMap<Topic, Vec<Arc<ConnHandle>>>,
 }
 
@@ -326,7 +333,7 @@ impl Registry {
         let topics: Vec<Topic> = h
             .topics
             .lock()
-            .map(|mut t| t.drain().collect())
+            .map(|mut t| std::mem::take(&mut *t))
             .unwrap_or_default();
         for t in topics {
             self.topics.remove_if_mut(&t, |_, v| {
@@ -349,7 +356,7 @@ impl Registry {
         self.conns.get(conn).map(|e| e.value().clone())
     }
 
-    pub fn user_conns(&self, user: &UserId) -> Vec<Arc<ConnHandle>> {
+    pub fn user_conns(&self, user: &UserId) -> UserConns {
         self.users.get(user).map(|v| v.clone()).unwrap_or_default()
     }
 
@@ -402,7 +409,7 @@ impl Registry {
             if t.len() >= max {
                 return false;
             }
-            t.insert(topic.clone());
+            t.push(topic.clone());
         }
         self.topics
             .entry(topic.clone())
@@ -415,7 +422,13 @@ impl Registry {
         let had = h
             .topics
             .lock()
-            .map(|mut t| t.remove(topic))
+            .map(|mut t| match t.iter().position(|x| x == topic) {
+                Some(i) => {
+                    t.swap_remove(i);
+                    true
+                }
+                None => false,
+            })
             .unwrap_or(false);
         if had {
             self.topics.remove_if_mut(topic, |_, v| {
