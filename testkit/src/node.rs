@@ -151,9 +151,11 @@ impl NodeProcess {
     fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            // Exited first: whatever answers on the port is not this node.
+            // Ready once the listening socket on the port is this child's
+            // (another process that took the port may answer too) and it
+            // answers `/healthz`.
             let exited = self.child.try_wait().ok().flatten();
-            if exited.is_none() && healthz_ok(&self.addr) {
+            if exited.is_none() && listens_on(self.pid(), &self.addr) && healthz_ok(&self.addr) {
                 return Ok(());
             }
             if exited.is_some() || Instant::now() > deadline {
@@ -237,6 +239,37 @@ impl Drop for NodeProcess {
     }
 }
 
+/// Process `pid` holds the socket listening on `addr`'s port (Linux: the
+/// LISTEN entry of `/proc/net/tcp` for the port, and one of the process's
+/// descriptors naming its inode).
+fn listens_on(pid: i32, addr: &str) -> bool {
+    let Some(port) = addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()) else {
+        return false;
+    };
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = f.get(1)?.rsplit(':').next()?;
+            let inode = f.get(9)?;
+            (u16::from_str_radix(local_port, 16).ok()? == port && *f.get(3)? == "0A")
+                .then(|| format!("socket:[{inode}]"))
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .map(|l| inodes.iter().any(|i| l.to_string_lossy() == i.as_str()))
+            .unwrap_or(false)
+    })
+}
+
 /// `GET /healthz` on `addr` answers 200 (a short blocking check).
 fn healthz_ok(addr: &str) -> bool {
     let Ok(sa) = addr.parse::<std::net::SocketAddr>() else {
@@ -261,4 +294,23 @@ fn healthz_ok(addr: &str) -> bool {
         }
     }
     head[..n].starts_with(b"HTTP/1.1 200")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listens_on;
+
+    /// The owner of a listening socket is told apart from another process
+    /// (here: this test's parent), and a closed port from an open one.
+    #[test]
+    fn listening_socket_owner() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let me = std::process::id() as i32;
+        assert!(listens_on(me, &addr), "this process listens on {addr}");
+        let parent = std::os::unix::process::parent_id() as i32;
+        assert!(!listens_on(parent, &addr), "the parent does not");
+        drop(l);
+        assert!(!listens_on(me, &addr), "closed: nobody listens");
+    }
 }
