@@ -34,20 +34,37 @@ for u in "${urls[@]}"; do
   for _ in $(seq 100); do curl -sf "http://$u/readyz" >/dev/null && break; sleep 0.1; done
 done
 cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }   # clock ticks
+# Context switches of every thread of a process (wake-ups, issue 16).
+ctx() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {s += $2} END {print s + 0}'; }
 ticks=$(getconf CLK_TCK)
 n0=0; for p in "${pids[@]}"; do n0=$((n0 + $(cpu "$p"))); done
 r0=$(cpu "$RPID")
+c0=0; for p in "${pids[@]}"; do c0=$((c0 + $(ctx "$p"))); done
 redis-cli -p "$RP" config resetstat >/dev/null
 IFS=,; WS="${urls[*]}"; unset IFS
+# SYSCALLS=1: count the nodes' system calls by kind while the bench runs.
+if [ -n "${SYSCALLS:-}" ]; then
+  IFS=,; PIDS="${pids[*]}"; unset IFS
+  ev=raw_syscalls:sys_enter,context-switches
+  for c in sendto recvfrom write writev read epoll_wait futex sched_yield; do ev="$ev,syscalls:sys_enter_$c"; done
+  perf stat -e "$ev" -p "$PIDS" -o "$DIR/perf.out" &
+  PERF=$!
+fi
 "$T/release/wscluster-bench" s1 --ws-urls "$WS" --redis-url "redis://127.0.0.1:$RP" \
   --users "$USERS" --rate "$RATE" --messages "$MESSAGES" | tee "$DIR/bench.out"
 n1=0; for p in "${pids[@]}"; do n1=$((n1 + $(cpu "$p"))); done
 r1=$(cpu "$RPID")
+if [ -n "${SYSCALLS:-}" ]; then
+  kill -INT "$PERF"; wait "$PERF" || true
+  d=$(grep -o 'delivered [0-9]*' "$DIR/bench.out" | head -1 | awk '{print $2}')
+  awk -v d="$d" '/syscalls|context-switches/ {gsub(",", "", $1); printf "  %s %.2f/msg\n", $2, $1 / d}' "$DIR/perf.out"
+fi
+c1=0; for p in "${pids[@]}"; do c1=$((c1 + $(ctx "$p"))); done
 redis-cli -p "$RP" info commandstats >"$DIR/commandstats"
 delivered=$(grep -o 'delivered [0-9]*' "$DIR/bench.out" | head -1 | awk '{print $2}')
-python3 - "$DIR/commandstats" "$delivered" "$((n1 - n0))" "$((r1 - r0))" "$ticks" <<'PY'
+python3 - "$DIR/commandstats" "$delivered" "$((n1 - n0))" "$((r1 - r0))" "$ticks" "$((c1 - c0))" <<'PY'
 import sys, re
-path, delivered, nticks, rticks, hz = sys.argv[1], int(sys.argv[2] or 0), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+path, delivered, nticks, rticks, hz, ctxs = sys.argv[1], int(sys.argv[2] or 0), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 calls, usec = {}, {}
 for line in open(path):
     m = re.match(r"cmdstat_(\S+):calls=(\d+),usec=(\d+)", line)
@@ -55,7 +72,7 @@ for line in open(path):
 total = sum(calls.values())
 d = max(delivered, 1)
 print(f"  delivered {delivered}: node CPU {nticks / hz * 1e6 / d:.1f} µs/msg, redis CPU {rticks / hz * 1e6 / d:.1f} µs/msg, "
-      f"redis commands {total / d:.2f}/msg")
+      f"redis commands {total / d:.2f}/msg, node context switches {ctxs / d:.2f}/msg")
 print("  calls per msg: " + ", ".join(f"{k} {v / d:.2f}" for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v / d >= 0.01))
 print("  Redis µs per msg (commandstats; a script's time includes its calls): " + ", ".join(f"{k} {v / d:.2f}" for k, v in sorted(usec.items(), key=lambda kv: -kv[1]) if v / d >= 0.05))
 PY
