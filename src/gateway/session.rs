@@ -468,9 +468,11 @@ struct PageAcks {
     live: std::collections::VecDeque<(u64, Outgoing)>,
     /// The token of the ping that follows the batch being written.
     live_token: Option<u64>,
-    /// Held messages no ping has followed yet, since when: a ping goes
-    /// out with a later batch, or on its own once [`PING_EVERY`] passed.
-    unpinged_since: Option<tokio::time::Instant>,
+    /// Written messages no ping has followed yet: a ping goes out with a
+    /// later batch, or on its own, [`PING_EVERY`] after the last ping.
+    unpinged: bool,
+    /// When the last ping went out: at most one per [`PING_EVERY`].
+    last_ping: Option<tokio::time::Instant>,
 }
 
 impl PageAcks {
@@ -493,34 +495,39 @@ impl PageAcks {
         Some(bytes::Bytes::copy_from_slice(&self.next.to_be_bytes()))
     }
 
-    /// The ping to follow a batch of live frames: one per [`PING_EVERY`]
-    /// at most (a pong confirms everything before it), or when many wait.
-    /// Messages without a ping of their own are held under the next one.
+    /// The ping to follow a batch of live frames. On a quiet connection
+    /// (no ping for [`PING_EVERY`]) it goes in the same write as the
+    /// frames: at everyday rates a user's messages are further apart than
+    /// that, and a ping of its own would cost a timer, a wake-up and a
+    /// write per message (issue 16). While messages flow, one ping per
+    /// [`PING_EVERY`] at most (a pong confirms everything before it), or
+    /// when many wait; the others are held under the next one.
     fn live(&mut self, batch: &[Outgoing]) -> Option<bytes::Bytes> {
         let has_msgs = batch.iter().any(|o| o.msg.is_some());
         self.live_token = has_msgs.then_some(self.next + 1);
         if !has_msgs {
             return None;
         }
-        let since = *self
-            .unpinged_since
-            .get_or_insert_with(tokio::time::Instant::now);
-        if since.elapsed() < PING_EVERY && self.live.len() < PING_AFTER {
-            return None;
+        let quiet = self.last_ping.is_none_or(|t| t.elapsed() >= PING_EVERY);
+        if quiet || self.live.len() >= PING_AFTER {
+            return Some(self.ping());
         }
-        Some(self.ping())
+        self.unpinged = true;
+        None
     }
 
     /// A ping now: it confirms every message held so far.
     fn ping(&mut self) -> bytes::Bytes {
         self.next += 1;
-        self.unpinged_since = None;
+        self.unpinged = false;
+        self.last_ping = Some(tokio::time::Instant::now());
         bytes::Bytes::copy_from_slice(&self.next.to_be_bytes())
     }
 
     /// When held messages need a ping of their own (none followed them).
     fn ping_due(&self) -> Option<tokio::time::Instant> {
-        self.unpinged_since.map(|t| t + PING_EVERY)
+        let last = self.last_ping.unwrap_or_else(tokio::time::Instant::now);
+        self.unpinged.then_some(last + PING_EVERY)
     }
 
     /// The batch's messages are written: hold them until the pong.
