@@ -270,7 +270,7 @@ impl Batch {
 
     /// Add an `EVAL` of `script` on `keys` (which must share a slot); the
     /// caller adds `ARGV`.
-    pub fn eval(&mut self, script: &str, keys: &[&str], keep: bool) -> &mut Cmd {
+    pub fn eval(&mut self, script: &'static str, keys: &[&str], keep: bool) -> &mut Cmd {
         if !one_slot(keys) && self.error.is_none() {
             self.error = Some(cross_slot(keys));
         }
