@@ -9,6 +9,11 @@ use tracing_subscriber::EnvFilter;
 use wscluster::config::{Args, Config, LogFormat};
 use wscluster::{Node, shutdown};
 
+/// jemalloc rather than glibc's malloc: malloc/free were ~17 % of a
+/// node's CPU at everyday rates (issue 16's profile); see BENCHMARKS.md.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     // rediss:// uses rustls; pick its crypto provider once for the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
