@@ -8,6 +8,7 @@
 #   scripts/bench-cost.sh                         # 3 nodes, 600 users, 5000 msg/s, 20000 messages
 #   RATE=1000 MESSAGES=10000 scripts/bench-cost.sh
 #   NODE_ARGS="--history-size 0" scripts/bench-cost.sh   # history off
+#   SYSCALLS=1 scripts/bench-cost.sh              # and the nodes' system calls by kind (perf)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NODES=${NODES:-3} USERS=${USERS:-600} RATE=${RATE:-5000} MESSAGES=${MESSAGES:-20000}
