@@ -32,7 +32,8 @@ pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 /// counts as not reading.
 const MAX_UNCONFIRMED: usize = 4 * crate::local::OUTBOX;
 /// At most one confirmation ping per connection per this long while
-/// messages flow (and one this long after the last message).
+/// messages flow; a message on a connection quiet this long takes its ping
+/// with it (see `PageAcks::live`).
 const PING_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 /// …or sooner, when this many messages wait for one.
 const PING_AFTER: usize = 256;
