@@ -25,9 +25,14 @@ need_pkg npm npm
 # redis-server is started per test on a free port; the Debian service is not needed.
 # The workspace: the server (root package), bench/ (wscluster-bench, wsc-lb)
 # and testkit/ (the launchers the tests and the bench share).
+# Every build here leaves out the default `jemalloc` feature (the node's
+# allocator): its C build costs about a minute of CPU and it changes no
+# behaviour; the release builds of bench.sh and chaos.sh have it. All the
+# builds below use the same features, so none rebuilds another's crates.
+F=--no-default-features
 echo "== format and lints"
 cargo fmt --all --check
-cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets $F --quiet -- -D warnings
 
 # Run `cargo test ARGS…`, print the summary lines; on failure the log's
 # tail, and exit with cargo's status.
@@ -51,7 +56,7 @@ run_tests() {
 }
 
 echo "== unit and integration tests (single Redis; tests/redis_cluster.rs on Redis Cluster)"
-run_tests --workspace --all-targets
+run_tests --workspace --all-targets $F
 
 # The core, failure, resume and chaos tests again, each on a fresh 3-primary Redis
 # Cluster (a shorter soak, to keep the suite well under 10 minutes). Left out:
@@ -59,13 +64,13 @@ run_tests --workspace --all-targets
 # tests/redis_cluster.rs kills a cluster primary instead).
 echo "== core, failure, resume and chaos tests on Redis Cluster"
 WSC_TEST_REDIS_CLUSTER=1 CHAOS_SECS=12 CHAOS_MESSAGES=10000 \
-  run_tests --test core --test failure --test resume --test chaos -- \
+  run_tests $F --test core --test failure --test resume --test chaos -- \
   --skip redis_restart_empty --skip redis_down_at_boot
 
 echo "== benchmark tool smoke run (figures printed, never asserted as timings)"
 # The bench starts the wscluster binary built next to it.
-cargo build --quiet -p wscluster --bin wscluster
-cargo run --quiet -p wscluster-bench --bin wscluster-bench -- smoke
+cargo build --quiet -p wscluster --bin wscluster $F
+cargo run --quiet -p wscluster-bench --bin wscluster-bench $F -- smoke
 
 if [ -x scripts/chart-check.sh ]; then
   echo "== helm chart"

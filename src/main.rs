@@ -11,6 +11,7 @@ use wscluster::{Node, shutdown};
 
 /// jemalloc rather than glibc's malloc: malloc/free were ~17 % of a
 /// node's CPU at everyday rates (issue 16's profile); see BENCHMARKS.md.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
