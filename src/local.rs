@@ -289,11 +289,11 @@ impl ConnHandle {
     }
 }
 
-/// All connections of this node.
 /// A user's connections on this node: most users have one, held inline
 /// (no allocation per user, none to copy them out for a delivery).
 pub type UserConns = SmallVec<[Arc<ConnHandle>; 1]>;
 
+/// All connections of this node.
 #[derive(Default)]
 pub struct Registry {
     conns: DashMap<ConnId, Arc<ConnHandle>>,

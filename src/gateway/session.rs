@@ -527,8 +527,10 @@ impl PageAcks {
 
     /// When held messages need a ping of their own (none followed them).
     fn ping_due(&self) -> Option<tokio::time::Instant> {
-        let last = self.last_ping.unwrap_or_else(tokio::time::Instant::now);
-        self.unpinged.then_some(last + PING_EVERY)
+        // Held messages imply a ping within the last PING_EVERY (see `live`).
+        self.last_ping
+            .filter(|_| self.unpinged)
+            .map(|t| t + PING_EVERY)
     }
 
     /// The batch's messages are written: hold them until the pong.
@@ -732,4 +734,48 @@ where
 fn is_too_big(e: &axum::Error) -> bool {
     let s = e.to_string();
     s.contains("too long") || s.contains("too big") || s.contains("Space limit")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::UserId;
+    use crate::message::{Message, Target};
+
+    fn batch() -> Vec<Outgoing> {
+        let to = UserId::parse("u").expect("user id");
+        let m = Message::new("1-0".into(), Target::User(to), None, "1".into(), 0);
+        vec![Outgoing {
+            text: "{}".into(),
+            msg: Some(Arc::new(m)),
+            guard: None,
+        }]
+    }
+
+    /// A message on a quiet connection takes its ping along; while messages
+    /// flow, at most one ping per PING_EVERY, the held ones pinged on time.
+    #[tokio::test(start_paused = true)]
+    async fn pings_ride_along_when_quiet_and_are_rate_limited() {
+        let mut acks = PageAcks::default();
+        assert!(
+            acks.live(&batch()).is_some(),
+            "quiet: ping in the same write"
+        );
+        assert_eq!(acks.ping_due(), None, "nothing held");
+        tokio::time::advance(std::time::Duration::from_millis(10)).await;
+        assert!(acks.live(&batch()).is_none(), "10 ms after a ping: held");
+        let due = acks.ping_due().expect("held messages get a ping");
+        assert_eq!(
+            due,
+            acks.last_ping.expect("a ping went out") + PING_EVERY,
+            "due PING_EVERY after the last ping"
+        );
+        tokio::time::advance(PING_EVERY).await;
+        assert!(acks.live(&batch()).is_some(), "quiet again: ping along");
+        assert_eq!(acks.ping_due(), None, "the ping covered the held ones");
+        // A control frame alone is not followed by a ping.
+        let control = vec![Outgoing::control("{}".into())];
+        tokio::time::advance(PING_EVERY).await;
+        assert!(acks.live(&control).is_none());
+    }
 }
