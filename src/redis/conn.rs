@@ -22,6 +22,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use redis::{AsyncConnectionConfig, Cmd, ErrorKind, RedisError, RedisFuture, RedisResult, Value};
 
+use super::mux::Mux;
 use super::slots::{SlotCache, SlotMap, slot_of};
 pub use super::slots::{cross_slot, one_slot};
 use crate::config::{Config, split_urls};
@@ -43,7 +44,11 @@ pub const MAX_BLOCK: Duration = Duration::from_secs(1);
 /// A connection to a single Redis or to a Redis Cluster.
 #[derive(Clone)]
 pub enum Conn {
-    /// Single Redis, multiplexed and reconnecting by itself.
+    /// Single Redis over plain TCP: multiplexed, reconnecting by itself,
+    /// with a reply reader of our own (see [`super::mux`]).
+    Mux(Mux),
+    /// Single Redis over TLS or a Unix socket, multiplexed and reconnecting
+    /// by itself.
     Managed(ConnectionManager),
     /// Single Redis, for a blocking reader (reconnected by its owner).
     Direct(MultiplexedConnection),
@@ -72,6 +77,7 @@ impl Conn {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
+            Conn::Mux(c) => c.req_packed_command(cmd),
             Conn::Managed(c) => c.req_packed_command(cmd),
             Conn::Direct(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.conn.req_packed_command(cmd),
@@ -85,6 +91,7 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
+            Conn::Mux(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Managed(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Direct(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.conn.req_packed_commands(pipeline, offset, count),
@@ -93,6 +100,7 @@ impl ConnectionLike for Conn {
 
     fn get_db(&self) -> i64 {
         match self {
+            Conn::Mux(c) => c.get_db(),
             Conn::Managed(c) => c.get_db(),
             Conn::Direct(c) => c.get_db(),
             Conn::Cluster(c) => c.conn.get_db(),
@@ -144,6 +152,18 @@ impl Connector {
     /// commands.
     pub async fn shared(&self) -> RedisResult<Conn> {
         match self {
+            Connector::Single(client) if Mux::supports(client.get_connection_info()) => {
+                let mut conn = Conn::Mux(
+                    Mux::connect(
+                        client.get_connection_info(),
+                        CONNECT_TIMEOUT,
+                        RESPONSE_TIMEOUT,
+                    )
+                    .await?,
+                );
+                crate::redis::lua::load_all(&mut conn).await?;
+                Ok(conn)
+            }
             Connector::Single(client) => {
                 let cfg = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -176,6 +196,16 @@ impl Connector {
     /// a blocking command would stall.
     pub async fn blocking(&self) -> RedisResult<Conn> {
         match self {
+            Connector::Single(client) if Mux::supports(client.get_connection_info()) => {
+                Ok(Conn::Mux(
+                    Mux::connect(
+                        client.get_connection_info(),
+                        CONNECT_TIMEOUT,
+                        BLOCKING_RESPONSE_TIMEOUT,
+                    )
+                    .await?,
+                ))
+            }
             Connector::Single(client) => {
                 let cfg = AsyncConnectionConfig::new()
                     .set_response_timeout(Some(BLOCKING_RESPONSE_TIMEOUT))
