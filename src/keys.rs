@@ -24,6 +24,24 @@ impl Keys {
         &self.prefix
     }
 
+    /// `<p>:<kind>:{<tag>}[:<suffix>]`, built in one allocation: the
+    /// routing path makes several per message (issue 16).
+    fn tagged(&self, kind: &str, tag: &str, suffix: Option<&str>) -> String {
+        let extra = suffix.map_or(0, |x| x.len() + 1);
+        let mut k = String::with_capacity(self.prefix.len() + kind.len() + tag.len() + extra + 4);
+        k.push_str(&self.prefix);
+        k.push(':');
+        k.push_str(kind);
+        k.push_str(":{");
+        k.push_str(tag);
+        k.push('}');
+        if let Some(x) = suffix {
+            k.push(':');
+            k.push_str(x);
+        }
+        k
+    }
+
     /// ZSET of live nodes, score = lease expiry (Unix ms, Redis clock).
     pub fn nodes(&self) -> String {
         format!("{}:nodes", self.prefix)
@@ -31,18 +49,18 @@ impl Keys {
 
     /// The node's inbox stream.
     pub fn inbox(&self, node: &NodeId) -> String {
-        format!("{}:inbox:{{{}}}", self.prefix, node)
+        self.tagged("inbox", node.as_str(), None)
     }
 
     /// Per-node index of its connections (conn id → user id), so a reaper
     /// finds a dead node's sessions without `SCAN`. Same slot as the inbox.
     pub fn node_conns(&self, node: &NodeId) -> String {
-        format!("{}:conns:{{{}}}", self.prefix, node)
+        self.tagged("conns", node.as_str(), None)
     }
 
     /// Reap lock on a node; same slot as the node's inbox.
     pub fn reap_lock(&self, node: &NodeId) -> String {
-        format!("{}:reaping:{{{}}}", self.prefix, node)
+        self.tagged("reaping", node.as_str(), None)
     }
 
     /// Each node's release (node id → version), written when it joins and
@@ -68,47 +86,47 @@ impl Keys {
 
     /// Connections of a user: conn id → node id.
     pub fn user(&self, user: &UserId) -> String {
-        format!("{}:user:{{{}}}", self.prefix, user)
+        self.tagged("user", user.as_str(), None)
     }
 
     /// Offline messages of a user.
     pub fn mailbox(&self, user: &UserId) -> String {
-        format!("{}:mailbox:{{{}}}", self.prefix, user)
+        self.tagged("mailbox", user.as_str(), None)
     }
 
     /// Payload bytes held by a user's mailbox (`--mailbox-max-bytes`).
     pub fn mailbox_bytes(&self, user: &UserId) -> String {
-        format!("{}:mailbox-bytes:{{{}}}", self.prefix, user)
+        self.tagged("mailbox-bytes", user.as_str(), None)
     }
 
     /// A user's history (contract §9): the newest messages, stream ids
     /// `0-<seq>`.
     pub fn history(&self, user: &UserId) -> String {
-        format!("{}:history:{{{}}}", self.prefix, user)
+        self.tagged("history", user.as_str(), None)
     }
 
     /// A user's history position: hash `epoch`, `seq` (contract §9).
     pub fn seq(&self, user: &UserId) -> String {
-        format!("{}:seq:{{{}}}", self.prefix, user)
+        self.tagged("seq", user.as_str(), None)
     }
 
     /// An idempotency key of a user's (contract §4): holds the id of the
     /// first message sent with it.
     pub fn idem(&self, user: &UserId, key: &str) -> String {
-        format!("{}:idem:{{{}}}:{}", self.prefix, user, key)
+        self.tagged("idem", user.as_str(), Some(key))
     }
 
     /// A user's presence (contract §10): hash `state` (on/off), `n`,
     /// `conn`, `node`, `at` of the last transition, `pend` while its event
     /// is not known to be in the events stream.
     pub fn presence(&self, user: &UserId) -> String {
-        format!("{}:presence:{{{}}}", self.prefix, user)
+        self.tagged("presence", user.as_str(), None)
     }
 
     /// Closes the app asked for that wait for a connection to be
     /// registered again (its node was being reaped): conn id → "code:reason".
     pub fn closes(&self, user: &UserId) -> String {
-        format!("{}:closes:{{{}}}", self.prefix, user)
+        self.tagged("closes", user.as_str(), None)
     }
 
     /// Users online (score: the `n` of their last transition) and offline
@@ -127,7 +145,7 @@ impl Keys {
     /// in the mailbox until written); its reaper still routes what a node
     /// of the previous release left there.
     pub fn taking(&self, user: &UserId, conn: &ConnId) -> String {
-        format!("{}:taking:{{{}}}:{}", self.prefix, user, conn)
+        self.tagged("taking", user.as_str(), Some(conn.as_str()))
     }
 
     /// Dead letters.

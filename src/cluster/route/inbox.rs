@@ -39,16 +39,15 @@ async fn xread(
         Some(c) => c,
         None => redis.insert(ctx.blocking_conn().await?),
     };
-    let v: Value = redis::cmd("XREAD")
-        .arg("COUNT")
+    let mut read = redis::cmd("XREAD");
+    read.arg("COUNT")
         .arg(BATCH)
         .arg("BLOCK")
         .arg(block_ms(ctx))
         .arg("STREAMS")
         .arg(key)
-        .arg(last)
-        .query_async(c)
-        .await?;
+        .arg(last);
+    let v = c.value(&read).await?;
     Ok(stream::read_entries(&v))
 }
 

@@ -212,8 +212,8 @@ async fn read_batch(
     me: &NodeId,
     block: Duration,
 ) -> Result<Vec<RawEntry>, redis::RedisError> {
-    let v: Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
+    let mut read = redis::cmd("XREADGROUP");
+    read.arg("GROUP")
         .arg(ROUTER_GROUP)
         .arg(me.as_str())
         .arg("COUNT")
@@ -222,9 +222,8 @@ async fn read_batch(
         .arg(block.as_millis() as u64)
         .arg("STREAMS")
         .arg(key)
-        .arg(">")
-        .query_async(bconn)
-        .await?;
+        .arg(">");
+    let v = bconn.value(&read).await?;
     Ok(stream::read_entries(&v))
 }
 
