@@ -22,7 +22,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use redis::{AsyncConnectionConfig, Cmd, ErrorKind, RedisError, RedisFuture, RedisResult, Value};
 
-use super::mux::Mux;
+use super::mux::{Mux, Solo};
 use super::slots::{SlotCache, SlotMap, slot_of};
 pub use super::slots::{cross_slot, one_slot};
 use crate::config::{Config, split_urls};
@@ -47,6 +47,9 @@ pub enum Conn {
     /// Single Redis over plain TCP: multiplexed, reconnecting by itself,
     /// with a reply reader of our own (see [`super::mux`]).
     Mux(Mux),
+    /// Single Redis over plain TCP, one owner's: a blocking reader's
+    /// (see [`super::mux::Solo`]).
+    Solo(Solo),
     /// Single Redis over TLS or a Unix socket, multiplexed and reconnecting
     /// by itself.
     Managed(ConnectionManager),
@@ -89,6 +92,7 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Mux(c) => c.req_packed_command(cmd),
+            Conn::Solo(c) => c.req_packed_command(cmd),
             Conn::Managed(c) => c.req_packed_command(cmd),
             Conn::Direct(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.conn.req_packed_command(cmd),
@@ -103,6 +107,7 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Mux(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Solo(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Managed(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Direct(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.conn.req_packed_commands(pipeline, offset, count),
@@ -112,6 +117,7 @@ impl ConnectionLike for Conn {
     fn get_db(&self) -> i64 {
         match self {
             Conn::Mux(c) => c.get_db(),
+            Conn::Solo(c) => c.get_db(),
             Conn::Managed(c) => c.get_db(),
             Conn::Direct(c) => c.get_db(),
             Conn::Cluster(c) => c.conn.get_db(),
@@ -163,7 +169,7 @@ impl Connector {
     /// commands.
     pub async fn shared(&self) -> RedisResult<Conn> {
         match self {
-            Connector::Single(client) if Mux::supports(client.get_connection_info()) => {
+            Connector::Single(client) if super::mux::supports(client.get_connection_info()) => {
                 let mut conn = Conn::Mux(
                     Mux::connect(
                         client.get_connection_info(),
@@ -207,9 +213,9 @@ impl Connector {
     /// a blocking command would stall.
     pub async fn blocking(&self) -> RedisResult<Conn> {
         match self {
-            Connector::Single(client) if Mux::supports(client.get_connection_info()) => {
-                Ok(Conn::Mux(
-                    Mux::connect(
+            Connector::Single(client) if super::mux::supports(client.get_connection_info()) => {
+                Ok(Conn::Solo(
+                    Solo::connect(
                         client.get_connection_info(),
                         CONNECT_TIMEOUT,
                         BLOCKING_RESPONSE_TIMEOUT,

@@ -22,11 +22,12 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::{Instant, MissedTickBehavior, Sleep};
 
 use bytes::{Buf, BytesMut};
 use redis::aio::ConnectionLike;
@@ -51,13 +52,8 @@ const MAX_DEPTH: usize = 16;
 /// timeouts fire up to this late.
 const TICK: Duration = Duration::from_millis(250);
 
-/// A shared, self-healing connection to one Redis. Clones share it.
-#[derive(Clone)]
-pub struct Mux {
-    shared: Arc<Shared>,
-}
-
-struct Shared {
+/// Where a connection goes and how it is opened.
+struct Target {
     host: String,
     port: u16,
     username: Option<String>,
@@ -65,6 +61,16 @@ struct Shared {
     db: i64,
     connect_timeout: Duration,
     response_timeout: Duration,
+}
+
+/// A shared, self-healing connection to one Redis. Clones share it.
+#[derive(Clone)]
+pub struct Mux {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    target: Arc<Target>,
     /// The live connection's task, if any. Never held across an await.
     link: Mutex<Option<Link>>,
     /// One connect at a time.
@@ -89,27 +95,23 @@ struct Req {
 struct Waiting {
     /// When it was written.
     since: Instant,
-    skip: usize,
-    count: usize,
-    got: Vec<Value>,
-    /// An error reply among the skipped ones: a transaction that aborted.
-    skipped_error: Option<ServerError>,
+    wanted: Wanted,
     reply: oneshot::Sender<RedisResult<Vec<Value>>>,
 }
 
-impl Mux {
-    /// Whether a URL's connection can be a `Mux`: plain TCP and RESP2.
-    pub fn supports(info: &ConnectionInfo) -> bool {
-        matches!(info.addr(), ConnectionAddr::Tcp(..))
-            && info.redis_settings().protocol() == ProtocolVersion::RESP2
-    }
+/// Whether a URL's connections can be ours ([`Mux`], [`Solo`]): plain TCP
+/// and RESP2.
+pub fn supports(info: &ConnectionInfo) -> bool {
+    matches!(info.addr(), ConnectionAddr::Tcp(..))
+        && info.redis_settings().protocol() == ProtocolVersion::RESP2
+}
 
-    /// Connects at once (so a bad address or password shows at start).
-    pub async fn connect(
+impl Target {
+    fn new(
         info: &ConnectionInfo,
         connect_timeout: Duration,
         response_timeout: Duration,
-    ) -> RedisResult<Mux> {
+    ) -> RedisResult<Target> {
         let ConnectionAddr::Tcp(host, port) = info.addr() else {
             return Err(RedisError::from((
                 ErrorKind::InvalidClientConfig,
@@ -117,74 +119,41 @@ impl Mux {
             )));
         };
         let r = info.redis_settings();
-        let mux = Mux {
-            shared: Arc::new(Shared {
-                host: host.clone(),
-                port: *port,
-                username: r.username().map(str::to_owned),
-                password: r.password().map(str::to_owned),
-                db: r.db(),
-                connect_timeout,
-                response_timeout,
-                link: Mutex::new(None),
-                connecting: tokio::sync::Mutex::new(()),
-                attempts: AtomicU64::new(0),
-            }),
-        };
-        mux.link().await?;
-        Ok(mux)
+        Ok(Target {
+            host: host.clone(),
+            port: *port,
+            username: r.username().map(str::to_owned),
+            password: r.password().map(str::to_owned),
+            db: r.db(),
+            connect_timeout,
+            response_timeout,
+        })
     }
 
-    /// The live connection, connecting if there is none.
-    async fn link(&self) -> RedisResult<Link> {
-        if let Some(l) = self.live() {
-            return Ok(l);
-        }
-        let seen = self.shared.attempts.load(Ordering::Acquire);
-        let _one = self.shared.connecting.lock().await;
-        if let Some(l) = self.live() {
-            return Ok(l);
-        }
-        if self.shared.attempts.load(Ordering::Acquire) != seen {
-            // Someone tried while we waited, and failed.
-            return Err(io::Error::new(io::ErrorKind::NotConnected, "Redis unreachable").into());
-        }
-        self.shared.attempts.fetch_add(1, Ordering::AcqRel);
-        let sock = tokio::time::timeout(self.shared.connect_timeout, self.open())
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connecting to Redis timed out"))
-            .map_err(RedisError::from)??;
-        let (link, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(drive(sock, rx, self.shared.response_timeout));
-        if let Ok(mut l) = self.shared.link.lock() {
-            *l = Some(link.clone());
-        }
-        Ok(link)
-    }
-
-    fn live(&self) -> Option<Link> {
-        let l = self.shared.link.lock().ok()?;
-        l.as_ref().filter(|l| !l.is_closed()).cloned()
-    }
-
-    /// A connected, authenticated socket on the right database.
+    /// A connected, authenticated socket on the right database, within
+    /// the connect timeout.
     async fn open(&self) -> RedisResult<TcpStream> {
-        let s = &self.shared;
-        let mut sock = TcpStream::connect((s.host.as_str(), s.port)).await?;
+        tokio::time::timeout(self.connect_timeout, self.handshake())
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connecting to Redis timed out"))?
+    }
+
+    async fn handshake(&self) -> RedisResult<TcpStream> {
+        let mut sock = TcpStream::connect((self.host.as_str(), self.port)).await?;
         sock.set_nodelay(true)?;
         let mut hello = Vec::new();
         let mut replies = 0;
-        if let Some(pw) = &s.password {
+        if let Some(pw) = &self.password {
             let mut auth = redis::cmd("AUTH");
-            if let Some(user) = &s.username {
+            if let Some(user) = &self.username {
                 auth.arg(user);
             }
             auth.arg(pw).write_packed_command(&mut hello);
             replies += 1;
         }
-        if s.db != 0 {
+        if self.db != 0 {
             redis::cmd("SELECT")
-                .arg(s.db)
+                .arg(self.db)
                 .write_packed_command(&mut hello);
             replies += 1;
         }
@@ -211,6 +180,55 @@ impl Mux {
             }
         }
         Ok(sock)
+    }
+}
+
+impl Mux {
+    /// Connects at once (so a bad address or password shows at start).
+    pub async fn connect(
+        info: &ConnectionInfo,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> RedisResult<Mux> {
+        let mux = Mux {
+            shared: Arc::new(Shared {
+                target: Arc::new(Target::new(info, connect_timeout, response_timeout)?),
+                link: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+                attempts: AtomicU64::new(0),
+            }),
+        };
+        mux.link().await?;
+        Ok(mux)
+    }
+
+    /// The live connection, connecting if there is none.
+    async fn link(&self) -> RedisResult<Link> {
+        if let Some(l) = self.live() {
+            return Ok(l);
+        }
+        let seen = self.shared.attempts.load(Ordering::Acquire);
+        let _one = self.shared.connecting.lock().await;
+        if let Some(l) = self.live() {
+            return Ok(l);
+        }
+        if self.shared.attempts.load(Ordering::Acquire) != seen {
+            // Someone tried while we waited, and failed.
+            return Err(io::Error::new(io::ErrorKind::NotConnected, "Redis unreachable").into());
+        }
+        self.shared.attempts.fetch_add(1, Ordering::AcqRel);
+        let sock = self.shared.target.open().await?;
+        let (link, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(drive(sock, rx, self.shared.target.response_timeout));
+        if let Ok(mut l) = self.shared.link.lock() {
+            *l = Some(link.clone());
+        }
+        Ok(link)
+    }
+
+    fn live(&self) -> Option<Link> {
+        let l = self.shared.link.lock().ok()?;
+        l.as_ref().filter(|l| !l.is_closed()).cloned()
     }
 
     async fn request(&self, bytes: Vec<u8>, skip: usize, count: usize) -> RedisResult<Vec<Value>> {
@@ -247,7 +265,186 @@ impl ConnectionLike for Mux {
     }
 
     fn get_db(&self) -> i64 {
-        self.shared.db
+        self.shared.target.db
+    }
+}
+
+/// A connection of one owner, for a blocking reader: the exchange happens
+/// in the owner's task, with no hand-off to a connection task and back (two
+/// wake-ups per read fewer). Reconnects by itself on the next command after
+/// an error, a response timeout, or an exchange abandoned half-way (its
+/// reply may still come). A clone is another connection to the same Redis.
+pub struct Solo {
+    target: Arc<Target>,
+    sock: Option<TcpStream>,
+    rbuf: BytesMut,
+    scan: Scan,
+    /// An exchange started and did not finish (its future was dropped).
+    busy: bool,
+    /// The response timeout, reset per exchange: moving a timer's deadline
+    /// later costs next to nothing, a new timer per read does not.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Clone for Solo {
+    fn clone(&self) -> Solo {
+        Solo::lazy(self.target.clone())
+    }
+}
+
+impl Solo {
+    /// Connects at once (so a bad address or password shows at start).
+    pub async fn connect(
+        info: &ConnectionInfo,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> RedisResult<Solo> {
+        let mut solo = Solo::lazy(Arc::new(Target::new(
+            info,
+            connect_timeout,
+            response_timeout,
+        )?));
+        solo.sock = Some(solo.target.open().await?);
+        Ok(solo)
+    }
+
+    fn lazy(target: Arc<Target>) -> Solo {
+        Solo {
+            target,
+            sock: None,
+            rbuf: BytesMut::new(),
+            scan: Scan::default(),
+            busy: false,
+            timer: None,
+        }
+    }
+
+    async fn request(
+        &mut self,
+        bytes: &[u8],
+        skip: usize,
+        count: usize,
+    ) -> RedisResult<Vec<Value>> {
+        if self.busy {
+            self.sock = None;
+        }
+        if self.sock.is_none() {
+            self.rbuf.clear();
+            self.scan = Scan::default();
+            self.sock = Some(self.target.open().await?);
+        }
+        self.busy = true;
+        let deadline = Instant::now() + self.target.response_timeout;
+        let Solo {
+            sock,
+            rbuf,
+            scan,
+            timer,
+            ..
+        } = self;
+        let Some(sock) = sock.as_mut() else {
+            return Err(dropped());
+        };
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        timer.as_mut().reset(deadline);
+        let exchange = async {
+            sock.write_all(bytes).await?;
+            let mut w = Wanted::new(skip, count);
+            loop {
+                while let Some(end) = scan.end(rbuf)? {
+                    let value = build(&rbuf[..end])?;
+                    rbuf.advance(end);
+                    if w.take(value) {
+                        return w.finish();
+                    }
+                }
+                if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
+                    rbuf.reserve(READ_CHUNK);
+                }
+                if sock.read_buf(rbuf).await? == 0 {
+                    return Err(eof());
+                }
+            }
+        };
+        let r = tokio::select! {
+            r = exchange => r,
+            _ = timer.as_mut() => {
+                Err(io::Error::new(io::ErrorKind::TimedOut, "Redis did not answer in time").into())
+            }
+        };
+        self.busy = false;
+        // An error reply is an answer (`Ok` here); any error leaves the
+        // connection in an unknown state.
+        if r.is_err() {
+            self.sock = None;
+        }
+        r
+    }
+}
+
+impl ConnectionLike for Solo {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let mut v = self.request(&cmd.get_packed_command(), 0, 1).await?;
+            v.pop().ok_or_else(dropped)
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            self.request(&pipeline.get_packed_pipeline(), offset, count)
+                .await
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.target.db
+    }
+}
+
+/// The replies one request waits for: `skip` first (a transaction's
+/// `MULTI` and `QUEUED`s), then `count` it returns.
+struct Wanted {
+    skip: usize,
+    count: usize,
+    got: Vec<Value>,
+    /// An error reply among the skipped ones: a transaction that aborted.
+    skipped_error: Option<ServerError>,
+}
+
+impl Wanted {
+    fn new(skip: usize, count: usize) -> Wanted {
+        Wanted {
+            skip,
+            count,
+            got: Vec::with_capacity(count),
+            skipped_error: None,
+        }
+    }
+
+    /// Take the next reply; true once all have come.
+    fn take(&mut self, value: Value) -> bool {
+        if self.skip > 0 {
+            self.skip -= 1;
+            if let Value::ServerError(e) = value {
+                self.skipped_error.get_or_insert(e);
+            }
+        } else {
+            self.got.push(value);
+        }
+        self.skip == 0 && self.got.len() == self.count
+    }
+
+    fn finish(self) -> RedisResult<Vec<Value>> {
+        match self.skipped_error {
+            Some(e) => Err(e.into()),
+            None => Ok(self.got),
+        }
     }
 }
 
@@ -327,10 +524,7 @@ fn queue(req: Req, out: &mut Vec<u8>, waiting: &mut VecDeque<Waiting>) {
     out.extend_from_slice(&req.bytes);
     waiting.push_back(Waiting {
         since: Instant::now(),
-        skip: req.skip,
-        count: req.count,
-        got: Vec::with_capacity(req.count),
-        skipped_error: None,
+        wanted: Wanted::new(req.skip, req.count),
         reply: req.reply,
     });
 }
@@ -350,23 +544,10 @@ fn hand_out(
                 "a reply nobody asked for",
             )));
         };
-        if w.skip > 0 {
-            w.skip -= 1;
-            if let Value::ServerError(e) = value {
-                w.skipped_error.get_or_insert(e);
-            }
-        } else {
-            w.got.push(value);
-        }
-        if w.skip == 0
-            && w.got.len() == w.count
+        if w.wanted.take(value)
             && let Some(w) = waiting.pop_front()
         {
-            let r = match w.skipped_error {
-                Some(e) => Err(e.into()),
-                None => Ok(w.got),
-            };
-            let _ = w.reply.send(r);
+            let _ = w.reply.send(w.wanted.finish());
         }
     }
     Ok(())
@@ -673,6 +854,66 @@ mod tests {
                 Err(e) => panic!("not reconnected after a restart: {e}"),
             }
         }
+    }
+
+    /// A blocking reader's connection: reads answer; a read abandoned
+    /// half-way (its future dropped) does not hand its late reply to the
+    /// next command; a frozen Redis fails a read within the response
+    /// timeout, and the next command connects again.
+    #[tokio::test]
+    async fn solo_answers_forgets_abandoned_reads_and_times_out() {
+        let dir = wscluster_testkit::tmpdir("solo").unwrap();
+        let redis = wscluster_testkit::RedisServer::start(&dir).unwrap();
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut s = Solo::connect(
+            client.get_connection_info(),
+            Duration::from_secs(2),
+            Duration::from_millis(1500),
+        )
+        .await
+        .unwrap();
+        let _: String = redis::cmd("XADD")
+            .arg("s")
+            .arg("1-1")
+            .arg("f")
+            .arg("v")
+            .query_async(&mut s)
+            .await
+            .unwrap();
+        let mut read = redis::cmd("XREAD");
+        read.arg("BLOCK").arg(300).arg("STREAMS").arg("s").arg("0");
+        let v = s.req_packed_command(&read).await.unwrap();
+        assert_eq!(
+            v,
+            redis::parse_redis_value(
+                b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n1-1\r\n*2\r\n$1\r\nf\r\n$1\r\nv\r\n"
+            )
+            .unwrap()
+        );
+
+        let mut wait = redis::cmd("XREAD");
+        wait.arg("BLOCK").arg(300).arg("STREAMS").arg("s").arg("$");
+        let abandoned =
+            tokio::time::timeout(Duration::from_millis(50), s.req_packed_command(&wait)).await;
+        assert!(abandoned.is_err(), "the read should still be blocked");
+        let p: String = redis::cmd("PING").query_async(&mut s).await.unwrap();
+        assert_eq!(p, "PONG");
+
+        let before = client_id_solo(&mut s).await;
+        let pid = redis.pid().unwrap();
+        assert!(wscluster_testkit::signal(pid, libc::SIGSTOP));
+        let frozen =
+            tokio::time::timeout(Duration::from_secs(10), s.req_packed_command(&wait)).await;
+        assert!(wscluster_testkit::signal(pid, libc::SIGCONT));
+        let e = frozen
+            .expect("a frozen Redis must fail the read, not hang it")
+            .unwrap_err();
+        assert!(e.is_timeout(), "{e}");
+        assert_ne!(before, client_id_solo(&mut s).await);
+    }
+
+    async fn client_id_solo(s: &mut Solo) -> i64 {
+        redis::cmd("CLIENT").arg("ID").query_async(s).await.unwrap()
     }
 
     /// The password and database of the URL are used on every connection.
