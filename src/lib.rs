@@ -32,7 +32,9 @@
 //!   each with its bounded outbox: what both the gateway and the back-ends
 //!   deliver to.
 //! - [`redis`]: plumbing: connections and pipelines for a single Redis and
-//!   Redis Cluster, the slot map, the atomic scripts (sent by `EVALSHA`).
+//!   Redis Cluster (on a single Redis over plain TCP, connections and a
+//!   reply reader of our own), the slot map, the atomic scripts (sent by
+//!   `EVALSHA`).
 //! - Leaves: [`config`] (flags and `WSC_*` variables, validated), [`ids`]
 //!   (`NodeId`, `ConnId`, `UserId`, `Topic`, validated before any key),
 //!   [`keys`] (every Redis key name, and the send-shard rule), [`message`]
