@@ -232,6 +232,10 @@ impl Mux {
     }
 
     async fn request(&self, bytes: Vec<u8>, skip: usize, count: usize) -> RedisResult<Vec<Value>> {
+        if skip + count == 0 {
+            // Nothing to send, and no reply would ever come.
+            return Ok(Vec::new());
+        }
         let link = self.link().await?;
         let (reply, answer) = oneshot::channel();
         let req = Req {
@@ -325,6 +329,9 @@ impl Solo {
         skip: usize,
         count: usize,
     ) -> RedisResult<Vec<Value>> {
+        if skip + count == 0 {
+            return Ok(Vec::new());
+        }
         if self.busy {
             self.sock = None;
         }
@@ -812,6 +819,11 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.code(), Some("WRONGTYPE"));
+        // Nothing asked, nothing waited for.
+        let empty = redis::pipe();
+        let none =
+            tokio::time::timeout(Duration::from_secs(2), m.req_packed_commands(&empty, 0, 0)).await;
+        assert_eq!(none.expect("an empty pipeline must not wait"), Ok(vec![]));
         // Many callers at once on one connection, each gets its own reply.
         let calls = (0..200).map(|i| {
             let mut m = m.clone();
