@@ -52,6 +52,16 @@ impl Ctx {
         self.connector.blocking().await
     }
 
+    /// A connection for one loop's sequential commands (see
+    /// [`Connector::own`]), or the node's shared one.
+    pub async fn own_conn(&self) -> Result<Conn, redis::RedisError> {
+        Ok(self
+            .connector
+            .own()
+            .await?
+            .unwrap_or_else(|| self.redis.clone()))
+    }
+
     /// Count a Redis error (logging is left to the caller, once).
     pub fn redis_error(&self) {
         self.metrics.redis_errors.inc();

@@ -208,6 +208,29 @@ impl Connector {
         }
     }
 
+    /// A connection of one owner's, for a loop that sends one command or
+    /// batch at a time (the router): on a single Redis over plain TCP the
+    /// exchange then happens in the owner's task (see
+    /// [`super::mux::Solo`]); elsewhere `None`, and the owner shares the
+    /// node's connection.
+    pub async fn own(&self) -> RedisResult<Option<Conn>> {
+        match self {
+            Connector::Single(client) if super::mux::supports(client.get_connection_info()) => {
+                let mut conn = Conn::Solo(
+                    Solo::connect(
+                        client.get_connection_info(),
+                        CONNECT_TIMEOUT,
+                        RESPONSE_TIMEOUT,
+                    )
+                    .await?,
+                );
+                crate::redis::lua::load_all(&mut conn).await?;
+                Ok(Some(conn))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// A connection for blocking reads (`BLOCK` up to [`MAX_BLOCK`]): a
     /// response timeout far above that, and not a shared connection, which
     /// a blocking command would stall.

@@ -91,7 +91,15 @@ enum Op {
 /// added to an inbox, to a mailbox or to the topic stream. Order is kept
 /// per user.
 pub async fn route(ctx: &Ctx, msgs: Vec<Arc<Message>>) -> Result<(), redis::RedisError> {
-    let mut redis = ctx.redis.clone();
+    route_on(ctx, &mut ctx.redis.clone(), msgs).await
+}
+
+/// [`route`] on a given connection (the router's own).
+pub async fn route_on(
+    ctx: &Ctx,
+    redis: &mut Conn,
+    msgs: Vec<Arc<Message>>,
+) -> Result<(), redis::RedisError> {
     let (topics, mut pending): (Vec<_>, Vec<_>) = msgs
         .into_iter()
         .partition(|m| matches!(m.target, Target::Topic(_)));
@@ -119,7 +127,7 @@ pub async fn route(ctx: &Ctx, msgs: Vec<Arc<Message>>) -> Result<(), redis::Redi
             .arg("MINID")
             .arg("~")
             .arg(horizon);
-        batch.run(&mut redis).await?;
+        batch.run(redis).await?;
     }
     // Each round routes what the previous one could not (a node found gone,
     // a user who just connected, a connection that just closed); the last
@@ -129,7 +137,7 @@ pub async fn route(ctx: &Ctx, msgs: Vec<Arc<Message>>) -> Result<(), redis::Redi
             break;
         }
         let force_mailbox = round == MAX_HOPS;
-        pending = route_round(ctx, &mut redis, pending, force_mailbox).await?;
+        pending = route_round(ctx, redis, pending, force_mailbox).await?;
     }
     Ok(())
 }

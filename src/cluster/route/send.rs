@@ -123,7 +123,10 @@ async fn lead(
 
     // Take over what predecessors (or our own earlier incarnation) left
     // pending, before anything new: their order comes first.
-    claim_pending(ctx, shard, &key, me, 0, lease_until).await?;
+    // The router's commands go one batch at a time: on a connection of its
+    // own they are exchanged in this task, with no hand-offs (issue 16).
+    let mut rconn = ctx.own_conn().await?;
+    claim_pending(ctx, &mut rconn, shard, &key, me, 0, lease_until).await?;
     let mut claimed_at = Instant::now();
 
     let block_ms = (hb / 2).clamp(Duration::from_millis(5), crate::redis::conn::MAX_BLOCK / 2);
@@ -142,7 +145,16 @@ async fn lead(
         // after our takeover claim: entries idle longer than a lease can
         // only be abandoned. Claim them too, every lease TTL.
         if claimed_at.elapsed() >= ttl {
-            claim_pending(ctx, shard, &key, me, ttl.as_millis() as u64, lease_until).await?;
+            claim_pending(
+                ctx,
+                &mut rconn,
+                shard,
+                &key,
+                me,
+                ttl.as_millis() as u64,
+                lease_until,
+            )
+            .await?;
             forget_idle_consumers(ctx, &key, me).await?;
             claimed_at = Instant::now();
         }
@@ -184,7 +196,7 @@ async fn lead(
                 // stay pending for whoever leads next.
                 return Err(RouterError::LeaseLost);
             }
-            route_batch(ctx, shard, &key, entries, false).await?;
+            route_batch(ctx, &mut rconn, shard, &key, entries, false).await?;
             Ok(())
         };
         let (read, routed) = tokio::join!(read_batch(bconn, &key, me, block_ms), routing);
@@ -286,6 +298,7 @@ fn fair_share(ctx: &Ctx) -> usize {
 /// at least `min_idle_ms`, whoever holds it.
 async fn claim_pending(
     ctx: &Arc<Ctx>,
+    rconn: &mut Conn,
     shard: u32,
     key: &str,
     me: &NodeId,
@@ -323,7 +336,7 @@ async fn claim_pending(
             if Instant::now() >= lease_until {
                 return Err(RouterError::LeaseLost);
             }
-            route_batch(ctx, shard, key, claimed, true).await?;
+            route_batch(ctx, rconn, shard, key, claimed, true).await?;
         }
         if next == "0-0" || next.is_empty() {
             break;
@@ -375,11 +388,12 @@ async fn ensure_group(ctx: &Ctx, key: &str) -> Result<(), redis::RedisError> {
 }
 
 /// Route one batch read from the send stream: bad entries to `<p>:dead`,
-/// the rest through [`super::route`]; acknowledge and delete them all once
+/// the rest through [`super::route_on`], on `redis`; acknowledge and delete them all once
 /// every hand-off is done. `repeat`: claimed from a pending list, so they
 /// may have been routed (and numbered) before.
 async fn route_batch(
     ctx: &Arc<Ctx>,
+    redis: &mut Conn,
     shard: u32,
     key: &str,
     entries: Vec<RawEntry>,
@@ -401,7 +415,6 @@ async fn route_batch(
             Err(r) => dead.push((e, r)),
         }
     }
-    let mut redis = ctx.redis.clone();
     if !dead.is_empty() {
         let dead_key = ctx.keys.dead();
         let mut batch = Batch::new();
@@ -421,7 +434,7 @@ async fn route_batch(
                 .arg("entry")
                 .arg(e.fields_json());
         }
-        batch.run(&mut redis).await?;
+        batch.run(redis).await?;
         ctx.metrics.dead.inc_by(dead.len() as u64);
         for (e, reason) in &dead {
             tracing::warn!(stream = key, id = %e.id, reason = reason.code(), "dead letter");
@@ -432,7 +445,7 @@ async fn route_batch(
         key: key.to_owned(),
         ids,
     });
-    match super::route(ctx, msgs).await {
+    match super::route_on(ctx, redis, msgs).await {
         Ok(()) => {
             ctx.metrics.routed.inc_by(n);
             Ok(())
