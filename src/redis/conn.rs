@@ -170,26 +170,21 @@ impl Connector {
     pub async fn shared(&self) -> RedisResult<Conn> {
         match self {
             Connector::Single(client) if super::mux::supports(client.get_connection_info()) => {
-                let mut conn = Conn::Mux(
-                    Mux::connect(
-                        client.get_connection_info(),
-                        CONNECT_TIMEOUT,
-                        RESPONSE_TIMEOUT,
-                    )
-                    .await?,
-                );
-                crate::redis::lua::load_all(&mut conn).await?;
-                Ok(conn)
+                let info = client.get_connection_info();
+                with_scripts(Conn::Mux(
+                    Mux::connect(info, CONNECT_TIMEOUT, RESPONSE_TIMEOUT).await?,
+                ))
+                .await
             }
             Connector::Single(client) => {
                 let cfg = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(CONNECT_TIMEOUT))
                     .set_response_timeout(Some(RESPONSE_TIMEOUT))
                     .set_number_of_retries(1);
-                let mut conn =
-                    Conn::Managed(ConnectionManager::new_with_config(client.clone(), cfg).await?);
-                crate::redis::lua::load_all(&mut conn).await?;
-                Ok(conn)
+                with_scripts(Conn::Managed(
+                    ConnectionManager::new_with_config(client.clone(), cfg).await?,
+                ))
+                .await
             }
             Connector::Cluster { client, once } => {
                 let cfg = || {
@@ -197,13 +192,12 @@ impl Connector {
                         .set_connection_timeout(CONNECT_TIMEOUT)
                         .set_response_timeout(RESPONSE_TIMEOUT)
                 };
-                let mut conn = Conn::Cluster(ClusterConn {
+                with_scripts(Conn::Cluster(ClusterConn {
                     conn: client.get_async_connection_with_config(cfg()).await?,
                     pipes: Some(once.get_async_connection_with_config(cfg()).await?),
                     slots: Arc::default(),
-                });
-                crate::redis::lua::load_all(&mut conn).await?;
-                Ok(conn)
+                }))
+                .await
             }
         }
     }
@@ -216,16 +210,9 @@ impl Connector {
     pub async fn own(&self) -> RedisResult<Option<Conn>> {
         match self {
             Connector::Single(client) if super::mux::supports(client.get_connection_info()) => {
-                let mut conn = Conn::Solo(
-                    Solo::connect(
-                        client.get_connection_info(),
-                        CONNECT_TIMEOUT,
-                        RESPONSE_TIMEOUT,
-                    )
-                    .await?,
-                );
-                crate::redis::lua::load_all(&mut conn).await?;
-                Ok(Some(conn))
+                let info = client.get_connection_info();
+                let solo = Solo::connect(info, CONNECT_TIMEOUT, RESPONSE_TIMEOUT).await?;
+                Ok(Some(with_scripts(Conn::Solo(solo)).await?))
             }
             _ => Ok(None),
         }
@@ -272,6 +259,12 @@ impl Connector {
             }
         }
     }
+}
+
+/// `conn` with every script loaded (a batch's `EVALSHA` then finds them).
+async fn with_scripts(mut conn: Conn) -> RedisResult<Conn> {
+    crate::redis::lua::load_all(&mut conn).await?;
+    Ok(conn)
 }
 
 struct Entry {

@@ -52,6 +52,37 @@ const MAX_DEPTH: usize = 16;
 /// timeouts fire up to this late.
 const TICK: Duration = Duration::from_millis(250);
 
+/// `ConnectionLike` for our connections: a type with `target()` and
+/// `request(bytes, skip, count)`.
+macro_rules! connection_like {
+    ($t:ty) => {
+        impl ConnectionLike for $t {
+            fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+                Box::pin(async move {
+                    let mut v = self.request(cmd.get_packed_command(), 0, 1).await?;
+                    v.pop().ok_or_else(dropped)
+                })
+            }
+
+            fn req_packed_commands<'a>(
+                &'a mut self,
+                pipeline: &'a Pipeline,
+                offset: usize,
+                count: usize,
+            ) -> RedisFuture<'a, Vec<Value>> {
+                Box::pin(async move {
+                    self.request(pipeline.get_packed_pipeline(), offset, count)
+                        .await
+                })
+            }
+
+            fn get_db(&self) -> i64 {
+                self.target().db
+            }
+        }
+    };
+}
+
 /// Where a connection goes and how it is opened.
 struct Target {
     host: String,
@@ -231,6 +262,10 @@ impl Mux {
         l.as_ref().filter(|l| !l.is_closed()).cloned()
     }
 
+    fn target(&self) -> &Target {
+        &self.shared.target
+    }
+
     async fn request(&self, bytes: Vec<u8>, skip: usize, count: usize) -> RedisResult<Vec<Value>> {
         if skip + count == 0 {
             // Nothing to send, and no reply would ever come.
@@ -251,27 +286,7 @@ impl Mux {
     }
 }
 
-impl ConnectionLike for Mux {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        Box::pin(async move {
-            let mut v = self.request(cmd.get_packed_command(), 0, 1).await?;
-            v.pop().ok_or_else(dropped)
-        })
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        Box::pin(self.request(pipeline.get_packed_pipeline(), offset, count))
-    }
-
-    fn get_db(&self) -> i64 {
-        self.shared.target.db
-    }
-}
+connection_like!(Mux);
 
 /// A connection of one owner, for a blocking reader: the exchange happens
 /// in the owner's task, with no hand-off to a connection task and back (two
@@ -323,9 +338,13 @@ impl Solo {
         }
     }
 
+    fn target(&self) -> &Target {
+        &self.target
+    }
+
     async fn request(
         &mut self,
-        bytes: &[u8],
+        bytes: Vec<u8>,
         skip: usize,
         count: usize,
     ) -> RedisResult<Vec<Value>> {
@@ -355,7 +374,7 @@ impl Solo {
         let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         timer.as_mut().reset(deadline);
         let exchange = async {
-            sock.write_all(bytes).await?;
+            sock.write_all(&bytes).await?;
             let mut w = Wanted::new(skip, count);
             loop {
                 while let Some(end) = scan.end(rbuf)? {
@@ -389,30 +408,7 @@ impl Solo {
     }
 }
 
-impl ConnectionLike for Solo {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        Box::pin(async move {
-            let mut v = self.request(&cmd.get_packed_command(), 0, 1).await?;
-            v.pop().ok_or_else(dropped)
-        })
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        Box::pin(async move {
-            self.request(&pipeline.get_packed_pipeline(), offset, count)
-                .await
-        })
-    }
-
-    fn get_db(&self) -> i64 {
-        self.target.db
-    }
-}
+connection_like!(Solo);
 
 /// The replies one request waits for: `skip` first (a transaction's
 /// `MULTI` and `QUEUED`s), then `count` it returns.
