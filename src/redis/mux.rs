@@ -1,5 +1,6 @@
-//! A multiplexed connection to one Redis over plain TCP (RESP2), with a
-//! reply reader of its own.
+//! Our own connections to one Redis over plain TCP (RESP2), with a reply
+//! reader of our own: [`Mux`], shared and multiplexed, and [`Solo`], one
+//! owner's (a blocking reader, the router), exchanged in the owner's task.
 //!
 //! Why not redis-rs's `MultiplexedConnection`: its reply parser (built on
 //! `combine`) took a quarter of a node's instructions per delivered message
@@ -11,9 +12,9 @@
 //! above [`super::conn::Conn`] works unchanged. TLS, Unix sockets, RESP3 and
 //! Redis Cluster stay on redis-rs.
 //!
-//! One task per connection owns the socket: it writes what callers queued
-//! (all of it in one write) and hands each reply to the caller waiting for
-//! it, in order. It also owns the response timeout: when the oldest request
+//! A `Mux` has one task per connection that owns the socket: it writes
+//! what callers queued (all of it in one write) and hands each reply to
+//! the caller waiting for it, in order. It also owns the response timeout: when the oldest request
 //! has waited longer (Redis frozen, or the path to it black-holed) it fails
 //! every request and closes the connection, and the next command connects
 //! again, as after an I/O error. One coarse tick per connection instead of
@@ -27,8 +28,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::time::{Instant, MissedTickBehavior, Sleep};
-
 use bytes::{Buf, BytesMut};
 use redis::aio::ConnectionLike;
 use redis::{
@@ -38,9 +37,11 @@ use redis::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, MissedTickBehavior, Sleep};
 
-/// Requests queued for a connection's task (callers wait past this, within
-/// their response timeout).
+/// Requests queued for a connection's task; more wait for room (bounded:
+/// the task answers what it took within the response timeout, and closes
+/// its queue when it ends).
 const QUEUE: usize = 1024;
 /// Bytes read at a time, at least.
 const READ_CHUNK: usize = 16 * 1024;
