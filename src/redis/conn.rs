@@ -47,13 +47,14 @@ pub enum Conn {
     /// Single Redis over plain TCP: multiplexed, reconnecting by itself,
     /// with a reply reader of our own (see [`super::mux`]).
     Mux(Mux),
-    /// Single Redis over plain TCP, one owner's: a blocking reader's
-    /// (see [`super::mux::Solo`]).
+    /// Single Redis over plain TCP, one owner's: a blocking reader's or
+    /// the router's (see [`super::mux::Solo`]).
     Solo(Solo),
     /// Single Redis over TLS or a Unix socket, multiplexed and reconnecting
     /// by itself.
     Managed(ConnectionManager),
-    /// Single Redis, for a blocking reader (reconnected by its owner).
+    /// Single Redis over TLS or a Unix socket, for a blocking reader
+    /// (reconnected by its owner).
     Direct(MultiplexedConnection),
     /// Redis Cluster.
     Cluster(ClusterConn),
