@@ -394,6 +394,9 @@ impl Solo {
             }
         };
         let r = tokio::select! {
+            // A reply already here wins over a deadline that passed while
+            // this process could not run.
+            biased;
             r = exchange => r,
             _ = timer.as_mut() => {
                 Err(io::Error::new(io::ErrorKind::TimedOut, "Redis did not answer in time").into())
@@ -458,8 +461,10 @@ impl Wanted {
 async fn drive(mut sock: TcpStream, mut rx: mpsc::Receiver<Req>, timeout: Duration) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let overdue =
-        |waiting: &VecDeque<Waiting>| waiting.front().is_some_and(|w| w.since.elapsed() > timeout);
+    let mut clock = Clock {
+        timeout,
+        last_tick: Instant::now(),
+    };
     let timed_out = || -> RedisError {
         io::Error::new(io::ErrorKind::TimedOut, "Redis did not answer in time").into()
     };
@@ -496,7 +501,7 @@ async fn drive(mut sock: TcpStream, mut rx: mpsc::Receiver<Req>, timeout: Durati
                     let written = loop {
                         tokio::select! {
                             r = &mut write => break r.map_err(RedisError::from),
-                            _ = tick.tick() => if overdue(&waiting) {
+                            _ = tick.tick() => if clock.overdue(&mut waiting) {
                                 break Err(timed_out());
                             },
                         }
@@ -506,8 +511,15 @@ async fn drive(mut sock: TcpStream, mut rx: mpsc::Receiver<Req>, timeout: Durati
                     }
                 }
             },
-            _ = tick.tick(), if !waiting.is_empty() => if overdue(&waiting) {
-                break timed_out();
+            _ = tick.tick(), if !waiting.is_empty() => {
+                // Replies that came while this task could not run (the
+                // process was frozen, or starved) count before any verdict.
+                if let Err(e) = read_ready(&sock, &mut rbuf, &mut scan, &mut waiting) {
+                    break e;
+                }
+                if clock.overdue(&mut waiting) {
+                    break timed_out();
+                }
             },
         }
         if !open && waiting.is_empty() {
@@ -521,6 +533,53 @@ async fn drive(mut sock: TcpStream, mut rx: mpsc::Receiver<Req>, timeout: Durati
     rx.close();
     while let Ok(req) = rx.try_recv() {
         let _ = req.reply.send(Err(err.clone()));
+    }
+}
+
+/// The response timeout's judge: a request is overdue when Redis has been
+/// silent longer than the timeout while this task was there to listen.
+struct Clock {
+    timeout: Duration,
+    last_tick: Instant,
+}
+
+impl Clock {
+    /// At a tick: is the oldest request overdue? A tick far later than due
+    /// means this process did not run meanwhile (frozen, or starved): what
+    /// Redis did then is unknown, so the waits start again from now rather
+    /// than fail requests whose replies may be on their way.
+    fn overdue(&mut self, waiting: &mut VecDeque<Waiting>) -> bool {
+        let now = Instant::now();
+        if now.duration_since(self.last_tick) > 4 * TICK {
+            for w in waiting.iter_mut() {
+                w.since = now;
+            }
+        }
+        self.last_tick = now;
+        waiting
+            .front()
+            .is_some_and(|w| now.duration_since(w.since) > self.timeout)
+    }
+}
+
+/// Read what the socket holds right now, without waiting, and hand out
+/// the replies it completes.
+fn read_ready(
+    sock: &TcpStream,
+    rbuf: &mut BytesMut,
+    scan: &mut Scan,
+    waiting: &mut VecDeque<Waiting>,
+) -> RedisResult<()> {
+    loop {
+        if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
+            rbuf.reserve(READ_CHUNK);
+        }
+        match sock.try_read_buf(rbuf) {
+            Ok(0) => return Err(eof()),
+            Ok(_) => hand_out(rbuf, scan, waiting)?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -923,6 +982,43 @@ mod tests {
 
     async fn client_id_solo(s: &mut Solo) -> i64 {
         redis::cmd("CLIENT").arg("ID").query_async(s).await.unwrap()
+    }
+
+    /// Redis silent past the timeout while this task listened: overdue. A
+    /// tick that comes far too late (this process was frozen) is not Redis's
+    /// silence: the wait starts again (a request's reply may be on its way,
+    /// and failing it would lose the reply of a command that ran).
+    #[tokio::test(start_paused = true)]
+    async fn a_freeze_of_this_process_is_not_redis_silence() {
+        let (reply, _answer) = oneshot::channel();
+        let mut waiting = VecDeque::from([Waiting {
+            since: Instant::now(),
+            wanted: Wanted::new(0, 1),
+            reply,
+        }]);
+        let mut clock = Clock {
+            timeout: Duration::from_secs(5),
+            last_tick: Instant::now(),
+        };
+        for _ in 0..20 {
+            tokio::time::advance(TICK).await;
+            assert!(!clock.overdue(&mut waiting));
+        }
+        tokio::time::advance(TICK).await;
+        assert!(clock.overdue(&mut waiting), "5.25 s of silence");
+
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(
+            !clock.overdue(&mut waiting),
+            "a frozen process heard nothing"
+        );
+        tokio::time::advance(TICK).await;
+        assert!(!clock.overdue(&mut waiting));
+        for _ in 0..20 {
+            tokio::time::advance(TICK).await;
+            clock.overdue(&mut waiting);
+        }
+        assert!(clock.overdue(&mut waiting), "silent again past the timeout");
     }
 
     /// The password and database of the URL are used on every connection.
