@@ -464,7 +464,8 @@ async fn fetch_slot_map(conn: &mut ClusterConnection) -> RedisResult<SlotMap> {
 /// on `ASK` it resends the whole pipeline after one `ASKING`, which covers
 /// only the first command, so the first runs again and the rest bounce until
 /// the retries run out. What had run is run again: routing is
-/// at-least-once, and clients drop duplicates by message id.
+/// at-least-once, clients drop duplicates by message id, and `ROUTE` gives
+/// a message it numbered before the same `seq` (see `lua::ROUTE`).
 async fn run_part(
     entries: Vec<Entry>,
     cc: &mut ClusterConn,

@@ -416,8 +416,13 @@ return {1, dropped, unpack(live)}
 /// joins the capped, expiring history; the reply names the connections a
 /// message with that `seq` must reach. An `idem` key already holding
 /// another message's id makes the message a duplicate (contract §4). A
-/// message that may have been routed before (`repeat`) gets the `seq` it
-/// was given then, found in the history: a message never has two.
+/// message that may have been routed before gets the `seq` it was given
+/// then, found in the history: a message never has two. "May have been":
+/// claimed from a pending list (`repeat`), or not newer than the newest
+/// send-stream id numbered from its stream (`last<shard prefix>` in the seq
+/// hash). The second catches what no flag can: a router frozen between
+/// reading a batch and numbering it, whose successor claimed and numbered
+/// the batch meanwhile, and a batch sent again after a lost reply.
 /// `KEYS` = user hash, seq hash, history, then one idem key per message
 /// that has one; `ARGV` = candidate epoch, history size, history ttl ms,
 /// seq ttl ms, idem ttl ms, n, then per message: id, repeat (0/1), has
@@ -446,6 +451,34 @@ local function routed_before(id)
   end
   return seen[id]
 end
+-- The newest stream id numbered per stream (shard prefix), as
+-- {ms, seq} digit strings; compared as numbers of any length.
+local lasts, moved = {}, {}
+local function newest(pre)
+  if lasts[pre] == nil then
+    local l = redis.call('HGET', KEYS[2], 'last' .. pre)
+    local ms, sq = string.match(l or '', '^(%d+)%-(%d+)$')
+    lasts[pre] = ms and {ms, sq} or false
+  end
+  return lasts[pre]
+end
+local function greater(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+-- Whether `id` is newer than every id numbered from its stream; if so it
+-- becomes the newest.
+local function fresh(id)
+  local pre, ms, sq = string.match(id, '^(.-)(%d+)%-(%d+)$')
+  if not pre then return true end
+  local l = newest(pre)
+  if l and not (greater(ms, l[1]) or (ms == l[1] and greater(sq, l[2]))) then
+    return false
+  end
+  lasts[pre] = {ms, sq}
+  moved[pre] = true
+  return true
+end
 local res = {}
 local i, k, added = 7, 4, false
 for m = 1, tonumber(ARGV[6]) do
@@ -464,7 +497,10 @@ for m = 1, tonumber(ARGV[6]) do
     end
     k = k + 1
   end
-  if not out and rep and size > 0 then out = routed_before(id) end
+  if not out and size > 0 then
+    if not fresh(id) then rep = true end
+    if rep then out = routed_before(id) end
+  end
   if not out then
     if size > 0 then
       seq = seq + 1
@@ -486,7 +522,12 @@ for m = 1, tonumber(ARGV[6]) do
   res[m] = out
 end
 if added then
-  redis.call('HSET', KEYS[2], 'seq', seq)
+  local f = {'seq', seq}
+  for pre in pairs(moved) do
+    f[#f + 1] = 'last' .. pre
+    f[#f + 1] = lasts[pre][1] .. '-' .. lasts[pre][2]
+  end
+  redis.call('HSET', KEYS[2], unpack(f))
   redis.call('PEXPIRE', KEYS[3], ARGV[3])
 end
 return {conns, res, epoch}
@@ -651,6 +692,85 @@ pub async fn renew_lease(
 
 #[cfg(test)]
 mod tests {
+    /// `ROUTE` on messages `(id, repeat)` of user `{a}`: their seqs.
+    async fn route(c: &mut redis::aio::MultiplexedConnection, msgs: &[(&str, bool)]) -> Vec<i64> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(super::ROUTE)
+            .arg(3)
+            .arg(&["u:{a}", "s:{a}", "h:{a}"])
+            .arg(&["epoch-1", "200", "60000", "60000", "60000"])
+            .arg(msgs.len());
+        for (id, repeat) in msgs {
+            cmd.arg(*id)
+                .arg(if *repeat { "1" } else { "0" })
+                .arg("0")
+                .arg(4)
+                .arg(&["id", id, "payload", "1"]);
+        }
+        let (_, seqs, _): (redis::Value, Vec<i64>, String) = cmd.query_async(c).await.unwrap();
+        seqs
+    }
+
+    /// A message numbered once keeps its `seq` when numbered again without
+    /// the `repeat` flag: a frozen router that wakes after its successor
+    /// numbered its batch, or a batch sent again after a lost reply (seen
+    /// on Redis Cluster in the chaos soak: one message at seq 30 and 77).
+    #[tokio::test]
+    async fn a_message_is_never_numbered_twice() {
+        let dir = wscluster_testkit::tmpdir("lua-route").unwrap();
+        let redis = wscluster_testkit::RedisServer::start(&dir).unwrap();
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        assert_eq!(
+            route(&mut c, &[("100-1", false), ("100-2", false)]).await,
+            [1, 2]
+        );
+        assert_eq!(route(&mut c, &[("100-3", false)]).await, [3]);
+        // Numbered again, no flag: same seqs; a new one in the same call
+        // goes on from the counter.
+        assert_eq!(
+            route(
+                &mut c,
+                &[("100-1", false), ("100-2", false), ("101-0", false)]
+            )
+            .await,
+            [1, 2, 4]
+        );
+        // Claimed (flagged) as before.
+        assert_eq!(route(&mut c, &[("100-3", true)]).await, [3]);
+        // Another send shard's ids are compared with that shard's only.
+        assert_eq!(route(&mut c, &[("3/50-1", false)]).await, [5]);
+        assert_eq!(
+            route(&mut c, &[("3/50-1", false), ("99-9", false)]).await,
+            [5, 6]
+        );
+        // Ids of any length compare as numbers: 999-5 is older than
+        // 1000-0, whatever their text says.
+        assert_eq!(route(&mut c, &[("999-5", false)]).await, [7]);
+        let _: () = redis::cmd("HSET")
+            .arg("s:{a}")
+            .arg("last")
+            .arg("1000-0")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(
+            route(&mut c, &[("999-5", false), ("1000-1", false)]).await,
+            [7, 8]
+        );
+        // A seq hash written by a release that kept no `last`: numbered as
+        // then, from the flag alone.
+        let _: () = redis::cmd("HDEL")
+            .arg("s:{a}")
+            .arg("last")
+            .arg("last3/")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(route(&mut c, &[("1000-2", false)]).await, [9]);
+        assert_eq!(route(&mut c, &[("1000-2", false)]).await, [9]);
+    }
+
     #[test]
     fn sha_is_what_redis_computes() {
         // `redis-cli SCRIPT LOAD "return 1"`.

@@ -289,7 +289,7 @@ impl Mux {
 
 connection_like!(Mux);
 
-/// A connection of one owner, for a blocking reader: the exchange happens
+/// A connection of one owner (a blocking reader, the router): the exchange happens
 /// in the owner's task, with no hand-off to a connection task and back (two
 /// wake-ups per read fewer). Reconnects by itself on the next command after
 /// an error, a response timeout, or an exchange abandoned half-way (its
