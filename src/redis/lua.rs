@@ -203,16 +203,16 @@ end
 macro_rules! history_lib {
     () => {
         r#"
-local function position(sk, hk, candidate, ttl)
-  local p = redis.call('HMGET', KEYS[sk], 'epoch', 'seq')
+local function position(sk, hk, candidate, ttl, more)
+  local p = redis.call('HMGET', KEYS[sk], 'epoch', 'seq', more or 'seq')
   local epoch, seq = p[1], tonumber(p[2] or '0') or 0
   if not epoch or epoch == '' then
-    epoch, seq = candidate, 0
+    epoch, seq, p[3] = candidate, 0, false
     redis.call('DEL', KEYS[hk])
     redis.call('HSET', KEYS[sk], 'epoch', epoch, 'seq', 0)
   end
   redis.call('PEXPIRE', KEYS[sk], ttl)
-  return epoch, seq
+  return epoch, seq, p[3]
 end
 "#
     };
@@ -435,8 +435,19 @@ pub const ROUTE: &str = concat!(
 local conns = redis.call('HGETALL', KEYS[1])
 local size = tonumber(ARGV[2])
 local epoch, seq = '', 0
+-- The newest stream id numbered per stream (shard prefix), as
+-- {ms, seq} digit strings, compared as numbers of any length; the first
+-- message's stream read with the position (all of a batch's, usually).
+local lasts, moved = {}, {}
+local function parse_last(l)
+  local ms, sq = string.match(l or '', '^(%d+)%-(%d+)$')
+  return ms and {ms, sq} or false
+end
 if size > 0 then
-  epoch, seq = position(2, 3, ARGV[1], tonumber(ARGV[4]))
+  local pre = string.match(ARGV[7] or '', '^(.-)%d+%-%d+$') or ''
+  local l
+  epoch, seq, l = position(2, 3, ARGV[1], tonumber(ARGV[4]), 'last' .. pre)
+  lasts[pre] = parse_last(l)
 end
 local seen = nil
 local function routed_before(id)
@@ -451,14 +462,9 @@ local function routed_before(id)
   end
   return seen[id]
 end
--- The newest stream id numbered per stream (shard prefix), as
--- {ms, seq} digit strings; compared as numbers of any length.
-local lasts, moved = {}, {}
 local function newest(pre)
   if lasts[pre] == nil then
-    local l = redis.call('HGET', KEYS[2], 'last' .. pre)
-    local ms, sq = string.match(l or '', '^(%d+)%-(%d+)$')
-    lasts[pre] = ms and {ms, sq} or false
+    lasts[pre] = parse_last(redis.call('HGET', KEYS[2], 'last' .. pre))
   end
   return lasts[pre]
 end
