@@ -307,7 +307,8 @@ return 1
 /// `seq` and reaches the connection live; one before it is in the replay.
 /// The user's first connection makes it online (contract §10).
 /// A close the app asked for while the connection's node was being reaped
-/// waits in the closes hash; registering that connection again returns it.
+/// waits in the closes hash (until it expires); registering that
+/// connection again returns it, as often as it is registered.
 /// `KEYS` = user hash, mailbox, mailbox bytes, seq hash, history, presence,
 /// closes;
 /// `ARGV` = conn id, node id, mailbox ttl ms, page size, candidate epoch
@@ -344,8 +345,9 @@ if ARGV[6] ~= '' then
     end
   end
 end
-local close = redis.call('HGET', KEYS[7], ARGV[1])
-if close then redis.call('HDEL', KEYS[7], ARGV[1]) else close = '' end
+-- Left in place (it expires): if this reply is lost, the registration
+-- is sent again and must find the close again.
+local close = redis.call('HGET', KEYS[7], ARGV[1]) or ''
 return {pg[1], pg[2], epoch, seq, rec, replay, events, close}
 "#
 );
@@ -715,6 +717,45 @@ mod tests {
         }
         let (_, seqs, _): (redis::Value, Vec<i64>, String) = cmd.query_async(c).await.unwrap();
         seqs
+    }
+
+    /// A close waiting for a connection's re-registration survives a lost
+    /// reply: the registration sent again gets it too.
+    #[tokio::test]
+    async fn a_pending_close_outlives_a_lost_register_reply() {
+        let dir = wscluster_testkit::tmpdir("lua-register").unwrap();
+        let redis = wscluster_testkit::RedisServer::start(&dir).unwrap();
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("HSET")
+            .arg("closes:{a}")
+            .arg("conn-1")
+            .arg("4003:bye")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            let reply: Vec<redis::Value> = redis::cmd("EVAL")
+                .arg(super::REGISTER)
+                .arg(7)
+                .arg(&[
+                    "user:{a}",
+                    "mailbox:{a}",
+                    "bytes:{a}",
+                    "seq:{a}",
+                    "history:{a}",
+                    "presence:{a}",
+                    "closes:{a}",
+                ])
+                .arg(&["conn-1", "node-2", "60000", "100", "epoch-1", "", ""])
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            assert_eq!(
+                reply.get(7),
+                Some(&redis::Value::BulkString(b"4003:bye".to_vec()))
+            );
+        }
     }
 
     /// A message numbered once keeps its `seq` when numbered again without
