@@ -513,14 +513,16 @@ for m = 1, tonumber(ARGV[6]) do
     if size > 0 then
       seq = seq + 1
       out = seq
-      -- Capped in the same call; the fields straight from ARGV.
-      local id = '0-' .. seq
-      local r = redis.pcall('XADD', KEYS[3], 'MAXLEN', size, id, 'seq', seq, 'epoch', epoch, unpack(ARGV, from, i - 1))
+      -- Capped in the same call; the fields straight from ARGV. Numbers
+      -- as strings made once: each number Redis gets from Lua is a printf.
+      local s = tostring(seq)
+      local id = '0-' .. s
+      local r = redis.pcall('XADD', KEYS[3], 'MAXLEN', ARGV[2], id, 'seq', s, 'epoch', epoch, unpack(ARGV, from, i - 1))
       if type(r) == 'table' and r.err then
         -- Ids out of step with the counter (Redis lost writes): the
         -- history cannot be trusted any more; start it again.
         redis.call('DEL', KEYS[3])
-        redis.call('XADD', KEYS[3], 'MAXLEN', size, id, 'seq', seq, 'epoch', epoch, unpack(ARGV, from, i - 1))
+        redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[2], id, 'seq', s, 'epoch', epoch, unpack(ARGV, from, i - 1))
       end
       added = true
     else
