@@ -18,8 +18,15 @@ use crate::ack::AckGuard;
 use crate::ids::{ConnId, NodeId, Topic, UserId};
 use crate::message::Message;
 
-/// Outbox capacity per connection.
+/// Outbox capacity per connection: a session that does not take frames
+/// is judged slow (closed with 1013) once this many wait.
 pub const OUTBOX: usize = 1024;
+/// A session that took frames within [`PROGRESS`] is reading: a burst
+/// past [`OUTBOX`] waits for it, up to this many frames. (A 2,000-message
+/// burst to one user came faster than a busy node woke its session, and
+/// closed a client that was reading.)
+const OUTBOX_HARD: usize = 4 * OUTBOX;
+const PROGRESS: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A connection's outbox: a bounded queue that allocates nothing while it
 /// is empty (a channel's first block of slots would cost every idle
@@ -37,6 +44,8 @@ struct Queue {
     /// The session is wanted for something else (a close, the mailbox):
     /// one wake-up for all, so an idle session waits on one future.
     signal: bool,
+    /// When the session last took frames.
+    taken_at: Option<tokio::time::Instant>,
 }
 
 /// Capacity an emptied outbox keeps; more is given back.
@@ -50,7 +59,11 @@ impl Outbox {
 
     fn push(&self, out: Outgoing) -> bool {
         let mut q = self.lock();
-        if q.closed || q.items.len() >= OUTBOX {
+        let n = q.items.len();
+        if q.closed
+            || n >= OUTBOX_HARD
+            || (n >= OUTBOX && !q.taken_at.is_some_and(|t| t.elapsed() < PROGRESS))
+        {
             return false;
         }
         q.items.push_back(out);
@@ -95,6 +108,7 @@ impl OutboxRx {
                 if !q.items.is_empty() {
                     let n = limit.min(q.items.len());
                     buf.extend(q.items.drain(..n));
+                    q.taken_at = Some(tokio::time::Instant::now());
                     if q.items.is_empty() && q.items.capacity() > OUTBOX_KEEP {
                         q.items = VecDeque::new();
                     }
@@ -480,5 +494,40 @@ mod tests {
         assert_eq!(r.deliver_user(&u, &out).overflowed, 1);
         assert!(a.is_closing());
         assert_eq!(a.close_code(), CLOSE_SLOW);
+    }
+
+    /// A session that is taking frames gets a burst past `OUTBOX` (up to
+    /// `OUTBOX_HARD`); one that stopped taking them for `PROGRESS` is slow.
+    #[tokio::test(start_paused = true)]
+    async fn a_reading_session_outlives_a_burst() {
+        let r = Registry::new();
+        let u = UserId::parse("u").unwrap();
+        let (a, mut ra) = ConnHandle::new(ConnId::random(), u.clone());
+        r.insert(a.clone());
+        a.set_ready();
+        let out = Outgoing::control(Utf8Bytes::from_static("x"));
+        assert_eq!(r.deliver_user(&u, &out).queued, 1);
+        let mut buf = Vec::new();
+        assert!(matches!(ra.wait(&mut buf, 1).await, Wake::Frames));
+        for _ in 0..OUTBOX_HARD {
+            assert_eq!(r.deliver_user(&u, &out).queued, 1);
+        }
+        assert!(!a.is_closing());
+        assert_eq!(r.deliver_user(&u, &out).overflowed, 1);
+        assert!(a.is_closing());
+
+        // Took frames once, then nothing for `PROGRESS`: slow at `OUTBOX`.
+        let w = UserId::parse("w").unwrap();
+        let (c, mut rc) = ConnHandle::new(ConnId::random(), w.clone());
+        r.insert(c.clone());
+        c.set_ready();
+        assert_eq!(r.deliver_user(&w, &out).queued, 1);
+        assert!(matches!(rc.wait(&mut buf, 1).await, Wake::Frames));
+        tokio::time::advance(PROGRESS).await;
+        for _ in 0..OUTBOX {
+            assert_eq!(r.deliver_user(&w, &out).queued, 1);
+        }
+        assert_eq!(r.deliver_user(&w, &out).overflowed, 1);
+        assert!(c.is_closing());
     }
 }
