@@ -596,8 +596,39 @@ redis.call('DEL', KEYS[1], KEYS[2])
 return 1
 "#;
 
+/// Acknowledge routed entries of a send stream in the router group and
+/// delete every entry that is routed: those older than both the oldest
+/// still pending in the group and the first the group has not read. One
+/// trim instead of an `XDEL` per id, each of which seeks its id and walks
+/// its stream node (issue 16). Entries a router still holds and entries
+/// not read yet stay; acknowledging and deleting are one step.
+/// `KEYS[1]` = send stream; `ARGV` = group, then the ids.
+pub const ACK_SEND: &str = r#"#!lua flags=allow-oom
+for i = 2, #ARGV, 1000 do
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+local p = redis.call('XPENDING', KEYS[1], ARGV[1])
+local keep = nil
+if tonumber(p[1]) > 0 then
+  keep = p[2]
+else
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local f = {}
+    for j = 1, #g, 2 do f[g[j]] = g[j + 1] end
+    if f['name'] == ARGV[1] then
+      local ms, sq = string.match(f['last-delivered-id'] or '', '^(%d+)%-(%d+)$')
+      local n = tonumber(sq or '')
+      if n and n < 2^53 then keep = ms .. '-' .. string.format('%.0f', n + 1) end
+    end
+  end
+end
+if keep then return redis.call('XTRIM', KEYS[1], 'MINID', keep) end
+return 0
+"#;
+
 /// Every script, for [`load_all`].
 pub const ALL: &[&str] = &[
+    ACK_SEND,
     JOIN,
     RENEW,
     EXPIRE_NOW,
@@ -719,6 +750,82 @@ mod tests {
         }
         let (_, seqs, _): (redis::Value, Vec<i64>, String) = cmd.query_async(c).await.unwrap();
         seqs
+    }
+
+    /// Acknowledging trims exactly what is routed: never an entry still
+    /// pending (a frozen router's batch) or not read yet.
+    #[tokio::test]
+    async fn acknowledging_trims_only_what_is_routed() {
+        let dir = wscluster_testkit::tmpdir("lua-ack").unwrap();
+        let redis = wscluster_testkit::RedisServer::start(&dir).unwrap();
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let ids: Vec<String> = (1..=6).map(|i| format!("5-{i}")).collect();
+        for id in &ids {
+            let _: String = redis::cmd("XADD")
+                .arg("s")
+                .arg(id)
+                .arg("f")
+                .arg("v")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg("s")
+            .arg("g")
+            .arg("0")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let read = |consumer: &'static str, n: usize| {
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
+                .arg("g")
+                .arg(consumer)
+                .arg("COUNT")
+                .arg(n)
+                .arg("STREAMS")
+                .arg("s")
+                .arg(">");
+            cmd
+        };
+        let remaining = |c: &mut redis::aio::MultiplexedConnection| {
+            let mut c = c.clone();
+            async move {
+                let v: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                    .arg("s")
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                v.into_iter().map(|(id, _)| id).collect::<Vec<_>>()
+            }
+        };
+        let ack = |ids: &[&str]| {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(super::ACK_SEND).arg(1).arg("s").arg("g").arg(ids);
+            cmd
+        };
+        // A frozen router holds 5-1; the live one reads 5-2..5-4.
+        let _: redis::Value = read("frozen", 1).query_async(&mut c).await.unwrap();
+        let _: redis::Value = read("live", 3).query_async(&mut c).await.unwrap();
+        let _: i64 = ack(&["5-2", "5-3", "5-4"])
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(remaining(&mut c).await, ids);
+        // Claimed and routed: everything read goes, the unread stay.
+        let _: i64 = ack(&["5-1"]).query_async(&mut c).await.unwrap();
+        assert_eq!(remaining(&mut c).await, ["5-5", "5-6"]);
+        // Read both, route the newer first: the older still holds both.
+        let _: redis::Value = read("live", 2).query_async(&mut c).await.unwrap();
+        let _: i64 = ack(&["5-6"]).query_async(&mut c).await.unwrap();
+        assert_eq!(remaining(&mut c).await, ["5-5", "5-6"]);
+        let _: i64 = ack(&["5-5"]).query_async(&mut c).await.unwrap();
+        assert!(remaining(&mut c).await.is_empty());
     }
 
     /// A close waiting for a connection's re-registration survives a lost

@@ -1,5 +1,5 @@
-//! Batched acknowledgement: `XACK` (send streams) and `XDEL` (send streams
-//! and inboxes), and deleting written mailbox entries, for entries whose
+//! Batched acknowledgement: `XACK` and a trim (send streams), `XDEL`
+//! (inboxes), and deleting written mailbox entries, for entries whose
 //! hand-offs are all done.
 
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use crate::cluster::sessions::take_cmd;
 use crate::ids::UserId;
 use crate::keys::ROUTER_GROUP;
 use crate::redis::conn::Batch;
+use crate::redis::lua;
 
 /// What to acknowledge.
 #[derive(Debug)]
@@ -113,12 +114,10 @@ pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<AckJob>) {
             }
         }
         for (key, ids) in &send {
-            // XDEL first: if only it runs (a failure between the two), the
-            // entries are deleted but still pending, and the router's
-            // `XAUTOCLAIM` reports them as deleted and acknowledges them.
-            // The other way round, acknowledged entries would stay for good.
-            batch.cmd_ignored("XDEL", key).arg(ids);
-            batch.cmd_ignored("XACK", key).arg(ROUTER_GROUP).arg(ids);
+            batch
+                .eval(lua::ACK_SEND, &[key], false)
+                .arg(ROUTER_GROUP)
+                .arg(ids);
         }
         for (key, ids) in &inbox {
             batch.cmd_ignored("XDEL", key).arg(ids);
