@@ -62,7 +62,7 @@ impl Outbox {
         let n = q.items.len();
         if q.closed
             || n >= OUTBOX_HARD
-            || (n >= OUTBOX && !q.taken_at.is_some_and(|t| t.elapsed() < PROGRESS))
+            || (n >= OUTBOX && q.taken_at.is_none_or(|t| t.elapsed() >= PROGRESS))
         {
             return false;
         }
