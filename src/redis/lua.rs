@@ -596,17 +596,14 @@ redis.call('DEL', KEYS[1], KEYS[2])
 return 1
 "#;
 
-/// Acknowledge routed entries of a send stream in the router group and
-/// delete every entry that is routed: those older than both the oldest
-/// still pending in the group and the first the group has not read. One
-/// trim instead of an `XDEL` per id, each of which seeks its id and walks
-/// its stream node (issue 16). Entries a router still holds and entries
-/// not read yet stay; acknowledging and deleting are one step.
-/// `KEYS[1]` = send stream; `ARGV` = group, then the ids.
-pub const ACK_SEND: &str = r#"#!lua flags=allow-oom
-for i = 2, #ARGV, 1000 do
-  redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
-end
+/// Delete every routed entry of a send stream: those older than both the
+/// oldest entry still pending in the router group and the first the group
+/// has not read. Run after `XACK`: one trim instead of an `XDEL` per id,
+/// each of which seeks its id and walks its stream node (issue 16); and
+/// it decides from the group's state alone, so a trim that failed is made
+/// up by the next. Entries a router still holds and unread ones stay.
+/// `KEYS[1]` = send stream; `ARGV[1]` = group. Returns how many went.
+pub const TRIM_ROUTED: &str = r#"#!lua flags=allow-oom
 local p = redis.call('XPENDING', KEYS[1], ARGV[1])
 local keep = nil
 if tonumber(p[1]) > 0 then
@@ -628,7 +625,7 @@ return 0
 
 /// Every script, for [`load_all`].
 pub const ALL: &[&str] = &[
-    ACK_SEND,
+    TRIM_ROUTED,
     JOIN,
     RENEW,
     EXPIRE_NOW,
@@ -805,26 +802,31 @@ mod tests {
             }
         };
         let ack = |ids: &[&str]| {
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(super::ACK_SEND).arg(1).arg("s").arg("g").arg(ids);
-            cmd
+            let mut pipe = redis::pipe();
+            pipe.cmd("XACK").arg("s").arg("g").arg(ids).ignore();
+            pipe.cmd("EVAL")
+                .arg(super::TRIM_ROUTED)
+                .arg(1)
+                .arg("s")
+                .arg("g");
+            pipe
         };
         // A frozen router holds 5-1; the live one reads 5-2..5-4.
         let _: redis::Value = read("frozen", 1).query_async(&mut c).await.unwrap();
         let _: redis::Value = read("live", 3).query_async(&mut c).await.unwrap();
-        let _: i64 = ack(&["5-2", "5-3", "5-4"])
+        let _: (i64,) = ack(&["5-2", "5-3", "5-4"])
             .query_async(&mut c)
             .await
             .unwrap();
         assert_eq!(remaining(&mut c).await, ids);
         // Claimed and routed: everything read goes, the unread stay.
-        let _: i64 = ack(&["5-1"]).query_async(&mut c).await.unwrap();
+        let _: (i64,) = ack(&["5-1"]).query_async(&mut c).await.unwrap();
         assert_eq!(remaining(&mut c).await, ["5-5", "5-6"]);
         // Read both, route the newer first: the older still holds both.
         let _: redis::Value = read("live", 2).query_async(&mut c).await.unwrap();
-        let _: i64 = ack(&["5-6"]).query_async(&mut c).await.unwrap();
+        let _: (i64,) = ack(&["5-6"]).query_async(&mut c).await.unwrap();
         assert_eq!(remaining(&mut c).await, ["5-5", "5-6"]);
-        let _: i64 = ack(&["5-5"]).query_async(&mut c).await.unwrap();
+        let _: (i64,) = ack(&["5-5"]).query_async(&mut c).await.unwrap();
         assert!(remaining(&mut c).await.is_empty());
     }
 

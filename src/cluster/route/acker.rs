@@ -114,10 +114,10 @@ pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<AckJob>) {
             }
         }
         for (key, ids) in &send {
+            batch.cmd_ignored("XACK", key).arg(ROUTER_GROUP).arg(ids);
             batch
-                .eval(lua::ACK_SEND, &[key], false)
-                .arg(ROUTER_GROUP)
-                .arg(ids);
+                .eval(lua::TRIM_ROUTED, &[key], false)
+                .arg(ROUTER_GROUP);
         }
         for (key, ids) in &inbox {
             batch.cmd_ignored("XDEL", key).arg(ids);
