@@ -2,8 +2,8 @@
 //! the shared topic stream.
 //!
 //! Each blocks on a connection of its own. The inbox is read with plain
-//! `XREAD` from the last id seen; an entry is deleted (`XDEL`) only once its
-//! frames are written to the sockets, so whatever is left in an inbox when
+//! `XREAD` from the last id seen; an entry is deleted (trimmed, see the
+//! acker) only once its frames are written to the sockets, so whatever is left in an inbox when
 //! its node dies was maybe not delivered, and the reaper routes it again.
 
 use std::sync::Arc;
@@ -58,6 +58,8 @@ pub async fn run_inbox(ctx: Arc<Ctx>) {
     let mut backoff = Backoff::redis();
     let mut reading: Option<NodeId> = None;
     let mut last = "0-0".to_owned();
+    // Read batches of this inbox, numbered for the acker's trims.
+    let mut batch = 0;
     loop {
         if ctx.life.at_least(Phase::SelfReaping) {
             return;
@@ -67,6 +69,7 @@ pub async fn run_inbox(ctx: Arc<Ctx>) {
             // A new id has a new inbox, read from its start.
             reading = Some(me.clone());
             last = "0-0".to_owned();
+            batch = 0;
         }
         let key = ctx.keys.inbox(&me);
         let read = tokio::select! {
@@ -95,7 +98,9 @@ pub async fn run_inbox(ctx: Arc<Ctx>) {
         let guard = ctx.acker.guard(AckJob::Inbox {
             key: key.clone(),
             ids,
+            batch,
         });
+        batch += 1;
         for e in &entries {
             if let Some(user) = entry::parse_mailbox_nudge(e) {
                 for h in ctx.registry.user_conns(&user) {
