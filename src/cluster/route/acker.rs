@@ -1,6 +1,7 @@
-//! Batched acknowledgement: `XACK` and a trim (send streams), `XDEL`
-//! (inboxes), and deleting written mailbox entries, for entries whose
-//! hand-offs are all done.
+//! Batched acknowledgement, for entries whose hand-offs are all done:
+//! `XACK` and a trim of what is routed (send streams), a trim of the done
+//! prefix or `XDEL` of what is done out of order (inboxes), and deleting
+//! written mailbox entries.
 
 use std::sync::Arc;
 
@@ -73,9 +74,9 @@ impl Acker {
 const MAX_JOBS: usize = 256;
 /// How long a round waits for more jobs once it has one. At everyday rates
 /// an inbox read or a send batch holds a message or two: without this
-/// every message costs an `XDEL` (and a round trip) of its own. Nothing
+/// every message costs a delete (and a round trip) of its own. Nothing
 /// waits on an acknowledgement (the message is delivered), so the linger
-/// costs no latency: 50 ms makes it one `XDEL`/`XACK` per stream for ~50
+/// costs no latency: 50 ms makes it one acknowledgement per stream for ~50
 /// messages at 1,000 msg/s (5 ms gathered ~5; issue 16). Entries
 /// acknowledged this much later are only delivered again after a crash
 /// (same id and seq); a barrier, a mailbox page or a stop does not wait.
@@ -101,7 +102,7 @@ pub async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<AckJob>) {
         linger(&ctx, &mut rx, &mut jobs).await;
         let mut batch = Batch::new();
         let mut barriers = Vec::new();
-        // One `XDEL` (and `XACK`) per stream per round, whatever the jobs.
+        // One acknowledgement per stream per round, whatever the jobs.
         let mut send: Vec<(String, Vec<String>)> = Vec::new();
         // Per inbox: ids to delete one by one, and the id to trim up to.
         let mut inbox: Vec<(String, Vec<String>, Option<String>)> = Vec::new();

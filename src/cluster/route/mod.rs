@@ -7,7 +7,8 @@
 //! - [`send`]: the router of a send shard (one node at a time, by lease).
 //! - [`inbox`]: the readers of this node's inbox and the topic stream.
 //! - [`publish`]: batched `XADD`s for client sends and the HTTP API.
-//! - [`acker`]: batched `XACK`/`XDEL` once hand-offs are done.
+//! - [`acker`]: batched acknowledgements once hand-offs are done (`XACK`
+//!   and trims of what is done; `XDEL` for what is done out of order).
 
 pub mod acker;
 pub mod inbox;
