@@ -730,6 +730,28 @@ pub async fn renew_lease(
 
 #[cfg(test)]
 mod tests {
+    /// A fresh `redis-server` (stopped when the first value drops) and a
+    /// connection to it.
+    async fn redis_conn(
+        name: &str,
+    ) -> (
+        wscluster_testkit::RedisServer,
+        redis::aio::MultiplexedConnection,
+    ) {
+        let dir = wscluster_testkit::tmpdir(name).unwrap();
+        let redis = wscluster_testkit::RedisServer::start(&dir).unwrap();
+        let client = redis::Client::open(redis.url()).unwrap();
+        let c = client.get_multiplexed_async_connection().await.unwrap();
+        (redis, c)
+    }
+
+    /// Run a command whose reply does not matter.
+    async fn run(c: &mut redis::aio::MultiplexedConnection, args: &[&str]) {
+        let mut cmd = redis::cmd(args[0]);
+        cmd.arg(&args[1..]);
+        let _: redis::Value = cmd.query_async(c).await.unwrap();
+    }
+
     /// `ROUTE` on messages `(id, repeat)` of user `{a}`: their seqs.
     async fn route(c: &mut redis::aio::MultiplexedConnection, msgs: &[(&str, bool)]) -> Vec<i64> {
         let mut cmd = redis::cmd("EVAL");
@@ -753,10 +775,7 @@ mod tests {
     /// pending (a frozen router's batch) or not read yet.
     #[tokio::test]
     async fn acknowledging_trims_only_what_is_routed() {
-        let dir = wscluster_testkit::tmpdir("lua-ack").unwrap();
-        let redis = wscluster_testkit::RedisServer::start(&dir).unwrap();
-        let client = redis::Client::open(redis.url()).unwrap();
-        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let (_redis, mut c) = redis_conn("lua-ack").await;
         let ids: Vec<String> = (1..=6).map(|i| format!("5-{i}")).collect();
         for id in &ids {
             let _: String = redis::cmd("XADD")
@@ -768,14 +787,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg("s")
-            .arg("g")
-            .arg("0")
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        run(&mut c, &["XGROUP", "CREATE", "s", "g", "0"]).await;
         let read = |consumer: &'static str, n: usize| {
             let mut cmd = redis::cmd("XREADGROUP");
             cmd.arg("GROUP")
@@ -834,17 +846,8 @@ mod tests {
     /// reply: the registration sent again gets it too.
     #[tokio::test]
     async fn a_pending_close_outlives_a_lost_register_reply() {
-        let dir = wscluster_testkit::tmpdir("lua-register").unwrap();
-        let redis = wscluster_testkit::RedisServer::start(&dir).unwrap();
-        let client = redis::Client::open(redis.url()).unwrap();
-        let mut c = client.get_multiplexed_async_connection().await.unwrap();
-        let _: () = redis::cmd("HSET")
-            .arg("closes:{a}")
-            .arg("conn-1")
-            .arg("4003:bye")
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        let (_redis, mut c) = redis_conn("lua-register").await;
+        run(&mut c, &["HSET", "closes:{a}", "conn-1", "4003:bye"]).await;
         for _ in 0..2 {
             let reply: Vec<redis::Value> = redis::cmd("EVAL")
                 .arg(super::REGISTER)
@@ -875,10 +878,7 @@ mod tests {
     /// on Redis Cluster in the chaos soak: one message at seq 30 and 77).
     #[tokio::test]
     async fn a_message_is_never_numbered_twice() {
-        let dir = wscluster_testkit::tmpdir("lua-route").unwrap();
-        let redis = wscluster_testkit::RedisServer::start(&dir).unwrap();
-        let client = redis::Client::open(redis.url()).unwrap();
-        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let (_redis, mut c) = redis_conn("lua-route").await;
         assert_eq!(
             route(&mut c, &[("100-1", false), ("100-2", false)]).await,
             [1, 2]
@@ -905,26 +905,14 @@ mod tests {
         // Ids of any length compare as numbers: 999-5 is older than
         // 1000-0, whatever their text says.
         assert_eq!(route(&mut c, &[("999-5", false)]).await, [7]);
-        let _: () = redis::cmd("HSET")
-            .arg("s:{a}")
-            .arg("last")
-            .arg("1000-0")
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        run(&mut c, &["HSET", "s:{a}", "last", "1000-0"]).await;
         assert_eq!(
             route(&mut c, &[("999-5", false), ("1000-1", false)]).await,
             [7, 8]
         );
         // A seq hash written by a release that kept no `last`: numbered as
         // then, from the flag alone.
-        let _: () = redis::cmd("HDEL")
-            .arg("s:{a}")
-            .arg("last")
-            .arg("last3/")
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        run(&mut c, &["HDEL", "s:{a}", "last", "last3/"]).await;
         assert_eq!(route(&mut c, &[("1000-2", false)]).await, [9]);
         assert_eq!(route(&mut c, &[("1000-2", false)]).await, [9]);
     }
