@@ -26,6 +26,7 @@ pub const OUTBOX: usize = 1024;
 /// burst to one user came faster than a busy node woke its session, and
 /// closed a client that was reading.)
 const OUTBOX_HARD: usize = 4 * OUTBOX;
+/// How recently a session must have taken frames to count as reading.
 const PROGRESS: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A connection's outbox: a bounded queue that allocates nothing while it

@@ -604,7 +604,10 @@ return 1
 /// up by the next. Entries a router still holds and unread ones stay.
 /// `KEYS[1]` = send stream; `ARGV[1]` = group. Returns how many went.
 pub const TRIM_ROUTED: &str = r#"#!lua flags=allow-oom
-local p = redis.call('XPENDING', KEYS[1], ARGV[1])
+-- No stream or no group (Redis emptied, the router not back yet): nothing
+-- to trim, and no error to fail the acknowledgement round it is part of.
+local p = redis.pcall('XPENDING', KEYS[1], ARGV[1])
+if p.err then return 0 end
 local keep = nil
 if tonumber(p[1]) > 0 then
   keep = p[2]
@@ -787,6 +790,16 @@ mod tests {
                 .await
                 .unwrap();
         }
+        // No group yet: nothing trimmed, no error.
+        let trimmed: i64 = redis::cmd("EVAL")
+            .arg(super::TRIM_ROUTED)
+            .arg(1)
+            .arg("s")
+            .arg("g")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(trimmed, 0);
         run(&mut c, &["XGROUP", "CREATE", "s", "g", "0"]).await;
         let read = |consumer: &'static str, n: usize| {
             let mut cmd = redis::cmd("XREADGROUP");

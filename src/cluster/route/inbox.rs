@@ -3,8 +3,9 @@
 //!
 //! Each blocks on a connection of its own. The inbox is read with plain
 //! `XREAD` from the last id seen; an entry is deleted (trimmed, see the
-//! acker) only once its frames are written to the sockets, so whatever is left in an inbox when
-//! its node dies was maybe not delivered, and the reaper routes it again.
+//! acker) only once its frames are written to the sockets, so whatever is
+//! left in an inbox when its node dies was maybe not delivered, and the
+//! reaper routes it again.
 
 use std::sync::Arc;
 use std::time::Duration;
