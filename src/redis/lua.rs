@@ -2,17 +2,18 @@
 //!
 //! Each script touches keys of one hash slot only (contract §5), so the same
 //! scripts serve Redis Cluster. Scripts that keep the cluster alive or only
-//! free memory (leases, locks, registering, deleting) carry `allow-oom`:
-//! with Redis at `maxmemory` and `noeviction` they still run, while adding
-//! messages fails and is retried (nothing accepted is dropped). Time always comes from Redis `TIME`, never a
-//! node's clock. Scripts are sent with `EVAL` (Redis caches the compiled
-//! script by its hash), which keeps pipelines simple and survives a Redis
-//! restart that emptied the script cache. Pipelined scripts (the hot path,
-//! [`Batch::eval`]) go by `EVALSHA`: Redis neither receives nor hashes the
-//! body per call. Every script is loaded when a connection is made and
-//! when the node joins (a Redis restarted empty makes it join again); a
-//! batch that still meets `NOSCRIPT` (a failover to a replica) loads them
-//! and fails once, like any Redis error, for its caller to retry.
+//! free memory (leases, locks, registering, deleting) carry `allow-oom`: with
+//! Redis at `maxmemory` and `noeviction` they still run, while adding
+//! messages fails and is retried (nothing accepted is dropped). Time always
+//! comes from Redis `TIME`, never a node's clock. Scripts are sent with
+//! `EVAL` (Redis caches the compiled script by its hash), which keeps
+//! pipelines simple and survives a Redis restart that emptied the script
+//! cache. Pipelined scripts (the hot path, [`Batch::eval`]) go by `EVALSHA`:
+//! Redis neither receives nor hashes the body per call. Every script is
+//! loaded when a connection is made and when the node joins (a Redis
+//! restarted empty makes it join again); a batch that still meets `NOSCRIPT`
+//! (a failover to a replica) loads them and fails once, like any Redis error,
+//! for its caller to retry.
 //!
 //! [`Batch::eval`]: super::conn::Batch::eval
 

@@ -12,14 +12,14 @@
 //! above [`super::conn::Conn`] works unchanged. TLS, Unix sockets, RESP3 and
 //! Redis Cluster stay on redis-rs.
 //!
-//! A `Mux` has one task per connection that owns the socket: it writes
-//! what callers queued (all of it in one write) and hands each reply to
-//! the caller waiting for it, in order. It also owns the response timeout: when the oldest request
-//! has waited longer (Redis frozen, or the path to it black-holed) it fails
-//! every request and closes the connection, and the next command connects
-//! again, as after an I/O error. One coarse tick per connection instead of
-//! a timer per request (a timer per request was 5 % of a node's
-//! instructions per message).
+//! A `Mux` has one task per connection that owns the socket: it writes what
+//! callers queued (all of it in one write) and hands each reply to the caller
+//! waiting for it, in order. It also owns the response timeout: when the
+//! oldest request has waited longer (Redis frozen, or the path to it
+//! black-holed) it fails every request and closes the connection, and the
+//! next command connects again, as after an I/O error. One coarse tick per
+//! connection instead of a timer per request (a timer per request was 5 % of
+//! a node's instructions per message).
 
 use std::collections::VecDeque;
 use std::io;

@@ -389,8 +389,9 @@ async fn ensure_group(ctx: &Ctx, key: &str) -> Result<(), redis::RedisError> {
 
 /// Route one batch read from the send stream, on `redis`: bad entries to
 /// `<p>:dead`, the rest through [`super::route_on`]; acknowledge and delete
-/// them all once every hand-off is done. `repeat`: claimed from a pending list, so they
-/// may have been routed (and numbered) before.
+/// them all once every hand-off is done. `repeat`: claimed from a pending
+/// list, so they may have been routed (and numbered) before (`ROUTE` also
+/// finds repeats by itself, from their ids).
 async fn route_batch(
     ctx: &Arc<Ctx>,
     redis: &mut Conn,
