@@ -87,6 +87,21 @@ impl Conn {
             v => Ok(v),
         }
     }
+
+    /// Commands in one write, their replies as they are (see [`Conn::value`]);
+    /// an error reply fails them all. Not for a cluster (which would route
+    /// them by the first one's key only).
+    pub async fn values(&mut self, cmds: impl IntoIterator<Item = Cmd>) -> RedisResult<Vec<Value>> {
+        let pipe = pipeline(cmds.into_iter().map(|c| (c, true)));
+        let n = pipe.cmd_iter().count();
+        let values = self.req_packed_commands(&pipe, 0, n).await?;
+        if let Some(Value::ServerError(e)) =
+            values.iter().find(|v| matches!(v, Value::ServerError(_)))
+        {
+            return Err(e.clone().into());
+        }
+        Ok(values)
+    }
 }
 
 impl ConnectionLike for Conn {

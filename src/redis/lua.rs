@@ -627,8 +627,28 @@ if keep then return redis.call('XTRIM', KEYS[1], 'MINID', keep) end
 return 0
 "#;
 
+/// Add a batch's entries to one inbox in one step. Redis serves a reader
+/// blocked on a stream after each command of a pipeline, so pipelined
+/// `XADD`s wake the node's inbox reader for the first entry alone and again
+/// for the rest; added together, they are read in one wake-up (issue 16).
+/// Never creates the inbox (`NOMKSTREAM`, contract §6): a missing inbox adds
+/// nothing. `KEYS[1]` = inbox; `ARGV` = per entry its field count, then its
+/// fields. Returns 1 if added, 0 if the inbox is gone.
+pub const INBOX_ADD: &str = r#"
+local i = 1
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  if not redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', unpack(ARGV, i + 1, i + n)) then
+    return 0
+  end
+  i = i + n + 1
+end
+return 1
+"#;
+
 /// Every script, for [`load_all`].
 pub const ALL: &[&str] = &[
+    INBOX_ADD,
     TRIM_ROUTED,
     JOIN,
     RENEW,
@@ -938,5 +958,54 @@ mod tests {
             super::sha("return 1"),
             "e0e1f9fabfc9d4800c877a703b823ac0578ff8db"
         );
+    }
+
+    /// `INBOX_ADD` adds every entry, in order, in one step: a reader blocked
+    /// on the inbox gets them in one read (pipelined `XADD`s would wake it
+    /// for the first alone). A missing inbox is never created.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_inbox_reader_wakes_once_for_a_batch() {
+        let (redis, mut c) = redis_conn("inbox-add").await;
+        run(&mut c, &["XADD", "in:{n}", "1-0", "k", "v"]).await;
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut r = client.get_multiplexed_async_connection().await.unwrap();
+        let reader = tokio::spawn(async move {
+            let v: redis::Value = redis::cmd("XREAD")
+                .arg(&["COUNT", "100", "BLOCK", "5000", "STREAMS", "in:{n}", "1-0"])
+                .query_async(&mut r)
+                .await
+                .unwrap();
+            crate::stream::read_entries(&v)
+        });
+        redis.wait_blocked(1, std::time::Duration::from_secs(5));
+        let mut add = redis::cmd("EVALSHA");
+        add.arg(super::sha(super::INBOX_ADD)).arg(1).arg("in:{n}");
+        for i in 0..3 {
+            add.arg(4).arg(&["id", &format!("m{i}"), "payload", "1"]);
+        }
+        super::load_all(&mut c).await.unwrap();
+        let added: i64 = add.query_async(&mut c).await.unwrap();
+        assert_eq!(added, 1);
+        let read = reader.await.unwrap();
+        let ids: Vec<&str> = read
+            .iter()
+            .map(|e| std::str::from_utf8(e.get("id").unwrap()).unwrap())
+            .collect();
+        assert_eq!(ids, ["m0", "m1", "m2"], "one read, in order");
+
+        let mut gone = redis::cmd("EVALSHA");
+        gone.arg(super::sha(super::INBOX_ADD))
+            .arg(1)
+            .arg("in:{gone}")
+            .arg(2)
+            .arg(&["id", "x"]);
+        let added: i64 = gone.query_async(&mut c).await.unwrap();
+        assert_eq!(added, 0);
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg("in:{gone}")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(exists, 0, "a missing inbox is not created");
     }
 }

@@ -78,6 +78,27 @@ impl RedisServer {
         (self.listen)(self.port, &self.extra).1
     }
 
+    /// Block (polling, up to `timeout`) until `n` clients wait in a
+    /// blocking command: a reader is parked, so what is added next is
+    /// served to it, not read by it afterwards.
+    pub fn wait_blocked(&self, n: usize, timeout: Duration) {
+        let url = self.url();
+        crate::wait_until("blocked clients", timeout, || {
+            let mut c = redis::Client::open(url.as_str())
+                .and_then(|c| c.get_connection())
+                .map_err(|e| e.to_string())?;
+            let info: String = redis::cmd("INFO")
+                .arg("clients")
+                .query(&mut c)
+                .map_err(|e| e.to_string())?;
+            if info.contains(&format!("blocked_clients:{n}\r")) {
+                Ok(())
+            } else {
+                Err(info)
+            }
+        });
+    }
+
     /// Its process id, while it runs.
     pub fn pid(&self) -> Option<i32> {
         self.child.as_ref().map(|c| c.id() as i32)

@@ -62,6 +62,10 @@ impl Rerouter {
     }
 }
 
+/// Most entries added to one inbox in one step: a larger batch takes
+/// several, so no single script holds Redis for long.
+const INBOX_ADD_MAX: usize = 64;
+
 /// Largest batch the re-route worker takes at once.
 const REROUTE_BATCH: usize = 256;
 
@@ -84,7 +88,8 @@ struct UserRoute {
 }
 
 enum Op {
-    Inbox(usize, NodeId),
+    /// Messages (positions in the round) added to one node's inbox.
+    Inbox(Vec<usize>, NodeId),
     Mailbox(usize),
 }
 
@@ -206,25 +211,51 @@ async fn route_round(
         }
         routes.push(r);
     }
-    // 4. One pipeline, in message order: inbox adds and mailbox scripts.
+    // 4. One pipeline: each inbox's messages in order, added in one step
+    //    when there are several (see `lua::INBOX_ADD`: its reader then wakes
+    //    once for them all); then the mailbox scripts, in message order.
     let mut ops: Vec<Op> = Vec::new();
+    let mut inboxes: Vec<(&NodeId, Vec<usize>)> = Vec::new();
+    let mut mailboxed: Vec<usize> = Vec::new();
     for (i, m) in pending.iter().enumerate() {
         let Some(u) = m.user() else { continue };
         let r = &routes[index[u]];
         if force_mailbox || m.hops > MAX_HOPS || r.nodes.is_empty() {
-            let force = force_mailbox || m.hops > MAX_HOPS;
-            mailbox_cmd(ctx, &mut batch, m, u, force, &r.not_live);
-            ops.push(Op::Mailbox(i));
+            mailboxed.push(i);
             continue;
         }
         for node in &r.nodes {
-            batch
-                .cmd("XADD", &ctx.keys.inbox(node))
-                .arg("NOMKSTREAM")
-                .arg("*")
-                .arg(entry::fields(m));
-            ops.push(Op::Inbox(i, node.clone()));
+            match inboxes.iter_mut().find(|(n, _)| *n == node) {
+                Some((_, v)) => v.push(i),
+                None => inboxes.push((node, vec![i])),
+            }
         }
+    }
+    for (node, msgs) in &inboxes {
+        let key = ctx.keys.inbox(node);
+        for part in msgs.chunks(INBOX_ADD_MAX) {
+            if let [i] = part {
+                batch
+                    .cmd("XADD", &key)
+                    .arg("NOMKSTREAM")
+                    .arg("*")
+                    .arg(entry::fields(&pending[*i]));
+            } else {
+                let cmd = batch.eval(lua::INBOX_ADD, &[&key], true);
+                for &i in part {
+                    let f = entry::fields(&pending[i]);
+                    cmd.arg(2 * f.len()).arg(f);
+                }
+            }
+            ops.push(Op::Inbox(part.to_vec(), (*node).clone()));
+        }
+    }
+    for i in mailboxed {
+        let m = &pending[i];
+        let Some(u) = m.user() else { continue };
+        let force = force_mailbox || m.hops > MAX_HOPS;
+        mailbox_cmd(ctx, &mut batch, m, u, force, &routes[index[u]].not_live);
+        ops.push(Op::Mailbox(i));
     }
     let replies: Vec<Value> = batch.run(redis).await?;
     // 5. Read the results; collect what must go round again.
@@ -233,12 +264,12 @@ async fn route_round(
     let mut replies = replies.into_iter();
     for op in ops {
         match op {
-            Op::Inbox(i, node) => match replies.next() {
-                Some(Value::Nil) => {
+            Op::Inbox(msgs, node) => match replies.next() {
+                Some(Value::Nil | Value::Int(0)) => {
                     // NOMKSTREAM found no inbox: the node is gone.
                     live.mark_gone(node.as_str());
                 }
-                Some(_) => ok[i] = true,
+                Some(_) => msgs.iter().for_each(|&i| ok[i] = true),
                 None => {}
             },
             Op::Mailbox(i) => {

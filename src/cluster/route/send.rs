@@ -218,25 +218,47 @@ async fn lead(
 
 /// The next batch of new entries of send stream `key` for consumer `me`,
 /// waiting up to `block` for the first.
+///
+/// Redis serves a blocked reader right after the first `XADD` of an app's
+/// pipeline, so a lone blocking read gets that entry alone and the rest a
+/// routing round later: two rounds (look-ups, inbox adds, inbox reads)
+/// where one would do. On a single Redis a second read without `BLOCK`
+/// goes in the same write: Redis runs it only once the first is answered,
+/// after the app's whole pipeline, so it takes the rest — no extra round
+/// trip, and an empty reply when nothing more came (issue 16).
 async fn read_batch(
     bconn: &mut Conn,
     key: &str,
     me: &NodeId,
     block: Duration,
 ) -> Result<Vec<RawEntry>, redis::RedisError> {
-    let mut read = redis::cmd("XREADGROUP");
-    read.arg("GROUP")
-        .arg(ROUTER_GROUP)
-        .arg(me.as_str())
-        .arg("COUNT")
-        .arg(BATCH)
+    let read = |count: usize| {
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg("GROUP")
+            .arg(ROUTER_GROUP)
+            .arg(me.as_str())
+            .arg("COUNT")
+            .arg(count);
+        read
+    };
+    let mut first = read(BATCH / 2);
+    first
         .arg("BLOCK")
         .arg(block.as_millis() as u64)
         .arg("STREAMS")
         .arg(key)
         .arg(">");
-    let v = bconn.value(&read).await?;
-    Ok(stream::read_entries(&v))
+    if bconn.is_cluster() {
+        let v = bconn.value(&first).await?;
+        return Ok(stream::read_entries(&v));
+    }
+    let mut rest = read(BATCH / 2);
+    rest.arg("STREAMS").arg(key).arg(">");
+    let mut entries = Vec::new();
+    for v in bconn.values([first, rest]).await? {
+        entries.extend(stream::read_entries(&v));
+    }
+    Ok(entries)
 }
 
 /// The send shards this node routes now, for its routers only (and the
@@ -456,5 +478,49 @@ async fn route_batch(
             guard.disarm();
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::ids::NodeId;
+    use crate::redis::conn::Connector;
+
+    /// An app's pipeline of `XADD`s reaches a router blocked on the send
+    /// stream as one batch, not its first entry alone and the rest a
+    /// round later.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pipelined_burst_is_read_in_one_batch() {
+        let dir = wscluster_testkit::tmpdir("burst").unwrap();
+        let redis = wscluster_testkit::RedisServer::start(&dir).unwrap();
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut app = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("XGROUP")
+            .arg(&["CREATE", "send", crate::keys::ROUTER_GROUP, "$", "MKSTREAM"])
+            .query_async(&mut app)
+            .await
+            .unwrap();
+        let mut conn = Connector::open(&redis.url(), false)
+            .unwrap()
+            .blocking()
+            .await
+            .unwrap();
+        let me = NodeId::from_redis("router".to_owned());
+        let reader = tokio::spawn(async move {
+            super::read_batch(&mut conn, "send", &me, Duration::from_secs(5)).await
+        });
+        redis.wait_blocked(1, Duration::from_secs(5));
+        let mut pipe = redis::pipe();
+        for i in 0..5 {
+            pipe.cmd("XADD")
+                .arg(&["send", "*", "to", "u", "payload"])
+                .arg(i)
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut app).await.unwrap();
+        let read = reader.await.unwrap().unwrap();
+        assert_eq!(read.len(), 5, "the whole pipeline in one batch");
     }
 }
