@@ -69,11 +69,16 @@ impl Shared {
     }
 }
 
+/// The clock of every session's rate limiter, shared: a clock of its own
+/// per connection (governor's default) runs quanta's CPU detection — a
+/// dozen `cpuid` instructions, each a trap to the hypervisor on a virtual
+/// machine — in every upgrade (~1 % of a node's samples at full rate).
+static CLOCK: std::sync::LazyLock<governor::clock::DefaultClock> =
+    std::sync::LazyLock::new(governor::clock::DefaultClock::default);
+
 pub fn routes(shared: Arc<Shared>) -> Router {
-    // The sessions' rate limiters read quanta's clock, which calibrates
-    // itself (~5 ms of CPU) on first use: at start, not in the first
-    // client's upgrade.
-    let _ = governor::clock::DefaultClock::default();
+    // Calibrated (~5 ms of CPU) at start, not in the first client's upgrade.
+    std::sync::LazyLock::force(&CLOCK);
     let mut r = Router::new()
         .route("/ws", get(ws))
         .route("/api/send", post(api::send))

@@ -183,9 +183,10 @@ async fn pump(
     };
     h.set_ready();
     let rate = shared.cfg.max_msgs_per_sec;
-    let limiter: DefaultDirectRateLimiter = RateLimiter::direct(
+    let limiter: DefaultDirectRateLimiter = RateLimiter::direct_with_clock(
         Quota::per_second(NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN))
             .allow_burst(NonZeroU32::new(rate.saturating_mul(2)).unwrap_or(NonZeroU32::MIN)),
+        super::CLOCK.clone(),
     );
     // Refused frames in a row before the connection is closed with 1008.
     let max_refusals = rate.saturating_mul(2).max(10);

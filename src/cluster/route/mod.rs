@@ -1,8 +1,9 @@
 //! Routing: getting each message to the inbox of every node that holds a
 //! connection of its user, or into the user's mailbox.
 //!
-//! - [`route`]: the routing step for a batch — pipelined look-ups, pipelined
-//!   `XADD … NOMKSTREAM`s, the atomic mailbox script; no round trip per
+//! - [`route`]: the routing step for a batch — pipelined look-ups, each
+//!   inbox's entries added in one step (`XADD … NOMKSTREAM`, or
+//!   `INBOX_ADD` for a few), the atomic mailbox script; no round trip per
 //!   message.
 //! - [`send`]: the router of a send shard (one node at a time, by lease).
 //! - [`inbox`]: the readers of this node's inbox and the topic stream.
