@@ -72,6 +72,11 @@ run s1-3n-max-3shards s1 --nodes 3 --users 1000 --messages "$M" --send-shards 3
 run s1-3n-1k       s1 --nodes 3 --users 1000 --rate 1000  --duration-s "$D"
 run s1-3n-5k       s1 --nodes 3 --users 1000 --rate 5000  --duration-s "$D"
 run s1-3n-10k      s1 --nodes 3 --users 1000 --rate 10000 --duration-s "$D"
+# The same at everyday rates with one runtime thread per node: 3 nodes of
+# 2 workers each, Redis and the load generator oversubscribe these 2 cores,
+# and a message then wakes threads across cores (README: --worker-threads).
+run s1-3n-1k-1w    s1 --nodes 3 --users 1000 --rate 1000  --duration-s "$D" --node-arg=--worker-threads=1
+run s1-3n-5k-1w    s1 --nodes 3 --users 1000 --rate 5000  --duration-s "$D" --node-arg=--worker-threads=1
 run s2-10k         s2 --conns "$C1"
 run s2-19k         s2 --conns "$C2"
 run s3-fast        s3 --nodes 3 --users 1000 --rate 2000 --heartbeat-ms 200 --lease-ttl-ms 1000

@@ -504,7 +504,10 @@ pub fn write(runs: &[Value], out: &Path, plot_path: &Path, commit: Option<&str>)
          CPU is % of one core over that window: Redis / all nodes / load generator / \
          everything else on the machine (other jobs; 200 = both cores busy). Per delivered \
          message: CPU of all nodes and of Redis over the window, and Redis commands over the \
-         run (`INFO commandstats`, a script's inner calls included, the producer's `XADD` too).\n"
+         run (`INFO commandstats`, a script's inner calls included, the producer's `XADD` too). \
+         Rows ending `-1w`: the nodes run with `--worker-threads 1` (one runtime thread each; by \
+         default a node has one per CPU, and 3 nodes' threads, Redis and the load generator \
+         oversubscribe these 2 cores).\n"
     );
     let _ = writeln!(
         w,
@@ -517,6 +520,8 @@ pub fn write(runs: &[Value], out: &Path, plot_path: &Path, commit: Option<&str>)
         "s1-3n-1k",
         "s1-3n-5k",
         "s1-3n-10k",
+        "s1-3n-1k-1w",
+        "s1-3n-5k-1w",
     ] {
         let Some(r) = get(runs, label) else { continue };
         let l = &r["latency_us"];
