@@ -49,7 +49,7 @@ async fn xread(
         .arg(key)
         .arg(last);
     let v = c.value(&read).await?;
-    Ok(stream::read_entries(&v))
+    Ok(stream::into_entries(v))
 }
 
 /// Read the inbox and hand messages to local connections; a message whose

@@ -250,13 +250,13 @@ async fn read_batch(
         .arg(">");
     if bconn.is_cluster() {
         let v = bconn.value(&first).await?;
-        return Ok(stream::read_entries(&v));
+        return Ok(stream::into_entries(v));
     }
     let mut rest = read(BATCH / 2);
     rest.arg("STREAMS").arg(key).arg(">");
     let mut entries = Vec::new();
     for v in bconn.values([first, rest]).await? {
-        entries.extend(stream::read_entries(&v));
+        entries.extend(stream::into_entries(v));
     }
     Ok(entries)
 }
