@@ -114,6 +114,25 @@ pub fn fields(m: &Message) -> Vec<(&'static str, String)> {
     f
 }
 
+/// The fields a message keeps in its user's history (`ROUTE` adds its
+/// `seq` and `epoch`): what a replay needs, read by [`parse_internal`] on
+/// any node, this release's or the previous one's. Hops and send time stay
+/// out (both optional there; a replayed message counts no routing latency):
+/// every argument costs Redis a Lua string and an object in the `XADD`
+/// that numbers the message (issue 14's cost).
+pub fn history_fields(m: &Message) -> Vec<(&'static str, String)> {
+    let mut f = Vec::with_capacity(4);
+    f.push(("id", m.id.clone()));
+    if let Target::User(u) = &m.target {
+        f.push(("to", u.to_string()));
+    }
+    if let Some(from) = &m.from {
+        f.push(("from", from.to_string()));
+    }
+    f.push(("payload", m.payload.clone()));
+    f
+}
+
 /// An inbox entry that is not a message: "the mailbox of this user got a
 /// message while the user was connected here; read it". (A node of the
 /// previous release skips it as unreadable: it only delays.)
@@ -263,6 +282,39 @@ mod tests {
         assert_eq!(back.id, m.id);
         assert_eq!(back.from.unwrap().as_str(), "al");
         assert_eq!((back.seq, &*back.epoch), (4, "ep"));
+        // A history entry: its fields and the seq ROUTE adds are enough.
+        let hist = Message {
+            target: Target::User(UserId::parse("bob").unwrap()),
+            from: Some(UserId::parse("al").unwrap()),
+            hops: 2,
+            ..m.clone()
+        };
+        let mut f: Vec<(Vec<u8>, Vec<u8>)> = vec![
+            (b"seq".to_vec(), b"7".to_vec()),
+            (b"epoch".to_vec(), b"ep".to_vec()),
+        ];
+        f.extend(
+            history_fields(&hist)
+                .into_iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.into_bytes())),
+        );
+        let back = parse_internal(&RawEntry {
+            id: "0-7".into(),
+            fields: f,
+        })
+        .unwrap();
+        assert_eq!(
+            (
+                back.id.as_str(),
+                back.user().map(|u| u.as_str()),
+                back.payload.as_str()
+            ),
+            (m.id.as_str(), Some("bob"), m.payload.as_str())
+        );
+        assert_eq!(
+            (back.seq, &*back.epoch, back.hops, back.sent_ms),
+            (7, "ep", 0, 0)
+        );
     }
 
     #[test]

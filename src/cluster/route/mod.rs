@@ -368,7 +368,7 @@ async fn look_up(
             .arg(msgs.len());
         for &i in msgs {
             let m = &pending[i];
-            let f = entry::fields(m);
+            let f = entry::history_fields(m);
             cmd.arg(&m.id)
                 .arg(if m.repeat { "1" } else { "0" })
                 .arg(if m.idem.is_some() { "1" } else { "0" })
