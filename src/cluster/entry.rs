@@ -114,15 +114,14 @@ pub fn fields(m: &Message) -> Vec<(&'static str, String)> {
     f
 }
 
-/// The fields a message keeps in its user's history (`ROUTE` adds its
-/// `seq` and `epoch`): what a replay needs, read by [`parse_internal`] on
+/// The fields a message keeps in its user's history, but the three
+/// `ROUTE` adds (`seq`, `epoch`, `id`): what a replay needs, read by [`parse_internal`] on
 /// any node, this release's or the previous one's. Hops and send time stay
 /// out (both optional there; a replayed message counts no routing latency):
 /// every argument costs Redis a Lua string and an object in the `XADD`
 /// that numbers the message (issue 14's cost).
 pub fn history_fields(m: &Message) -> Vec<(&'static str, String)> {
-    let mut f = Vec::with_capacity(4);
-    f.push(("id", m.id.clone()));
+    let mut f = Vec::with_capacity(3);
     if let Target::User(u) = &m.target {
         f.push(("to", u.to_string()));
     }
@@ -292,6 +291,7 @@ mod tests {
         let mut f: Vec<(Vec<u8>, Vec<u8>)> = vec![
             (b"seq".to_vec(), b"7".to_vec()),
             (b"epoch".to_vec(), b"ep".to_vec()),
+            (b"id".to_vec(), m.id.clone().into_bytes()),
         ];
         f.extend(
             history_fields(&hist)

@@ -428,8 +428,10 @@ return {1, dropped, unpack(live)}
 /// the batch meanwhile, and a batch sent again after a lost reply.
 /// `KEYS` = user hash, seq hash, history, then one idem key per message
 /// that has one; `ARGV` = candidate epoch, history size, history ttl ms,
-/// seq ttl ms, idem ttl ms, n, then per message: id, repeat (0/1), has
-/// idem (0/1), field count, fields. Returns `{conns, results, epoch}`:
+/// seq ttl ms, idem ttl ms, n, then per message: id, its flags (4 × field
+/// count + 2 if it has an idem key + 1 if it may be a repeat: one argument,
+/// not three — every argument is a Lua string to make), its fields but the
+/// id (the script adds it). Returns `{conns, results, epoch}`:
 /// conns as `HGETALL` gives them; per message its `seq` (0: history off)
 /// or -1 (a duplicate).
 pub const ROUTE: &str = concat!(
@@ -491,8 +493,9 @@ end
 local res = {}
 local i, k, added = 7, 4, false
 for m = 1, tonumber(ARGV[6]) do
-  local id, rep, has_idem, nf = ARGV[i], ARGV[i + 1] == '1', ARGV[i + 2] == '1', tonumber(ARGV[i + 3])
-  local from = i + 4
+  local id, flags = ARGV[i], tonumber(ARGV[i + 1])
+  local rep, has_idem, nf = flags % 2 == 1, flags % 4 >= 2, math.floor(flags / 4)
+  local from = i + 2
   i = from + nf
   local out = nil
   if has_idem then
@@ -517,13 +520,13 @@ for m = 1, tonumber(ARGV[6]) do
       -- Capped in the same call; the fields straight from ARGV. Numbers
       -- as strings made once: each number Redis gets from Lua is a printf.
       local s = tostring(seq)
-      local id = '0-' .. s
-      local r = redis.pcall('XADD', KEYS[3], 'MAXLEN', ARGV[2], id, 'seq', s, 'epoch', epoch, unpack(ARGV, from, i - 1))
+      local hid = '0-' .. s
+      local r = redis.pcall('XADD', KEYS[3], 'MAXLEN', ARGV[2], hid, 'seq', s, 'epoch', epoch, 'id', id, unpack(ARGV, from, i - 1))
       if type(r) == 'table' and r.err then
         -- Ids out of step with the counter (Redis lost writes): the
         -- history cannot be trusted any more; start it again.
         redis.call('DEL', KEYS[3])
-        redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[2], id, 'seq', s, 'epoch', epoch, unpack(ARGV, from, i - 1))
+        redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[2], hid, 'seq', s, 'epoch', epoch, 'id', id, unpack(ARGV, from, i - 1))
       end
       added = true
     else
@@ -785,11 +788,10 @@ mod tests {
             .arg(&["epoch-1", "200", "60000", "60000", "60000"])
             .arg(msgs.len());
         for (id, repeat) in msgs {
+            // Two fields (4 × 2), no idem key, maybe a repeat.
             cmd.arg(*id)
-                .arg(if *repeat { "1" } else { "0" })
-                .arg("0")
-                .arg(4)
-                .arg(&["id", id, "payload", "1"]);
+                .arg(8 + u8::from(*repeat))
+                .arg(&["payload", "1"]);
         }
         let (_, seqs, _): (redis::Value, Vec<i64>, String) = cmd.query_async(c).await.unwrap();
         seqs

@@ -369,11 +369,8 @@ async fn look_up(
         for &i in msgs {
             let m = &pending[i];
             let f = entry::history_fields(m);
-            cmd.arg(&m.id)
-                .arg(if m.repeat { "1" } else { "0" })
-                .arg(if m.idem.is_some() { "1" } else { "0" })
-                .arg(2 * f.len())
-                .arg(f);
+            let flags = 4 * 2 * f.len() + 2 * usize::from(m.idem.is_some()) + usize::from(m.repeat);
+            cmd.arg(&m.id).arg(flags).arg(f);
         }
     }
     let replies = batch.run(redis).await?;
