@@ -591,7 +591,9 @@ async fn resume_across_a_primary_failover() {
         .await;
     }
     let query = format!("user={user}&since={since}&epoch={epoch}");
-    let c = Client::connect(&nodes[1].ws_url(&query)).await;
+    // Readiness can still flip: a node whose lease the failover lost
+    // rejoins under a new id a moment later (503 meanwhile, §8).
+    let c = Client::connect_retrying(&nodes[1].ws_url(&query), Duration::from_secs(20)).await;
     let w = c.welcome.clone();
     let mut r = (c, w);
     let (ref mut client, ref welcome) = r;

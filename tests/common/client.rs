@@ -61,11 +61,55 @@ impl Client {
     }
 
     pub async fn connect(url: &str) -> Client {
+        match Self::try_connect(url).await {
+            Ok(c) => c,
+            Err((status, body)) => panic!("connect {url}: HTTP {status}: {body}"),
+        }
+    }
+
+    /// Connect as a client that retries would: a 503 before the upgrade
+    /// (contract §8: starting, rejoining, cut off from Redis) is tried
+    /// again until `timeout`; any other refusal fails at once.
+    pub async fn connect_retrying(url: &str, timeout: Duration) -> Client {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut refusals = Vec::new();
+        loop {
+            match Self::try_connect(url).await {
+                Ok(c) => {
+                    if !refusals.is_empty() {
+                        eprintln!("connect {url}: upgraded after 503s: {refusals:?}");
+                    }
+                    return c;
+                }
+                Err((503, body)) if tokio::time::Instant::now() < deadline => {
+                    refusals.push(body);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err((status, body)) => {
+                    panic!("connect {url}: HTTP {status}: {body}; 503s before: {refusals:?}")
+                }
+            }
+        }
+    }
+
+    /// Connect and read the welcome; an HTTP refusal is its status and body.
+    pub async fn try_connect(url: &str) -> Result<Client, (u16, String)> {
         let req = url.into_client_request().expect("request");
-        let (ws, _) = tokio::time::timeout(Duration::from_secs(10), connect_async(req))
+        let ws = match tokio::time::timeout(Duration::from_secs(10), connect_async(req))
             .await
             .expect("connect timeout")
-            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        {
+            Ok((ws, _)) => ws,
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                let body = r
+                    .body()
+                    .as_deref()
+                    .map(|b| String::from_utf8_lossy(b).trim().to_owned())
+                    .unwrap_or_default();
+                return Err((r.status().as_u16(), body));
+            }
+            Err(e) => panic!("connect {url}: {e}"),
+        };
         let mut c = Client {
             ws,
             welcome: Value::Null,
@@ -77,7 +121,7 @@ impl Client {
             .expect("welcome");
         assert_eq!(w["type"], "welcome", "first frame must be welcome: {w}");
         c.welcome = w;
-        c
+        Ok(c)
     }
 
     pub fn conn_id(&self) -> String {
