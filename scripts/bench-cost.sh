@@ -9,6 +9,7 @@
 #   RATE=1000 MESSAGES=10000 scripts/bench-cost.sh
 #   NODE_ARGS="--history-size 0" scripts/bench-cost.sh   # history off
 #   SYSCALLS=1 scripts/bench-cost.sh              # and the nodes' system calls by kind (perf)
+#   PROFILE=1 scripts/bench-cost.sh               # and the nodes' top functions by CPU samples (perf record)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NODES=${NODES:-3} USERS=${USERS:-600} RATE=${RATE:-5000} MESSAGES=${MESSAGES:-20000}
@@ -51,6 +52,11 @@ if [ -n "${SYSCALLS:-}" ]; then
   perf stat -e "$ev" -p "$PIDS" -o "$DIR/perf.out" &
   PERF=$!
 fi
+if [ -n "${PROFILE:-}" ]; then
+  IFS=,; PIDS="${pids[*]}"; unset IFS
+  perf record -q -F 1999 -p "$PIDS" -o "$DIR/perf.data" 2>/dev/null &
+  PREC=$!
+fi
 "$T/release/wscluster-bench" s1 --ws-urls "$WS" --redis-url "redis://127.0.0.1:$RP" \
   --users "$USERS" --rate "$RATE" --messages "$MESSAGES" | tee "$DIR/bench.out"
 n1=0; for p in "${pids[@]}"; do n1=$((n1 + $(cpu "$p"))); done
@@ -59,6 +65,12 @@ if [ -n "${SYSCALLS:-}" ]; then
   kill -INT "$PERF"; wait "$PERF" || true
   d=$(grep -o 'delivered [0-9]*' "$DIR/bench.out" | head -1 | awk '{print $2}')
   awk -v d="$d" '/syscalls|context-switches/ {gsub(",", "", $1); printf "  %s %.2f/msg\n", $2, $1 / d}' "$DIR/perf.out"
+fi
+if [ -n "${PROFILE:-}" ]; then
+  kill -INT "$PREC"; wait "$PREC" || true
+  echo "  top of the nodes' CPU samples (perf record, all threads; kernel symbols included):"
+  perf report -i "$DIR/perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null \
+    | grep -E '^ +[0-9]' | head -"${PROFILE_TOP:-40}"
 fi
 c1=0; for p in "${pids[@]}"; do c1=$((c1 + $(ctx "$p"))); done
 redis-cli -p "$RP" info commandstats >"$DIR/commandstats"
