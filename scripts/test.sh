@@ -30,7 +30,7 @@ need_pkg npm npm
 # behaviour; the release builds of bench.sh and chaos.sh have it. All the
 # builds below use the same features, so none rebuilds another's crates.
 F=--no-default-features
-echo "== format and lints"
+echo "== format and lints (at ${SECONDS}s)"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets $F --quiet -- -D warnings
 
@@ -55,25 +55,25 @@ run_tests() {
   rm -f "$log"
 }
 
-echo "== unit and integration tests (single Redis; tests/redis_cluster.rs on Redis Cluster)"
+echo "== unit and integration tests (single Redis; tests/redis_cluster.rs on Redis Cluster) (at ${SECONDS}s)"
 run_tests --workspace --all-targets $F
 
 # The core, failure, resume and chaos tests again, each on a fresh 3-primary Redis
 # Cluster (a shorter soak, to keep the suite well under 10 minutes). Left out:
 # the two that restart or stop the one Redis (single-Redis faults;
 # tests/redis_cluster.rs kills a cluster primary instead).
-echo "== core, failure, resume and chaos tests on Redis Cluster"
+echo "== core, failure, resume and chaos tests on Redis Cluster (at ${SECONDS}s)"
 WSC_TEST_REDIS_CLUSTER=1 CHAOS_SECS=12 CHAOS_MESSAGES=10000 \
   run_tests $F --test core --test failure --test resume --test chaos -- \
   --skip redis_restart_empty --skip redis_down_at_boot
 
-echo "== benchmark tool smoke run (figures printed, never asserted as timings)"
+echo "== benchmark tool smoke run (figures printed, never asserted as timings) (at ${SECONDS}s)"
 # The bench starts the wscluster binary built next to it.
 cargo build --quiet -p wscluster --bin wscluster $F
 cargo run --quiet -p wscluster-bench --bin wscluster-bench $F -- smoke
 
 if [ -x scripts/chart-check.sh ]; then
-  echo "== helm chart"
+  echo "== helm chart (at ${SECONDS}s)"
   scripts/chart-check.sh
 fi
-echo "test.sh: all passed"
+echo "test.sh: all passed in ${SECONDS}s"
