@@ -10,6 +10,7 @@
 #   NODE_ARGS="--history-size 0" scripts/bench-cost.sh   # history off
 #   SYSCALLS=1 scripts/bench-cost.sh              # and the nodes' system calls by kind (perf)
 #   PROFILE=1 scripts/bench-cost.sh               # and the nodes' top functions by CPU samples (perf record)
+#   WSC_BENCH_TRACE=/tmp/t.txt scripts/bench-cost.sh   # and every message's send time and latency (µs), one per line
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NODES=${NODES:-3} USERS=${USERS:-600} RATE=${RATE:-5000} MESSAGES=${MESSAGES:-20000}
@@ -43,6 +44,10 @@ n0=0; for p in "${pids[@]}"; do n0=$((n0 + $(cpu "$p"))); done
 r0=$(cpu "$RPID")
 c0=0; for p in "${pids[@]}"; do c0=$((c0 + $(ctx "$p"))); done
 redis-cli -p "$RP" config resetstat >/dev/null
+# Redis's own stalls over 2 ms (printed after the run when there were any).
+redis-cli -p "$RP" config set latency-monitor-threshold 2 >/dev/null
+redis-cli -p "$RP" config set slowlog-log-slower-than 1000 >/dev/null
+redis-cli -p "$RP" slowlog reset >/dev/null
 IFS=,; WS="${urls[*]}"; unset IFS
 # SYSCALLS=1: count the nodes' system calls by kind while the bench runs.
 if [ -n "${SYSCALLS:-}" ]; then
@@ -74,6 +79,17 @@ if [ -n "${PROFILE:-}" ]; then
 fi
 c1=0; for p in "${pids[@]}"; do c1=$((c1 + $(ctx "$p"))); done
 redis-cli -p "$RP" info commandstats >"$DIR/commandstats"
+stalls=$(redis-cli -p "$RP" latency latest | paste -sd' ')
+[ -z "$stalls" ] || echo "  Redis stalls over 2 ms (LATENCY LATEST: event, last at, latest ms, max ms): $stalls"
+redis-cli -p "$RP" --json slowlog get 8 >"$DIR/slowlog.json"
+python3 - "$DIR/slowlog.json" <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))
+if rows:
+    print("  slowest Redis commands over 1 ms (SLOWLOG: µs, command, first arguments):")
+for r in rows:
+    print(f"    {r[2]:>6} µs  {' '.join(str(a)[:40] for a in r[3][:5])}")
+PY
 delivered=$(grep -o 'delivered [0-9]*' "$DIR/bench.out" | head -1 | awk '{print $2}')
 python3 - "$DIR/commandstats" "$delivered" "$((n1 - n0))" "$((r1 - r0))" "$ticks" "$((c1 - c0))" <<'PY'
 import sys, re

@@ -591,6 +591,7 @@ async fn s1(copts: &ClusterOpts, a: &S1Args) -> Result<Value> {
     };
     let offered = sent as f64 / ((p.end_us - p.start_us) as f64 / 1e6).max(1e-6);
     let h = sink.hist_all();
+    sink.write_trace()?;
     let cpu = cpu0.usage(&cpu1, window, c.local());
     println!(
         "  sent {sent} (offered {offered:.0} msg/s)  delivered {delivered}  lost {lost}  duplicates {}  misrouted {}",

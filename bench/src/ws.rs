@@ -139,6 +139,10 @@ pub struct Sink {
     pub close_code: AtomicU32,
     pub first_rx_us: AtomicU64,
     pub last_rx_us: AtomicU64,
+    /// With `WSC_BENCH_TRACE` set: (send time, latency) of every first
+    /// receipt, µs, to find when slow messages happen (written by
+    /// [`Sink::write_trace`]).
+    trace: Option<Mutex<Vec<(u64, u64)>>>,
 }
 
 pub fn new_hist() -> Histogram<u64> {
@@ -160,6 +164,7 @@ impl Sink {
             close_code: AtomicU32::new(0),
             first_rx_us: AtomicU64::new(u64::MAX),
             last_rx_us: AtomicU64::new(0),
+            trace: std::env::var_os("WSC_BENCH_TRACE").map(|_| Mutex::new(Vec::new())),
         }
     }
 
@@ -204,7 +209,26 @@ impl Sink {
         if let Ok(mut h) = self.hist[group.min(1)].lock() {
             h.saturating_record(now.saturating_sub(ts).max(1));
         }
+        if let Some(t) = &self.trace
+            && let Ok(mut t) = t.lock()
+        {
+            t.push((ts, now.saturating_sub(ts)));
+        }
         true
+    }
+
+    /// `WSC_BENCH_TRACE=<file>`: one line per message, `send_us latency_us`.
+    pub fn write_trace(&self) -> std::io::Result<()> {
+        let (Some(path), Some(t)) = (std::env::var_os("WSC_BENCH_TRACE"), &self.trace) else {
+            return Ok(());
+        };
+        let mut t = t.lock().map(|t| t.clone()).unwrap_or_default();
+        t.sort_unstable();
+        let mut out = String::with_capacity(t.len() * 24);
+        for (ts, l) in t {
+            out.push_str(&format!("{ts} {l}\n"));
+        }
+        std::fs::write(path, out)
     }
 
     /// Counted deliveries: distinct messages (dedupe) or all of them.
