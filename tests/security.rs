@@ -860,6 +860,36 @@ async fn sub(c: &mut Conn, kind: &str, t: &str) -> Value {
     .await
 }
 
+/// A steady flood at ten times `--max-msgs-per-sec` (a ping every 10 ms at
+/// 10/s) gets some frames through between refusals and is still closed
+/// with 1008 (contract §3: "rate limit exceeded repeatedly"), within
+/// seconds. (Refusals counted only in a row never closed it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_message_rate_steady_flood() {
+    let redis = Redis::start();
+    let nodes = start_nodes(vec![(
+        "n",
+        strict_args(&redis.url(), &["--max-msgs-per-sec", "10"]),
+    )])
+    .await;
+    let mut c = Conn::token(&nodes[0], &token("steady", None)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    while Instant::now() < deadline {
+        tick.tick().await;
+        if !c.send(&json!({"type":"ping"})).await {
+            break;
+        }
+    }
+    let code = c.until_close(T).await;
+    let pongs = c.log.iter().filter(|v| v["type"] == "pong").count();
+    assert_eq!(
+        code,
+        Some(Some(1008)),
+        "steady flood closed ({pongs} pongs)"
+    );
+}
+
 /// The rate limit covers every data frame: a flood of binary frames (each
 /// answered with an error frame) is limited and closed with 1008 too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -188,9 +188,12 @@ async fn pump(
             .allow_burst(NonZeroU32::new(rate.saturating_mul(2)).unwrap_or(NonZeroU32::MIN)),
         super::CLOCK.clone(),
     );
-    // Refused frames in a row before the connection is closed with 1008.
-    let max_refusals = rate.saturating_mul(2).max(10);
-    let mut refusals = 0u32;
+    // "Exceeded repeatedly" (contract §3, 1008): more refused frames within
+    // a window than the burst allows — a client sending over twice its rate
+    // for the window, or one burst that far over. Counted whether or not
+    // frames pass in between: a steady flood gets its rate's worth through
+    // and must still end.
+    let mut refusals = Refusals::new(rate.saturating_mul(2).max(10));
     // Grows on first use: an idle connection should cost as little as possible.
     let mut batch: Vec<Outgoing> = Vec::new();
     // The client started the closing handshake: our close frame answers it.
@@ -297,15 +300,13 @@ async fn pump(
                 };
                 // Every frame counts against the rate, whatever it holds.
                 if limiter.check().is_err() {
-                    refusals += 1;
-                    if refusals > max_refusals {
+                    if refusals.one_more(tokio::time::Instant::now()) {
                         h.close(CLOSE_POLICY);
                         break;
                     }
                     reply(h, message::error("rate_limited", "too many messages", None));
                     continue;
                 }
-                refusals = 0;
                 match text {
                     Some(Some(text)) => reply(h, Box::pin(handle(shared, h, who, &mut exp, text.as_str())).await),
                     Some(None) => reply(h, message::error("bad_frame", "frames are JSON text", None)),
@@ -638,6 +639,37 @@ where
     }
 }
 
+/// Frames refused by the rate limit within the current window.
+struct Refusals {
+    max: u32,
+    n: u32,
+    since: tokio::time::Instant,
+}
+
+impl Refusals {
+    /// How long refusals count together.
+    const WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
+
+    fn new(max: u32) -> Self {
+        Refusals {
+            max,
+            n: 0,
+            since: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Count a refusal at `now`; true once more than `max` fell in one
+    /// window (the connection is to be closed with 1008).
+    fn one_more(&mut self, now: tokio::time::Instant) -> bool {
+        if now.duration_since(self.since) >= Self::WINDOW {
+            self.n = 0;
+            self.since = now;
+        }
+        self.n += 1;
+        self.n > self.max
+    }
+}
+
 fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + std::time::Duration::from_secs(3600)
 }
@@ -751,6 +783,25 @@ mod tests {
             msg: Some(Arc::new(m)),
             guard: None,
         }]
+    }
+
+    /// A steady flood at ten times the rate gets a tenth through and is
+    /// still closed (refusals counted per window, not in a row); a client
+    /// a little over its rate is not.
+    #[test]
+    fn a_steady_flood_is_closed_and_a_slight_excess_is_not() {
+        let t0 = tokio::time::Instant::now();
+        let ms = std::time::Duration::from_millis;
+        // Rate 10/s: at most 20 refusals per window. 100 frames/s, every
+        // tenth let through: closed within the first window.
+        let mut flood = Refusals::new(20);
+        let closed_at = (0..200u64)
+            .filter(|i| i % 10 != 0)
+            .find(|i| flood.one_more(t0 + ms(10 * i)));
+        assert!(matches!(closed_at, Some(i) if i < 30), "{closed_at:?}");
+        // 12 frames/s against 10/s: 2 refusals a second, for a minute.
+        let mut slight = Refusals::new(20);
+        assert!(!(0..120u64).any(|i| slight.one_more(t0 + ms(500 * i))));
     }
 
     /// A message on a quiet connection takes its ping along; while messages
