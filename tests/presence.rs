@@ -513,6 +513,37 @@ async fn events_online_on_first_offline_on_last() {
     assert_eq!(presence(&nodes[1], &strings(&["eve"])).await["eve"], 0);
 }
 
+/// `--events-max 5`: after 10 users came and went (21 events with the
+/// node's `node_joined`), `<p>:events` holds exactly the newest 5 (§10),
+/// the last `offline` among them. (An approximate `MAXLEN ~` kept all 21.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_keep_exactly_the_newest_events_max() {
+    let redis = Redis::start();
+    let mut args = fast_args(&redis);
+    args.extend(["--events-max".to_owned(), "5".to_owned()]);
+    let node = NodeProc::start("capped", &args);
+    node.wait_ready().await;
+    let users = names("cap", 10);
+    for u in &users {
+        Peer::dev(&node, u).await.close().await;
+    }
+    let last = users.last().expect("users").clone();
+    eventually("the last user's offline", T, || async {
+        let evs = events(&redis);
+        evs.iter()
+            .any(|e| e.get("user") == last && e.ty() == "offline")
+            .then_some(())
+    })
+    .await;
+    let evs = events(&redis);
+    assert_eq!(evs.len(), 5, "exactly --events-max kept: {evs:?}");
+    assert!(
+        evs.iter()
+            .any(|e| e.get("user") == last && e.ty() == "offline"),
+        "the newest kept: {evs:?}"
+    );
+}
+
 // ---------------------------------------------------------------- 3. SIGKILL
 
 /// A node holding 50 users is SIGKILLed; 15 of them are also on the

@@ -88,8 +88,8 @@ pub async fn emit(ctx: &Ctx, events: &[UserEvent]) -> Result<(), redis::RedisErr
     for e in events {
         batch
             .cmd_ignored("XADD", &key)
+            // Exact: the contract's "keeps its newest --events-max" (§10).
             .arg("MAXLEN")
-            .arg("~")
             .arg(ctx.cfg.events_max)
             .arg("*")
             .arg("type")
@@ -252,7 +252,6 @@ pub async fn node_event(ctx: &Ctx, kind: &str, node: &NodeId, by: Option<&NodeId
     let mut cmd = redis::cmd("XADD");
     cmd.arg(ctx.keys.events())
         .arg("MAXLEN")
-        .arg("~")
         .arg(ctx.cfg.events_max)
         .arg("*")
         .arg("type")
