@@ -163,13 +163,49 @@ impl Metrics {
         ]
     }
 
-    /// Prometheus text exposition.
+    /// Prometheus text exposition, format 0.0.4 (contract §8: "Prometheus
+    /// text"), which every scraper and parser reads.
     pub fn render(&self) -> String {
-        let mut out = String::new();
+        let mut open = String::new();
         // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
+        let _ = encode(&mut open, &self.registry);
+        prometheus_text(&open)
     }
+}
+
+/// The Prometheus text format of an OpenMetrics exposition (what the
+/// registry writes): a counter's family is named after its samples
+/// (`x_total`, where OpenMetrics says `x`), and no `# UNIT` or `# EOF`.
+fn prometheus_text(open: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open.len() + 16 * counters.len());
+    for line in open.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(p);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(tail);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -192,5 +228,12 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
+        // Prometheus text (0.0.4): a counter's family carries its samples'
+        // name; no OpenMetrics end marker.
+        assert!(text.contains("# TYPE wsc_messages_delivered_total counter\n"));
+        assert!(text.contains("# HELP wsc_messages_delivered_total "));
+        assert!(text.contains("# TYPE wsc_connections gauge\n"));
+        assert!(text.contains("# TYPE wsc_route_latency_seconds histogram\n"));
+        assert!(!text.contains("# EOF"), "{text}");
     }
 }

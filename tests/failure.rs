@@ -290,6 +290,31 @@ async fn redis_restart_empty() {
     eprintln!("redis_restart_empty: all nodes ready {back:?} after redis came back");
 }
 
+/// Cut off from Redis (§8): `/readyz` turns 503 once the heartbeats have
+/// failed for a heartbeat, long before a 10 s lease would lapse, while
+/// `/healthz` stays 200; Redis back, ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_503_when_cut_off_before_the_lease_lapses() {
+    let mut redis = Redis::start();
+    let n = NodeProc::start("cut", &timed_args(&redis.url(), "200", "10000", &["--dev"]));
+    n.wait_ready().await;
+    redis.kill();
+    let killed = Instant::now();
+    eventually("readyz 503 without redis", Duration::from_secs(5), || {
+        let url = n.http("/readyz");
+        async move { (reqwest::get(url).await.ok()?.status() == 503).then_some(()) }
+    })
+    .await;
+    let took = killed.elapsed();
+    eprintln!("readyz 503 {took:?} after redis died (heartbeat 200 ms, lease 10 s)");
+    assert_eq!(
+        reqwest::get(n.http("/healthz")).await.unwrap().status(),
+        200
+    );
+    redis.restart_empty();
+    n.wait_ready().await;
+}
+
 /// Redis down when a node boots: 503 until it answers, then it joins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_at_boot() {

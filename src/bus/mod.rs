@@ -112,6 +112,12 @@ pub trait Bus: Send + Sync + 'static {
     /// True while the node can serve: holds its lease (standalone: always).
     fn is_ready(&self) -> bool;
 
+    /// True once Redis has been unreachable for a while, though the lease
+    /// may not have lapsed yet (contract §8: `/readyz` 503 while cut off).
+    fn cut_off(&self) -> bool {
+        false
+    }
+
     /// Register a connection already in the registry; returns the first
     /// page of the user's mailbox, oldest first, the user's history
     /// position and the answer to `resume` (all read in one atomic step

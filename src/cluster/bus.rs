@@ -183,6 +183,14 @@ impl Bus for RedisBus {
         self.ctx.get().is_some_and(|c| c.membership.holds_lease())
     }
 
+    /// Every heartbeat failed for a heartbeat's time: Redis is down or out
+    /// of reach, whatever the lease's remaining time says.
+    fn cut_off(&self) -> bool {
+        self.ctx
+            .get()
+            .is_some_and(|c| c.membership.cut_off(c.cfg.heartbeat))
+    }
+
     async fn register(
         &self,
         h: &ConnHandle,

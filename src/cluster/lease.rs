@@ -406,6 +406,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                 }
             }));
         }
+        ctx.membership.heartbeat_went_through(result.is_ok());
         match result {
             Ok(()) => {
                 if cut_off {

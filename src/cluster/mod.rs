@@ -46,6 +46,9 @@ pub struct Membership {
     /// Local deadline of the lease: the instant the renewal request was
     /// sent plus the TTL, never later than the expiry Redis holds.
     lease_until: Mutex<Option<Instant>>,
+    /// When the renewals in a row that failed began (None: the last one
+    /// went through).
+    failing_since: Mutex<Option<Instant>>,
     life: Lifecycle,
     acquired: Notify,
     pub live: LiveNodes,
@@ -56,6 +59,7 @@ impl Membership {
         Membership {
             id: RwLock::new(id),
             lease_until: Mutex::new(None),
+            failing_since: Mutex::new(None),
             life,
             acquired: Notify::new(),
             live: LiveNodes::default(),
@@ -84,6 +88,26 @@ impl Membership {
                 .lock()
                 .map(|g| g.is_some_and(|t| Instant::now() < t))
                 .unwrap_or(false)
+    }
+
+    /// A heartbeat reached Redis (`true`) or failed.
+    pub(crate) fn heartbeat_went_through(&self, ok: bool) {
+        if let Ok(mut g) = self.failing_since.lock() {
+            match (ok, *g) {
+                (true, _) => *g = None,
+                (false, None) => *g = Some(Instant::now()),
+                (false, Some(_)) => {}
+            }
+        }
+    }
+
+    /// Whether every heartbeat for at least `after` failed: the node is
+    /// cut off from Redis, though its lease may not have lapsed yet.
+    pub fn cut_off(&self, after: Duration) -> bool {
+        self.failing_since
+            .lock()
+            .map(|g| g.is_some_and(|t| t.elapsed() >= after))
+            .unwrap_or(false)
     }
 
     pub(crate) fn set_lease(&self, until: Instant) {

@@ -15,9 +15,11 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// 200 only while the node holds its lease and is not draining.
+/// 200 only while the node holds its lease, is not draining and reaches
+/// Redis (§8: 503 once its heartbeats have failed for a heartbeat, before
+/// the lease itself lapses).
 pub async fn readyz(State(s): State<Arc<Shared>>) -> Response {
-    if !s.is_draining() && s.bus.is_ready() {
+    if !s.is_draining() && s.bus.is_ready() && !s.bus.cut_off() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
@@ -28,7 +30,7 @@ pub async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            "text/plain; version=0.0.4; charset=utf-8",
         )],
         s.metrics.render(),
     )
