@@ -74,7 +74,7 @@ pub struct Args {
     #[arg(long, env = "WSC_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: String,
     /// The URL is a comma list of Redis Cluster seed nodes.
-    #[arg(long, env = "WSC_REDIS_CLUSTER", default_value_t = false)]
+    #[arg(long, env = "WSC_REDIS_CLUSTER", default_value_t = false, value_parser = clap::builder::BoolishValueParser::new())]
     pub redis_cluster: bool,
     /// Redis key prefix.
     #[arg(long, env = "WSC_PREFIX", default_value = "wsc")]
@@ -155,12 +155,12 @@ pub struct Args {
     #[arg(long, env = "WSC_MAX_TOPICS_PER_CONN", default_value_t = 64)]
     pub max_topics_per_conn: usize,
     /// Development mode: ?user=NAME without a token, demo page at /.
-    #[arg(long, env = "WSC_DEV", default_value_t = false)]
+    #[arg(long, env = "WSC_DEV", default_value_t = false, value_parser = clap::builder::BoolishValueParser::new())]
     pub dev: bool,
     /// Serve the demo page at `/` and the client library at `/client.js`
     /// (for a cluster behind a load balancer). Logging in with a bare user
     /// name (`?user=`) still needs `--dev`; without it the page asks for a token.
-    #[arg(long, env = "WSC_DEMO", default_value_t = false)]
+    #[arg(long, env = "WSC_DEMO", default_value_t = false, value_parser = clap::builder::BoolishValueParser::new())]
     pub demo: bool,
     /// `text` or `json`.
     #[arg(long, env = "WSC_LOG_FORMAT", default_value = "text")]
@@ -378,10 +378,21 @@ impl Config {
             }
         }
         let jwt_key = match (&args.jwt_public_key, &args.jwt_secret) {
-            (Some(path), _) => JwtKey::PublicPem(
-                std::fs::read(path)
-                    .map_err(|e| ConfigError::PublicKey(format!("{}: {e}", path.display())))?,
-            ),
+            (Some(path), _) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| ConfigError::PublicKey(format!("{}: {e}", path.display())))?;
+                // Checked here, before anything starts: a bad key is bad
+                // configuration (one line, exit 2), not a failed start.
+                let usable = jsonwebtoken::DecodingKey::from_rsa_pem(&pem).is_ok()
+                    || jsonwebtoken::DecodingKey::from_ec_pem(&pem).is_ok();
+                if !usable {
+                    return Err(ConfigError::PublicKey(format!(
+                        "{}: not an RSA or EC public key in PEM form",
+                        path.display()
+                    )));
+                }
+                JwtKey::PublicPem(pem)
+            }
             (None, Some(s)) if !s.is_empty() => JwtKey::Hs256(s.as_bytes().to_vec()),
             _ if args.dev => JwtKey::None,
             _ => return Err(ConfigError::NoSecret),

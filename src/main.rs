@@ -18,7 +18,25 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn main() -> ExitCode {
     // rediss:// uses rustls; pick its crypto provider once for the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cfg = match Config::from_args(Args::parse()) {
+    // Bad configuration is one line naming the setting (contract §2);
+    // clap's own report adds a usage tip on lines of their own.
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!(
+                "wscluster: {}{}",
+                first.trim_start_matches("error: "),
+                env_of(&e)
+                    .map(|v| format!(" (from {v} if set)"))
+                    .unwrap_or_default()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let cfg = match Config::from_args(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("wscluster: {e}");
@@ -52,6 +70,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The environment variable of the setting a clap error is about: a bad
+/// value may have come from there, not from the command line.
+fn env_of(e: &clap::Error) -> Option<String> {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let long = arg.trim_start_matches("--").split([' ', '=']).next()?;
+    let cmd = Args::command();
+    let a = cmd.get_arguments().find(|a| a.get_long() == Some(long))?;
+    Some(a.get_env()?.to_string_lossy().into_owned())
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {

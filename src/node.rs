@@ -23,7 +23,7 @@ use crate::shutdown::{Lifecycle, Phase, drain_schedule};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("--listen (WSC_LISTEN): {0}")]
     Listen(String),

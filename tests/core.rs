@@ -579,6 +579,25 @@ async fn http_api_and_ops() {
         .to_owned();
     let m = c.expect("api message", T, is_msg(&id)).await;
     assert_eq!(m["payload"], json!({"k":"v"}));
+    // `null` is JSON (§4: RFC 8259): a payload, not a missing one.
+    let r = post(json!({"to":"api-user","payload":null}), API_KEY)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "payload null");
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let m = c.expect("null payload", T, is_msg(&id)).await;
+    assert!(m["payload"].is_null() && m.get("payload").is_some(), "{m}");
+    assert_eq!(
+        post(json!({"to":"api-user"}), API_KEY)
+            .await
+            .unwrap()
+            .status(),
+        400,
+        "no payload"
+    );
     assert_eq!(
         post(json!({"to":"api-user","payload":1}), "wrong")
             .await
@@ -640,7 +659,7 @@ async fn http_api_and_ops() {
         .unwrap();
     for name in [
         "wsc_connections 1",
-        "wsc_messages_delivered_total 1",
+        "wsc_messages_delivered_total 2", // {"k":"v"} and null
         "wsc_messages_routed_total",
         "wsc_messages_rerouted_total",
         "wsc_messages_mailboxed_total",
@@ -903,4 +922,65 @@ async fn send_shards() {
         c.expect("message after the routers spread", T, is_msg(&sid))
             .await;
     }
+}
+
+/// Bad configuration (contract §2): exit code 2 at once, nothing logged
+/// before, and one line on stderr naming the setting — whether the value
+/// came from a flag, from the environment, or is a file that is not a key.
+/// Boolean variables take `1`/`0`/`yes`/`no` as well as `true`/`false`.
+#[test]
+fn bad_configuration_is_one_line_naming_the_setting() {
+    let bad_pem = std::env::temp_dir().join(format!("wsc-bad-{}.pem", std::process::id()));
+    std::fs::write(&bad_pem, "not a key\n").unwrap();
+    let pem = bad_pem.to_string_lossy().into_owned();
+    // (flags, environment, what the line must name)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            vec!["--dev", "--heartbeat-ms", "abc"],
+            vec![],
+            "--heartbeat-ms",
+        ),
+        (
+            vec!["--dev"],
+            vec![("WSC_HEARTBEAT_MS", "abc")],
+            "WSC_HEARTBEAT_MS",
+        ),
+        (
+            vec!["--dev", "--heartbeat-ms", "1000", "--lease-ttl-ms", "2000"],
+            vec![],
+            "--lease-ttl-ms",
+        ),
+        (vec![], vec![], "--jwt-secret"),
+        (
+            vec!["--dev", "--redis-url", "http://nope"],
+            vec![],
+            "--redis-url",
+        ),
+        (vec!["--jwt-public-key", &pem], vec![], "--jwt-public-key"),
+        (vec![], vec![("WSC_DEV", "maybe")], "WSC_DEV"),
+        (vec!["--dev", "--log-format", "xml"], vec![], "--log-format"),
+        // `WSC_DEV=1` is read as on: the error is about the heartbeat.
+        (
+            vec!["--heartbeat-ms", "5"],
+            vec![("WSC_DEV", "1")],
+            "--heartbeat-ms",
+        ),
+    ];
+    for (args, env, names) in cases {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wscluster"));
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("WSC_")) {
+            cmd.env_remove(k);
+        }
+        cmd.args(&args).envs(env.iter().copied());
+        let out = cmd.output().expect("run wscluster");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        let case = format!("{args:?} {env:?}");
+        assert_eq!(out.status.code(), Some(2), "{case}: {stderr}");
+        assert!(out.stdout.is_empty(), "{case}: logged before failing");
+        assert_eq!(lines.len(), 1, "{case}: one line: {stderr}");
+        assert!(lines[0].contains(names), "{case}: names {names}: {stderr}");
+    }
+    let _ = std::fs::remove_file(bad_pem);
 }

@@ -22,7 +22,7 @@ struct Body<'a> {
     to: Option<String>,
     topic: Option<String>,
     from: Option<String>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "super::frames::present")]
     payload: Option<&'a RawValue>,
     idempotency_key: Option<String>,
 }

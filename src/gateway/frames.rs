@@ -47,10 +47,20 @@ struct Raw<'a> {
     to: Option<Value>,
     topic: Option<Value>,
     token: Option<Value>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
     #[serde(rename = "ref")]
     r#ref: Option<Value>,
+}
+
+/// A field that is there, whatever it holds: `"payload": null` is a JSON
+/// payload like any other (contract §4: RFC 8259), not a missing one
+/// (serde alone reads a `null` into `None`).
+pub(super) fn present<'de, D>(d: D) -> Result<Option<&'de RawValue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    <&RawValue as serde::Deserialize>::deserialize(d).map(Some)
 }
 
 pub fn parse(text: &str, max_payload: usize) -> Result<ClientFrame, FrameError> {
@@ -169,6 +179,11 @@ mod tests {
             parse(r#"{"type":"subscribe","topic":"a/b"}"#, 1).unwrap(),
             ClientFrame::Subscribe(_)
         ));
+        // `null` is a payload (RFC 8259), not a missing one.
+        match parse(r#"{"type":"send","to":"bob","payload":null}"#, 100).unwrap() {
+            ClientFrame::Send { payload, .. } => assert_eq!(payload, "null"),
+            f => panic!("{f:?}"),
+        }
     }
 
     #[test]
