@@ -343,12 +343,13 @@ async fn topics() {
     }
     // Not allowed by the token: forbidden_topic; no claim: no topics.
     subs[0]
-        .send_json(json!({"type":"subscribe","topic":"other"}))
+        .send_json(json!({"type":"subscribe","topic":"other","ref":"s1"}))
         .await;
     let e = subs[0]
         .expect("forbidden", T, |v| v["type"] == "error")
         .await;
     assert_eq!(e["code"], "forbidden_topic");
+    assert_eq!(e["ref"], "s1", "the frame's ref, as for every error");
     let mut none = Client::token(&nodes[0], "nobody", None).await;
     none.send_json(json!({"type":"subscribe","topic":"exact"}))
         .await;

@@ -53,7 +53,7 @@ fn check_frame(text: &str, max: usize) -> Result<(), TestCaseError> {
                 "payload is JSON: {payload:?}"
             );
         }
-        Ok(ClientFrame::Subscribe(t)) | Ok(ClientFrame::Unsubscribe(t)) => {
+        Ok(ClientFrame::Subscribe(t, _)) | Ok(ClientFrame::Unsubscribe(t)) => {
             prop_assert!(contract_topic(t.as_str()), "accepted topic {t:?}");
         }
         Ok(ClientFrame::Ping) | Ok(ClientFrame::Refresh(_)) => {}

@@ -15,7 +15,8 @@ pub enum ClientFrame {
         payload: String,
         r#ref: Option<Value>,
     },
-    Subscribe(Topic),
+    /// A topic, and the frame's `ref` for an error about it.
+    Subscribe(Topic, Option<Value>),
     Unsubscribe(Topic),
     Ping,
     /// A new token for the same user (contract §3).
@@ -133,7 +134,7 @@ pub fn parse(text: &str, max_payload: usize) -> Result<ClientFrame, FrameError> 
                 r#ref,
             })
         }
-        "subscribe" => Ok(ClientFrame::Subscribe(topic(&raw)?)),
+        "subscribe" => Ok(ClientFrame::Subscribe(topic(&raw)?, r#ref)),
         "unsubscribe" => Ok(ClientFrame::Unsubscribe(topic(&raw)?)),
         "ping" => Ok(ClientFrame::Ping),
         "refresh" => match raw.token {
@@ -177,7 +178,7 @@ mod tests {
         }
         assert!(matches!(
             parse(r#"{"type":"subscribe","topic":"a/b"}"#, 1).unwrap(),
-            ClientFrame::Subscribe(_)
+            ClientFrame::Subscribe(..)
         ));
         // `null` is a payload (RFC 8259), not a missing one.
         match parse(r#"{"type":"send","to":"bob","payload":null}"#, 100).unwrap() {

@@ -421,12 +421,13 @@ async fn handle(
                 }
             }
         }
-        ClientFrame::Subscribe(t) => {
+        ClientFrame::Subscribe(t, r#ref) => {
+            // Errors carry the frame's `ref`, like every other frame's.
             if !who.topics.allows(&t) {
                 return message::error(
                     "forbidden_topic",
                     "your token does not allow this topic",
-                    None,
+                    r#ref.as_ref(),
                 );
             }
             if !shared
@@ -439,7 +440,7 @@ async fn handle(
                         "at most {} topics per connection",
                         shared.cfg.max_topics_per_conn
                     ),
-                    None,
+                    r#ref.as_ref(),
                 );
             }
             message::topic_ack("subscribed", &t)
