@@ -126,7 +126,15 @@ impl Message {
 /// True if `s` is one JSON text as RFC 8259 defines it, with numbers that
 /// fit a double (serde_json refuses `NaN`, hex and out-of-range numbers).
 pub fn is_json(s: &str) -> bool {
-    serde_json::from_str::<AnyJson>(s).is_ok()
+    json_problem(s).is_none()
+}
+
+/// Why `s` is not a payload [`is_json`] accepts, for the sender: serde_json's
+/// account (a bad number, a lone surrogate escape, trailing text…).
+pub fn json_problem(s: &str) -> Option<String> {
+    serde_json::from_str::<AnyJson>(s).err().map(|e| {
+        format!("payload is not JSON as RFC 8259 defines it (numbers must fit a double): {e}")
+    })
 }
 
 /// Any JSON value, checked and not built: serde_json checks the syntax,

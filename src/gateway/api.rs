@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 use super::{ApiKey, Shared};
 use crate::bus::Publish;
 use crate::ids::{Topic, UserId};
-use crate::message::{Target, is_json};
+use crate::message::{Target, json_problem};
 
 #[derive(Deserialize)]
 struct Body<'a> {
@@ -75,11 +75,8 @@ pub async fn send(_: ApiKey, State(s): State<Arc<Shared>>, body: Bytes) -> Respo
             format!("payload is over {} bytes", s.cfg.max_payload_bytes),
         );
     }
-    if !is_json(payload) {
-        return bad(
-            StatusCode::BAD_REQUEST,
-            "payload has a number that does not fit a double",
-        );
+    if let Some(why) = json_problem(payload) {
+        return bad(StatusCode::BAD_REQUEST, why);
     }
     match s
         .bus

@@ -6,7 +6,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use crate::ids::{Topic, UserId};
-use crate::message::is_json;
+use crate::message::json_problem;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientFrame {
@@ -121,12 +121,8 @@ pub fn parse(text: &str, max_payload: usize) -> Result<ClientFrame, FrameError> 
                     r#ref,
                 ));
             }
-            if !is_json(payload) {
-                return Err(FrameError::new(
-                    "bad_frame",
-                    "payload has a number that does not fit a double",
-                    r#ref,
-                ));
+            if let Some(why) = json_problem(payload) {
+                return Err(FrameError::new("bad_frame", why, r#ref));
             }
             Ok(ClientFrame::Send {
                 to,
@@ -210,6 +206,10 @@ mod tests {
             "bad_frame"
         );
         assert_eq!(code(r#"{"type":"subscribe","topic":"a b"}"#), "bad_frame");
+        // The reason names what is wrong (a lone surrogate: not a number).
+        let e = parse(r#"{"type":"send","to":"a","payload":"\ud800"}"#, 16).unwrap_err();
+        assert_eq!(e.code, "bad_frame");
+        assert!(e.message.contains("escape"), "{}", e.message);
         let e = parse(r#"{"type":"send","to":"a b","payload":1,"ref":"r1"}"#, 16).unwrap_err();
         assert_eq!(e.r#ref, Some(Value::from("r1")));
     }

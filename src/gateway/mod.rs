@@ -276,9 +276,11 @@ fn resume_request(q: &HashMap<String, String>) -> Result<Option<Resume>, &'stati
     match (q.get("since"), q.get("epoch")) {
         (None, None) => Ok(None),
         (Some(since), Some(epoch)) => {
-            let since = since
-                .parse::<u64>()
-                .map_err(|_| "since must be a non-negative integer\n")?;
+            // Digits only: `parse` would also take a leading `+`.
+            let since = Some(since)
+                .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or("since must be a non-negative integer\n")?;
             if epoch.len() > 64
                 || !epoch
                     .chars()
@@ -319,6 +321,8 @@ mod tests {
         assert!(resume_request(&q(&[("epoch", "e")])).is_err());
         assert!(resume_request(&q(&[("since", "-1"), ("epoch", "e")])).is_err());
         assert!(resume_request(&q(&[("since", "x"), ("epoch", "e")])).is_err());
+        assert!(resume_request(&q(&[("since", "+3"), ("epoch", "e")])).is_err());
+        assert!(resume_request(&q(&[("since", ""), ("epoch", "e")])).is_err());
         assert!(resume_request(&q(&[("since", "1"), ("epoch", "e}")])).is_err());
     }
 
