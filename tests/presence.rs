@@ -1036,6 +1036,16 @@ async fn disconnect_closes_the_users_connections_everywhere() {
         End::Closed(4000, _) => {}
         e => panic!("default code: {e:?}"),
     }
+    // 4001 is the app's too: its reason, not the token-expiry one.
+    let mut again = Peer::dev(&nodes[1], "dora").await;
+    let (status, _) = post_disconnect(
+        &nodes[0],
+        json!({"user": "dora", "code": 4001, "reason": "app says"}),
+        Some(API_KEY),
+    )
+    .await;
+    assert_eq!(status, 202);
+    assert_eq!(again.end(T).await, End::Closed(4001, "app says".into()));
     otto.assert_open(Duration::ZERO, "another user").await;
 }
 

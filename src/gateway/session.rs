@@ -326,13 +326,18 @@ async fn pump(
     Box::pin(finish(shared, h, rx)).await;
     if h.is_closing() {
         let code = h.close_code();
-        let reason = match code {
-            CLOSE_GOING_AWAY => "node going away".to_owned(),
-            CLOSE_TRY_LATER => "too slow".to_owned(),
-            CLOSE_POLICY => "rate limit exceeded".to_owned(),
-            CLOSE_TOKEN_EXPIRED => "token expired".to_owned(),
-            _ => h.close_reason().unwrap_or_else(|| "closing".to_owned()),
-        };
+        // The app's reason wins: it may close with any code of 4000–4099,
+        // 4001 included (§10).
+        let reason = h.close_reason().unwrap_or_else(|| {
+            match code {
+                CLOSE_GOING_AWAY => "node going away",
+                CLOSE_TRY_LATER => "too slow",
+                CLOSE_POLICY => "rate limit exceeded",
+                CLOSE_TOKEN_EXPIRED => "token expired",
+                _ => "closing",
+            }
+            .to_owned()
+        });
         Box::pin(close_ws(&mut sink, &mut stream, code, &reason)).await;
     } else if client_closed {
         // The library queued the echo of the client's close frame; send it
