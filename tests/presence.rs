@@ -683,6 +683,49 @@ async fn drain_takes_its_users_offline() {
     }
 }
 
+/// A draining node frozen (SIGSTOP) past its reap lock is reaped by the
+/// survivor (`node_reaped`); thawed, it finishes its drain and exits 0, but
+/// says no `node_left` for the id already reaped (§10: one end per node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_frozen_past_the_lease_is_reaped_not_left() {
+    let (redis, mut nodes) = cluster_with(2, &["--drain-ms", "4000"]).await;
+    let a_id = nodes[0].node_id().await;
+    let users = names("dz", 30);
+    let mut peers = Vec::new();
+    for u in &users {
+        peers.push(Peer::dev(&nodes[0], u).await);
+    }
+    wait_applied(&redis, &users, 1, "everyone online").await;
+
+    nodes[0].signal(libc::SIGTERM);
+    // Mid-drain: some sockets closed, most still open (4 s window).
+    let first = peers[0].end(T).await;
+    assert!(matches!(first, End::Closed(1012, _)), "{first:?}");
+    let frozen = Frozen::stop(&nodes[0]);
+    eventually("the survivor reaps the frozen drainer", T, || async {
+        node_events(&events(&redis), "node_reaped", &a_id).pop()
+    })
+    .await;
+    frozen.thaw();
+    assert_eq!(
+        nodes[0].wait_exit(Duration::from_secs(10)).await,
+        Some(0),
+        "the thawed drainer exits 0"
+    );
+    wait_applied(&redis, &users, 2, "its users offline").await;
+    let evs = events(&redis);
+    assert_eq!(node_events(&evs, "node_reaped", &a_id).len(), 1);
+    assert!(
+        node_events(&evs, "node_left", &a_id).is_empty(),
+        "node_left after node_reaped for {a_id}"
+    );
+    for u in &users {
+        if let Some(e) = alternation_error(u, &applied(&evs, u)) {
+            panic!("{e}");
+        }
+    }
+}
+
 // ---------------------------------------------------------------- 5. SIGSTOP
 
 /// A node is frozen (SIGSTOP) past its lease twice, then thawed; its

@@ -59,9 +59,14 @@ pub async fn leave_finish(ctx: &Arc<Ctx>) {
     // or the self-reap would route it again.
     ctx.acker.flush(ctx.cfg.lease_ttl / 2).await;
     match reap_locked(ctx, &me, &me).await {
-        Ok(()) => {
+        Ok(true) => {
             super::presence::node_event(ctx, "node_left", &me, None, 0).await;
             tracing::info!(node = %me, "left the cluster");
+        }
+        // Frozen past the reap lock mid-drain: a survivor reaped us and
+        // said `node_reaped`; a `node_left` now would contradict it (§10).
+        Ok(false) => {
+            tracing::info!(node = %me, "left the cluster; a survivor had reaped this node")
         }
         Err(e) => {
             ctx.redis_error();

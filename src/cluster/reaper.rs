@@ -91,17 +91,23 @@ async fn try_reap(ctx: &Arc<Ctx>, dead: &NodeId, me: &NodeId) -> Result<bool, Re
     if got != 1 {
         return Ok(false);
     }
-    reap_locked(ctx, dead, me).await?;
+    // Only the reap that removed the member says so (a leaving node that
+    // woke may have finished its own reap meanwhile: then it says `node_left`).
+    if !reap_locked(ctx, dead, me).await? {
+        return Ok(false);
+    }
     crate::cluster::presence::node_event(ctx, "node_reaped", dead, Some(me), 0).await;
     Ok(true)
 }
 
 /// Reap `dead` while holding its lock as `holder` (renewed meanwhile).
+/// True if this call removed its `<p>:nodes` member (false: another
+/// reaper finished first).
 pub(super) async fn reap_locked(
     ctx: &Arc<Ctx>,
     dead: &NodeId,
     holder: &NodeId,
-) -> Result<(), ReapError> {
+) -> Result<bool, ReapError> {
     let done = CancellationToken::new();
     let lock_lost = spawn_lock_renewer(ctx.clone(), dead.clone(), done.clone().cancelled_owned());
     let result = reap_steps(ctx, dead, &lock_lost).await;
@@ -147,7 +153,7 @@ async fn reap_steps(
     ctx: &Arc<Ctx>,
     dead: &NodeId,
     lock_lost: &CancellationToken,
-) -> Result<(), ReapError> {
+) -> Result<bool, ReapError> {
     let inbox = ctx.keys.inbox(dead);
     let index = ctx.keys.node_conns(dead);
     let mut redis = ctx.redis.clone();
@@ -253,7 +259,7 @@ async fn reap_steps(
         }
     }
     // 4. Last, leave `<p>:nodes`.
-    let _: i64 = lua::eval_cmd(lua::REMOVE_IF_EXPIRED, &[&ctx.keys.nodes()])?
+    let removed: i64 = lua::eval_cmd(lua::REMOVE_IF_EXPIRED, &[&ctx.keys.nodes()])?
         .arg(dead.as_str())
         .query_async(&mut redis)
         .await?;
@@ -263,5 +269,5 @@ async fn reap_steps(
         .query_async(&mut redis)
         .await?;
     ctx.membership.live.mark_gone(dead.as_str());
-    Ok(())
+    Ok(removed == 1)
 }

@@ -152,7 +152,18 @@ pub async fn cluster(n: usize) -> (Redis, Vec<NodeProc>) {
 pub async fn cluster_with(n: usize, extra: &[&str]) -> (Redis, Vec<NodeProc>) {
     let redis = Redis::start();
     let mut args = fast_args(&redis);
-    args.extend(extra.iter().map(|s| s.to_string()));
+    // A flag already among the fast ones takes the new value.
+    let mut rest = extra.iter();
+    while let Some(a) = rest.next() {
+        match args.iter().position(|x| x == a) {
+            Some(i)
+                if a.starts_with("--") && args.get(i + 1).is_some_and(|v| !v.starts_with("--")) =>
+            {
+                args[i + 1] = rest.next().map(|v| v.to_string()).unwrap_or_default();
+            }
+            _ => args.push(a.to_string()),
+        }
+    }
     let nodes: Vec<NodeProc> = (0..n)
         .map(|i| NodeProc::start(&format!("n{i}"), &args))
         .collect();
