@@ -143,6 +143,73 @@ async fn frozen_node() {
     moved.expect("message after wake", T, is_msg(&after)).await;
 }
 
+/// A router frozen past its lease and thawed while a successor leads takes
+/// not one more step under the lapsed lease: Redis (`MONITOR`) sees no
+/// `XAUTOCLAIM` naming its old id after the thaw (§6: at most one node
+/// routes a send stream). It used to claim entries idle a lease TTL into
+/// its old consumer before noticing. Single Redis only (`MONITOR`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thawed_router_takes_no_step_under_its_old_lease() {
+    let (redis, nodes) = cluster(2).await;
+    if redis.is_cluster() {
+        eprintln!("MONITOR of one Redis: not on a Redis Cluster");
+        return;
+    }
+    let router = eventually("a router", T, || async {
+        for (i, n) in nodes.iter().enumerate() {
+            if n.cluster().await["router"] == true {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    let (a, b) = (&nodes[router], &nodes[1 - router]);
+    let a_id = a.node_id().await;
+    a.signal(libc::SIGSTOP);
+    eventually("the other node routes", T, || async {
+        (b.cluster().await["router"] == true).then_some(())
+    })
+    .await;
+    let port: String = (redis.url().rsplit(':').next().unwrap_or_default())
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("wsc-monitor-{}-{port}.txt", std::process::id()));
+    let mut monitor = std::process::Command::new("redis-cli")
+        .args(["-p", &port, "monitor"])
+        .stdout(std::fs::File::create(&log).expect("monitor log"))
+        .spawn()
+        .expect("redis-cli monitor");
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("MONITOR running", T, || async {
+        read().contains("OK").then_some(())
+    })
+    .await;
+    a.signal(libc::SIGCONT);
+    eventually("the thawed node rejoins under a new id", T, || async {
+        (a.cluster().await["node"] != a_id.as_str()).then_some(())
+    })
+    .await;
+    // Everything the thaw set off has reached Redis before this marker.
+    let mut r = redis.conn();
+    let _: String = redis::cmd("ECHO").arg("thaw-marker").query(&mut r).unwrap();
+    let seen = eventually("the marker in MONITOR", T, || async {
+        let text = read();
+        text.contains("thaw-marker").then_some(text)
+    })
+    .await;
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    let _ = std::fs::remove_file(&log);
+    let claims: Vec<&str> = seen
+        .lines()
+        .filter(|l| l.contains("\"XAUTOCLAIM\"") && l.contains(a_id.as_str()))
+        .collect();
+    assert!(claims.is_empty(), "claimed under the old lease: {claims:?}");
+}
+
 /// Re-route bound: a message that reaches a node where its user is not is
 /// routed again, at most 3 times, then goes to the mailbox. Plus a user who
 /// keeps moving between nodes loses nothing.

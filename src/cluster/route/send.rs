@@ -141,6 +141,12 @@ async fn lead(
             release(ctx, &lease_key, me).await;
             return Ok(true);
         }
+        // Thawed after a freeze past our lease (or too slow to renew): not
+        // one more step under it — no claim, no clean-up, no routing — as
+        // a successor may lead already (§6: one router per send stream).
+        if Instant::now() >= lease_until {
+            return Err(RouterError::LeaseLost);
+        }
         // A former leader may have read a batch just as its lease lapsed,
         // after our takeover claim: entries idle longer than a lease can
         // only be abandoned. Claim them too, every lease TTL.
@@ -330,6 +336,10 @@ async fn claim_pending(
     let mut redis = ctx.redis.clone();
     let mut cursor = "0-0".to_owned();
     loop {
+        // Claiming moves entries to us: only while the lease is surely ours.
+        if Instant::now() >= lease_until {
+            return Err(RouterError::LeaseLost);
+        }
         let v: Value = redis::cmd("XAUTOCLAIM")
             .arg(key)
             .arg(ROUTER_GROUP)
