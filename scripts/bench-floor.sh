@@ -18,8 +18,13 @@ floor() { # rate messages mode
   local p; p=$(free_port)
   redis-server --port "$p" --save "" --appendonly no --daemonize yes --logfile /dev/null >/dev/null
   for _ in $(seq 50); do redis-cli -p "$p" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  local pid t0 t1
+  pid=$(redis-cli -p "$p" info server | tr -d '\r' | awk -F: '/^process_id:/ {print $2}')
+  t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
   timeout 120 "$T/release/wsc-floor" --redis-port "$p" --rate "$1" --messages "$2" --users "$USERS" $3 | sed 's/^/  /'
-  redis-cli -p "$p" info commandstats | awk -F'[=,:]' -v m="$2" '/^cmdstat/ && !/config/ {c+=$3} END {printf "    Redis commands per message %.2f\n", c/m}'
+  t1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+  redis-cli -p "$p" info commandstats | awk -F'[=,:]' -v m="$2" -v ticks=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" \
+    '/^cmdstat/ && !/config/ {c+=$3} END {printf "    Redis commands per message %.2f, Redis CPU %.1f µs/msg (set-up included)\n", c/m, ticks/hz*1e6/m}'
   redis-cli -p "$p" shutdown nosave >/dev/null 2>&1 || true
 }
 for round in $(seq "$ROUNDS"); do
