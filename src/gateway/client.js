@@ -14,8 +14,9 @@
 //   node that goes away (close 1012) is left faster, still jittered, so a
 //   drained node's clients do not all land on the survivors at once.
 // - Never reconnects after a close code 4000-4099 (the app closed it), except
-//   4001 (token expired) when it has getToken: it fetches a new token and
-//   reconnects.
+//   the server's own 4001 (reason "token expired") when it has getToken: it
+//   fetches a new token and reconnects. An app's 4001 (POST /api/disconnect
+//   keeps the app's reason) is final, as every app close is.
 // - Token refresh: with getToken, and a token that has an `exp` (read from
 //   the JWT payload, not verified), it calls getToken shortly before expiry
 //   (at 85 % of the time left, at least refreshMarginMs before `exp`) and
@@ -79,6 +80,8 @@
 
 // Error codes that answer a `refresh` (which carries no ref).
 const REFRESH_ERRORS = new Set(["forbidden", "unknown_type", "rate_limited"]);
+// The reason of the server's own 4001 (the session's token expired).
+const TOKEN_EXPIRED = "token expired";
 
 export class WsClusterClient {
   constructor(opts = {}) {
@@ -675,8 +678,9 @@ export class WsClusterClient {
   }
 
   /** Close codes after which the client stays closed. */
-  _final(code) {
-    if (code === 4001) return !this.opts.getToken; // token expired: a new one may do
+  _final(code, reason) {
+    // The token expired: a new one may do.
+    if (code === 4001 && reason === TOKEN_EXPIRED) return !this.opts.getToken;
     return code >= 4000 && code <= 4099; // closed by the app
   }
 
@@ -699,7 +703,7 @@ export class WsClusterClient {
       p.reject(new Error(`connection closed before ${p.kind} was answered`));
       this._pending.delete(ref);
     }
-    if (!this._stopped && this._final(code)) {
+    if (!this._stopped && this._final(code, reason)) {
       this._stopped = true;
       clearTimeout(this._timer);
     }

@@ -55,8 +55,15 @@ try {
   const open = async (who, to) => {
     const p = await ctx.newPage();
     p.on("pageerror", (e) => console.error(`[${who}] page error: ${e.message}`));
+    // The page loads and connects without a console error (a 404 for
+    // /favicon.ico was one).
+    const errors = [];
+    const onConsole = (m) => m.type() === "error" && errors.push(m.text());
+    p.on("console", onConsole);
     await p.goto(`${LB}/?user=${who}&to=${to}`);
     await p.waitForFunction(() => window.demo?.client?.connected, null, { timeout: T });
+    p.off("console", onConsole);
+    check(errors.length === 0, `${who}'s page loaded without console errors: ${JSON.stringify(errors)}`);
     pages.push([who, p]);
     return p;
   };
@@ -432,6 +439,23 @@ try {
   check(dave2.rec.since === null, `no resume from dave's position for another user: ${JSON.stringify(dave2.rec)}`);
   step(`refresh with another user's token refused (forbidden); closed 4001 ${late} ms after the old exp; ` +
     `reconnected with a fresh token (as ${dave2.user})`);
+  // The app's own 4001 (POST /api/disconnect) is final even with getToken:
+  // its reason, not the server's "token expired", and no reconnect.
+  const r12 = await fetch(`http://${survivor.addr}/api/disconnect`, {
+    method: "POST",
+    headers: { Authorization: `Bearer ${API_KEY}`, "Content-Type": "application/json" },
+    body: JSON.stringify({ user: "mallory", code: 4001, reason: "closed by the app" }),
+  });
+  check(r12.status === 202, `POST /api/disconnect 4001 answered ${r12.status}`);
+  await tokens.waitForFunction(() => window.t.events("dave", "close").length === 2, null, { timeout: T });
+  const dave3 = await tokens.evaluate(() => window.t.events("dave", "close")[1]);
+  check(dave3.code === 4001 && dave3.reason === "closed by the app" && dave3.willReconnect === false,
+    `the app's 4001 is final: ${JSON.stringify(dave3)}`);
+  await new Promise((r) => setTimeout(r, 2000)); // longer than a 4001 reconnect delay
+  const dave4 = await tokens.evaluate(() => ({ opens: window.t.events("dave", "open").length,
+    connected: window.t.clients.dave.c.connected }));
+  check(dave4.opens === 2 && !dave4.connected, `not reconnected after the app's 4001: ${JSON.stringify(dave4)}`);
+  step("the app's 4001 (with its reason) closed dave's client for good");
   await tokens.evaluate(() => window.t.clients.dave.c.close());
   await shot("10-refresh-refused");
 
