@@ -16,7 +16,10 @@
 //! or more `refreshed`); a refresh with another user's token is refused
 //! (`forbidden`) and the server closes with 4001 at the old expiry; and a
 //! `welcome` without `epoch` (a previous release's node) makes the client
-//! drop its resume position.
+//! drop its resume position; an app's 4001 (`POST /api/disconnect`) is
+//! final even for a client with `getToken`; a page reloaded with `persist`
+//! drops a redelivery of a message the old page showed; and no page logs a
+//! console error while it loads and connects.
 //! Screenshots land in `target/browser-test/`.
 //!
 //! Needs `/usr/bin/chromium` (or `$CHROMIUM`) and

@@ -34,7 +34,8 @@
 //   follows the new `welcome` (`recovered: true`), or it learns that this
 //   could not be promised (`recovered: false`: reload the app's state). The
 //   first connection resumes only from the `resume` option or, with
-//   `persist`, from sessionStorage (the position survives a page reload).
+//   `persist`, from sessionStorage (the position, and the newest seqs seen,
+//   survive a page reload).
 //   A `welcome` without `epoch` comes from a server without history (an
 //   older release, e.g. during a rolling upgrade): the position is
 //   forgotten (`recovered: false`, reason "unsupported", when one was held)
@@ -80,6 +81,8 @@
 
 // Error codes that answer a `refresh` (which carries no ref).
 const REFRESH_ERRORS = new Set(["forbidden", "unknown_type", "rate_limited"]);
+// How many of the newest (seq, id)s seen `persist` keeps across reloads.
+const STORED_SEEN = 64;
 // The reason of the server's own 4001 (the session's token expired).
 const TOKEN_EXPIRED = "token expired";
 
@@ -453,10 +456,16 @@ export class WsClusterClient {
   _store() {
     const st = this._storage();
     if (!st || !this.position) return;
+    // The newest (seq, id)s seen too: a redelivery right after a reload
+    // (e.g. a dead node's messages re-routed to the mailbox) is still a
+    // repeat in the new page.
+    const seen = [];
+    for (const [seq, id] of this._seqs) seen.push([seq, id]);
     try {
       st.setItem(
         this.opts.storageKey,
-        JSON.stringify({ user: this._user ?? null, epoch: this.epoch, seq: this.seq }),
+        JSON.stringify({ user: this._user ?? null, epoch: this.epoch, seq: this.seq,
+          seen: seen.slice(-STORED_SEEN) }),
       );
     } catch {
       // quota or disabled storage: resume still works within this page
@@ -470,7 +479,13 @@ export class WsClusterClient {
     try {
       const v = JSON.parse(st.getItem(this.opts.storageKey));
       if (!v || (user && v.user && v.user !== user)) return;
-      if (this._validPosition(v.epoch, v.seq)) this._setPosition(v.epoch, v.seq);
+      if (!this._validPosition(v.epoch, v.seq)) return;
+      this._setPosition(v.epoch, v.seq);
+      for (const e of Array.isArray(v.seen) ? v.seen : []) {
+        if (!Array.isArray(e) || !Number.isSafeInteger(e[0]) || typeof e[1] !== "string") continue;
+        this._seqs.set(e[0], e[1]);
+        this._firstSight(e[1]);
+      }
     } catch {
       // nothing stored, or not ours
     }

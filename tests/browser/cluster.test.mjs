@@ -488,6 +488,44 @@ try {
   step(`a welcome without epoch: recovered false (unsupported); the reconnect asked no resume, now at #${erin2.position.seq}`);
   await tokens.evaluate(() => window.t.clients.erin.c.close());
   await shot("11-unsupported");
+
+  // 14. `persist` keeps the newest seqs seen, not only the position: a
+  //     page reloaded (a new client on the same storage) resumes, and a
+  //     redelivery of a message the old page showed (as a dead node's
+  //     messages re-routed to the mailbox would be) is dropped, not shown
+  //     again; a new message still is.
+  await tokens.evaluate(() => {
+    const mem = new Map();
+    const storage = { getItem: (k) => mem.get(k) ?? null, setItem: (k, v) => mem.set(k, v) };
+    window.t.frank = (n) => {
+      const c = new window.t.WsClusterClient({ getToken: () => window.t.sign("frank", 60), persist: true,
+        storage, storageKey: "t14" });
+      const rec = { c, msgs: [], recs: [] };
+      c.on("message", (m) => rec.msgs.push(m));
+      c.on("recovered", (r) => rec.recs.push(r));
+      window.t[`frank${n}`] = rec;
+    };
+    window.t.frank(1);
+  });
+  await tokens.waitForFunction(() => window.t.frank1.c.connected, null, { timeout: T });
+  for (const n of [1, 2]) await apiSend(survivor, "frank", { n });
+  await tokens.waitForFunction(() => window.t.frank1.msgs.length === 2, null, { timeout: T });
+  await tokens.evaluate(() => { window.t.frank1.c.close(); window.t.frank(2); });
+  await tokens.waitForFunction(() => window.t.frank2.recs.length === 1, null, { timeout: T });
+  const frank = await tokens.evaluate(() => {
+    const { c, msgs, recs } = window.t.frank2;
+    const old = window.t.frank1.msgs[0];
+    c._frame(c.ws, JSON.stringify({ type: "message", ...old })); // a redelivery
+    const fresh = { ...old, id: `${old.id}-new`, seq: window.t.frank1.msgs[1].seq + 1 };
+    c._frame(c.ws, JSON.stringify({ type: "message", ...fresh }));
+    return { rec: recs[0], shown: msgs.map((m) => m.seq), duplicates: c.duplicates, seqs: window.t.frank1.msgs.map((m) => m.seq) };
+  });
+  check(frank.rec.recovered === true && frank.rec.since === frank.seqs[1],
+    `the reloaded client resumed after #${frank.seqs[1]}: ${JSON.stringify(frank.rec)}`);
+  check(frank.duplicates === 1 && frank.shown.length === 1 && frank.shown[0] === frank.seqs[1] + 1,
+    `a redelivery of #${frank.seqs[0]} after the reload is dropped, a new message shown: ${JSON.stringify(frank)}`);
+  step(`a reloaded page drops a redelivery of #${frank.seqs[0]} it showed before the reload`);
+  await tokens.evaluate(() => window.t.frank2.c.close());
   step("PASS");
 } catch (e) {
   failed = true;
