@@ -460,12 +460,12 @@ export class WsClusterClient {
     // (e.g. a dead node's messages re-routed to the mailbox) is still a
     // repeat in the new page.
     const seen = [];
-    for (const [seq, id] of this._seqs) seen.push([seq, id]);
+    let skip = this._seqs.size - STORED_SEEN;
+    for (const [seq, id] of this._seqs) if (skip-- <= 0) seen.push([seq, id]);
     try {
       st.setItem(
         this.opts.storageKey,
-        JSON.stringify({ user: this._user ?? null, epoch: this.epoch, seq: this.seq,
-          seen: seen.slice(-STORED_SEEN) }),
+        JSON.stringify({ user: this._user ?? null, epoch: this.epoch, seq: this.seq, seen }),
       );
     } catch {
       // quota or disabled storage: resume still works within this page
