@@ -25,6 +25,13 @@ impl Backoff {
         Self::new(Duration::from_millis(50), Duration::from_secs(2))
     }
 
+    /// Before the first join: 50 ms doubling to 1 s, so a node is ready
+    /// within 2 s of Redis answering (§6 Join) even when Redis came up
+    /// just after a failed attempt.
+    pub fn boot() -> Self {
+        Self::new(Duration::from_millis(50), Duration::from_secs(1))
+    }
+
     /// Next delay: uniform in [ceiling/2, ceiling], ceiling = min(cap, base·2ⁿ).
     pub fn next_delay(&mut self) -> Duration {
         let exp = self.base.saturating_mul(1u32 << self.attempt.min(16));

@@ -385,23 +385,49 @@ async fn readyz_503_when_cut_off_before_the_lease_lapses() {
     n.wait_ready().await;
 }
 
-/// Redis down when a node boots: 503 until it answers, then it joins.
+/// Redis down when a node boots: 503 until it answers (the retries are
+/// logged), then it joins within 2 s of Redis answering (§6 Join), even
+/// after its retries have backed off to their longest wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_at_boot() {
     let mut redis = Redis::start();
     redis.kill();
     let n = NodeProc::start("early", &fast_args(&redis));
-    tokio::time::sleep(Duration::from_millis(500)).await; // the node retries meanwhile
+    eventually("retries backed off to their longest wait", T, || async {
+        (n.log().matches("redis unreachable at boot").count() >= 8).then_some(())
+    })
+    .await;
     assert_eq!(reqwest::get(n.http("/readyz")).await.unwrap().status(), 503);
     assert_eq!(
         reqwest::get(n.http("/healthz")).await.unwrap().status(),
         200
     );
     redis.restart_empty();
+    let answered = Instant::now();
     n.wait_ready().await;
+    let took = answered.elapsed();
     assert!(
-        n.log().contains("redis unreachable at boot"),
-        "the retries are logged"
+        took < Duration::from_secs(2),
+        "ready {took:?} after Redis answered"
+    );
+    // Whenever Redis comes up, the next attempt is at most this far off.
+    let waits: Vec<u64> = n
+        .log()
+        .lines()
+        .filter(|l| l.contains("redis unreachable at boot"))
+        .filter_map(|l| {
+            l.split("retry_in_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(waits.len() >= 8, "retry waits logged: {waits:?}");
+    assert!(
+        waits.iter().all(|&w| w <= 1000),
+        "a boot retry waits at most 1 s (ready within 2 s of Redis): {waits:?}"
     );
     let mut c = Client::dev(&n, "boot").await;
     let id = xadd_to(&mut redis.conn(), "boot", "1");

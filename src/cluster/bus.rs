@@ -123,7 +123,7 @@ impl RedisBus {
     /// Connect, retrying with backoff; `None` if stopped first.
     async fn connect(&self) -> Option<(Connector, Conn, Conn)> {
         let url = self.cfg.redis_url.clone().unwrap_or_default();
-        let mut backoff = Backoff::redis();
+        let mut backoff = Backoff::boot();
         loop {
             let attempt = async {
                 let connector = Connector::new(&self.cfg)?;

@@ -298,7 +298,7 @@ fn stale_entries(
 /// a new id; on Redis errors, retry with backoff (capped at 2 s, jittered).
 pub async fn run(ctx: Arc<Ctx>) {
     let hb = ctx.cfg.heartbeat;
-    let mut backoff = Backoff::redis();
+    let mut backoff = Backoff::boot();
     // First join under the boot id.
     loop {
         let id = ctx.membership.id();
@@ -319,7 +319,7 @@ pub async fn run(ctx: Arc<Ctx>) {
             }
         }
     }
-    backoff.reset();
+    let mut backoff = Backoff::redis();
     let mut delay = Duration::ZERO;
     let mut cut_off = false;
     // Set by a new id until a re-registration under it has completed.
