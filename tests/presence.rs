@@ -518,14 +518,11 @@ async fn events_online_on_first_offline_on_last() {
 /// the last `offline` among them. (An approximate `MAXLEN ~` kept all 21.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_keep_exactly_the_newest_events_max() {
-    let redis = Redis::start();
-    let mut args = fast_args(&redis);
-    args.extend(["--events-max".to_owned(), "5".to_owned()]);
-    let node = NodeProc::start("capped", &args);
-    node.wait_ready().await;
+    let (redis, nodes) = cluster_with(1, &["--events-max", "5"]).await;
+    let node = &nodes[0];
     let users = names("cap", 10);
     for u in &users {
-        Peer::dev(&node, u).await.close().await;
+        Peer::dev(node, u).await.close().await;
     }
     let last = users.last().expect("users").clone();
     eventually("the last user's offline", T, || async {
