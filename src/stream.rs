@@ -180,12 +180,31 @@ pub fn id_ms(id: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A message id as its send stream's prefix (`""` or `"<shard>/"`) and
+/// its stream position (ms, seq), compared as numbers; None if it is not
+/// one.
+pub fn id_parts(id: &str) -> Option<(&str, (u64, u64))> {
+    let (head, seq) = id.rsplit_once('-')?;
+    let digits = head.len() - head.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    let (pre, ms) = head.split_at(head.len() - digits);
+    Some((pre, (ms.parse().ok()?, seq.parse().ok()?)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn b(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn id_parts() {
+        assert_eq!(super::id_parts("17-3"), Some(("", (17, 3))));
+        assert_eq!(super::id_parts("3/17-3"), Some(("3/", (17, 3))));
+        assert_eq!(super::id_parts("17"), None);
+        assert_eq!(super::id_parts("-3"), None);
+        assert_eq!(super::id_parts("a-b"), None);
     }
 
     #[test]

@@ -120,15 +120,15 @@ pub fn fields(m: &Message) -> Vec<(&'static str, String)> {
 /// out (both optional there; a replayed message counts no routing latency):
 /// every argument costs Redis a Lua string and an object in the `XADD`
 /// that numbers the message (issue 14's cost).
-pub fn history_fields(m: &Message) -> Vec<(&'static str, String)> {
+pub fn history_fields(m: &Message) -> Vec<(&'static str, &str)> {
     let mut f = Vec::with_capacity(3);
     if let Target::User(u) = &m.target {
-        f.push(("to", u.to_string()));
+        f.push(("to", u.as_str()));
     }
     if let Some(from) = &m.from {
-        f.push(("from", from.to_string()));
+        f.push(("from", from.as_str()));
     }
-    f.push(("payload", m.payload.clone()));
+    f.push(("payload", m.payload.as_str()));
     f
 }
 
@@ -296,7 +296,7 @@ mod tests {
         f.extend(
             history_fields(&hist)
                 .into_iter()
-                .map(|(k, v)| (k.as_bytes().to_vec(), v.into_bytes())),
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())),
         );
         let back = parse_internal(&RawEntry {
             id: "0-7".into(),

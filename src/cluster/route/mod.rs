@@ -366,11 +366,17 @@ async fn look_up(
             .arg(ctx.cfg.mailbox_ttl.as_millis() as u64)
             .arg(ctx.cfg.idempotency_ttl.as_millis() as u64)
             .arg(msgs.len());
+        let mut prev: Option<&Message> = None;
         for &i in msgs {
             let m = &pending[i];
             let f = entry::history_fields(m);
-            let flags = 4 * 2 * f.len() + 2 * usize::from(m.idem.is_some()) + usize::from(m.repeat);
+            let follows = prev.is_some_and(|p| follows(p, m));
+            let flags = 8 * 2 * f.len()
+                + 4 * usize::from(follows)
+                + 2 * usize::from(m.idem.is_some())
+                + usize::from(m.repeat);
             cmd.arg(&m.id).arg(flags).arg(f);
+            prev = Some(m);
         }
     }
     let replies = batch.run(redis).await?;
@@ -423,6 +429,18 @@ async fn look_up(
         }
     }
     Ok((out, lookups))
+}
+
+/// Whether `m` comes after `prev` in the same send stream and neither may
+/// have been routed before: what lets `ROUTE` skip comparing `m`'s id.
+fn follows(prev: &Message, m: &Message) -> bool {
+    if prev.repeat || m.repeat {
+        return false;
+    }
+    match (stream::id_parts(&prev.id), stream::id_parts(&m.id)) {
+        (Some((pa, a)), Some((pb, b))) => pa == pb && b > a,
+        _ => false,
+    }
 }
 
 fn mailbox_cmd(
