@@ -26,8 +26,18 @@ use crate::redis::conn::{Batch, Conn};
 use crate::redis::lua;
 use crate::stream::{self, RawEntry};
 
-/// Entries read per batch.
-const BATCH: usize = 4000;
+/// Most entries read per batch. With a backlog (full rate) a bigger batch
+/// puts more of each user's messages in one `ROUTE` call, whose fixed part
+/// (look-up, counter, expiry) is then shared: 4,000 → 16,000 took the
+/// routed rate from ~30k to ~40k msg/s in the same sitting (issue 14).
+const BATCH_MAX: usize = 16_000;
+/// Fewest entries read per batch.
+const BATCH_MIN: usize = 64;
+/// About how many bytes a batch may hold, judged from the last batch's
+/// entries: a backlog of large messages is read in smaller batches.
+const BATCH_BYTES: usize = 8 << 20;
+/// Entries claimed per `XAUTOCLAIM` step.
+const CLAIM_BATCH: usize = 4000;
 /// `<p>:dead` keeps about this many entries.
 const DEAD_MAX: usize = 100_000;
 
@@ -135,6 +145,7 @@ async fn lead(
     // time is still routed, in order). Left pending if we stop: whoever
     // leads next claims it.
     let mut ready: Option<Vec<RawEntry>> = None;
+    let mut count = BATCH_MIN;
     loop {
         if ctx.life.at_least(Phase::Leaving) || ctx.membership.id() != *me {
             ctx.acker.flush(ttl / 2).await;
@@ -205,10 +216,14 @@ async fn lead(
             route_batch(ctx, &mut rconn, shard, &key, entries, false).await?;
             Ok(())
         };
-        let (read, routed) = tokio::join!(read_batch(bconn, &key, me, block_ms), routing);
+        let read = read_batch(bconn, &key, me, block_ms, count);
+        let (read, routed) = tokio::join!(read, routing);
         routed?;
         match read {
-            Ok(entries) if !entries.is_empty() => ready = Some(entries),
+            Ok(entries) if !entries.is_empty() => {
+                count = batch_count(&entries);
+                ready = Some(entries);
+            }
             Ok(_) => {}
             // The group vanished (Redis restarted empty, or the stream was
             // deleted): create it again. (A `BLOCK` that timed out is a nil
@@ -237,6 +252,7 @@ async fn read_batch(
     key: &str,
     me: &NodeId,
     block: Duration,
+    count: usize,
 ) -> Result<Vec<RawEntry>, redis::RedisError> {
     let read = |count: usize| {
         let mut read = redis::cmd("XREADGROUP");
@@ -247,7 +263,7 @@ async fn read_batch(
             .arg(count);
         read
     };
-    let mut first = read(BATCH / 2);
+    let mut first = read(count.div_ceil(2));
     first
         .arg("BLOCK")
         .arg(block.as_millis() as u64)
@@ -258,13 +274,30 @@ async fn read_batch(
         let v = bconn.value(&first).await?;
         return Ok(stream::into_entries(v));
     }
-    let mut rest = read(BATCH / 2);
+    let mut rest = read(count.div_ceil(2));
     rest.arg("STREAMS").arg(key).arg(">");
     let mut entries = Vec::new();
     for v in bconn.values([first, rest]).await? {
         entries.extend(stream::into_entries(v));
     }
     Ok(entries)
+}
+
+/// How many entries to read next: [`BATCH_BYTES`] worth at the size of
+/// `last`'s entries, within [`BATCH_MIN`]..=[`BATCH_MAX`].
+fn batch_count(last: &[RawEntry]) -> usize {
+    let bytes: usize = last
+        .iter()
+        .map(|e| {
+            e.id.len()
+                + e.fields
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()
+        })
+        .sum();
+    let each = (bytes / last.len().max(1)).max(1);
+    (BATCH_BYTES / each).clamp(BATCH_MIN, BATCH_MAX)
 }
 
 /// The send shards this node routes now, for its routers only (and the
@@ -347,7 +380,7 @@ async fn claim_pending(
             .arg(min_idle_ms)
             .arg(&cursor)
             .arg("COUNT")
-            .arg(BATCH)
+            .arg(CLAIM_BATCH)
             .query_async(&mut redis)
             .await?;
         let Value::Array(parts) = v else { break };
@@ -498,6 +531,24 @@ mod tests {
     use crate::ids::NodeId;
     use crate::redis::conn::Connector;
 
+    /// A batch is sized by its entries' bytes: small messages in big
+    /// batches, a backlog of large ones in small batches.
+    #[test]
+    fn batch_size_follows_entry_size() {
+        let entries = |payload: usize, n: usize| -> Vec<crate::stream::RawEntry> {
+            (0..n)
+                .map(|i| crate::stream::RawEntry {
+                    id: format!("1-{i}"),
+                    fields: vec![(b"payload".to_vec(), vec![b'1'; payload])],
+                })
+                .collect()
+        };
+        assert_eq!(super::batch_count(&entries(150, 1)), super::BATCH_MAX);
+        assert_eq!(super::batch_count(&entries(65_536, 500)), 127);
+        assert_eq!(super::batch_count(&entries(1 << 20, 3)), super::BATCH_MIN);
+        assert_eq!(super::batch_count(&[]), super::BATCH_MAX);
+    }
+
     /// An app's pipeline of `XADD`s reaches a router blocked on the send
     /// stream as one batch, not its first entry alone and the rest a
     /// round later.
@@ -519,7 +570,7 @@ mod tests {
             .unwrap();
         let me = NodeId::from_redis("router".to_owned());
         let reader = tokio::spawn(async move {
-            super::read_batch(&mut conn, "send", &me, Duration::from_secs(5)).await
+            super::read_batch(&mut conn, "send", &me, Duration::from_secs(5), 64).await
         });
         redis.wait_blocked(1, Duration::from_secs(5));
         let mut pipe = redis::pipe();
