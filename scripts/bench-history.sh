@@ -22,7 +22,7 @@ WT=${TMPDIR:-/tmp}/wsc-history-append
 if [ ! -d "$WT" ]; then git worktree add --detach -q "$WT" HEAD; fi
 git -C "$WT" checkout -q -f --detach "$(git rev-parse HEAD)"
 git -C "$WT" apply "$PWD/bench/patches/history-append-only.patch"
-(cd "$WT" && CARGO_TARGET_DIR="$WT/target" cargo build --release --quiet --bin wscluster 2>/dev/null)
+(cd "$WT" && CARGO_TARGET_DIR="$WT/target" cargo build --release --quiet --bin wscluster)
 run() { # label bin rate messages [node args]
   local l=$1 bin=$2 rate=$3 m=$4; shift 4
   local out
