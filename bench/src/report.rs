@@ -793,7 +793,7 @@ fn notes(w: &mut String, runs: &[Value]) {
         out.push(format!(
             "- **S1 at full speed, 3 nodes, 1 send shard**: the send stream is the queue \
              (its backlog grows while the inboxes stay near empty): one router per send shard \
-             routes one batch at a time — up to 4,000 entries; per user one `ROUTE` script \
+             routes one batch at a time — up to 16,000 entries (fewer when messages are large); per user one `ROUTE` script \
              that looks the connections up and numbers the messages into the history, \
              pipelined; then the inbox `XADD`s, pipelined — while the next batch is read, \
              and the router's node also writes its own users' frames. The machine was {}% busy \
