@@ -9,7 +9,8 @@
 #   off     — this tree, --history-size 0.
 # Then on/off at RATE5 msg/s for p99. Builds the patched HEAD (committed
 # code, not this tree's edits) in a worktree under $TMPDIR (its own target directory: the first run takes a
-# few minutes).
+# few minutes). The patch is against src/cluster/route/mod.rs: refresh it
+# when that file changes.
 #
 #   scripts/bench-history.sh              # 3 rounds, 200,000 messages
 #   ROUNDS=1 MESSAGES=100000 scripts/bench-history.sh
