@@ -183,11 +183,19 @@ pub fn id_ms(id: &str) -> u64 {
 /// A message id as its send stream's prefix (`""` or `"<shard>/"`) and
 /// its stream position (ms, seq), compared as numbers; None if it is not
 /// one.
-pub fn id_parts(id: &str) -> Option<(&str, (u64, u64))> {
+fn id_parts(id: &str) -> Option<(&str, (u64, u64))> {
     let (head, seq) = id.rsplit_once('-')?;
     let digits = head.len() - head.trim_end_matches(|c: char| c.is_ascii_digit()).len();
     let (pre, ms) = head.split_at(head.len() - digits);
     Some((pre, (ms.parse().ok()?, seq.parse().ok()?)))
+}
+
+/// Whether message id `next` comes after `prev` in the same send stream.
+pub fn id_follows(prev: &str, next: &str) -> bool {
+    match (id_parts(prev), id_parts(next)) {
+        (Some((pa, a)), Some((pb, b))) => pa == pb && b > a,
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -205,6 +213,11 @@ mod tests {
         assert_eq!(super::id_parts("17"), None);
         assert_eq!(super::id_parts("-3"), None);
         assert_eq!(super::id_parts("a-b"), None);
+        assert!(super::id_follows("17-3", "18-0"));
+        assert!(super::id_follows("3/9-3", "3/10-0"));
+        assert!(!super::id_follows("17-3", "17-3"));
+        assert!(!super::id_follows("17-3", "3/18-0"));
+        assert!(!super::id_follows("17-3", "x"));
     }
 
     #[test]

@@ -814,12 +814,8 @@ mod tests {
         for &(id, repeat) in msgs {
             // Two fields (8 × 2), no idem key, maybe a repeat, "follows"
             // as the router judges it.
-            let follows = prev.is_some_and(|(p, prep)| {
-                match (crate::stream::id_parts(p), crate::stream::id_parts(id)) {
-                    (Some((pa, a)), Some((pb, b))) => !prep && !repeat && pa == pb && b > a,
-                    _ => false,
-                }
-            });
+            let follows =
+                prev.is_some_and(|(p, prep)| !prep && !repeat && crate::stream::id_follows(p, id));
             cmd.arg(id)
                 .arg(16 + 4 * u8::from(follows) + u8::from(repeat))
                 .arg(&["payload", "1"]);

@@ -434,13 +434,7 @@ async fn look_up(
 /// Whether `m` comes after `prev` in the same send stream and neither may
 /// have been routed before: what lets `ROUTE` skip comparing `m`'s id.
 fn follows(prev: &Message, m: &Message) -> bool {
-    if prev.repeat || m.repeat {
-        return false;
-    }
-    match (stream::id_parts(&prev.id), stream::id_parts(&m.id)) {
-        (Some((pa, a)), Some((pb, b))) => pa == pb && b > a,
-        _ => false,
-    }
+    !prev.repeat && !m.repeat && stream::id_follows(&prev.id, &m.id)
 }
 
 fn mailbox_cmd(
