@@ -435,9 +435,9 @@ return {1, dropped, unpack(live)}
 /// script adds it). "Follows": same stream, a greater id, neither a
 /// repeat; such a message is newer than every numbered id whenever the
 /// previous one was, so only the first of a run is parsed and compared
-/// (issue 14: the comparison per message was a quarter of its cost). Returns `{conns, results, epoch}`:
-/// conns as `HGETALL` gives them; per message its `seq` (0: history off)
-/// or -1 (a duplicate).
+/// (issue 14: the comparison per message was a quarter of its cost).
+/// Returns `{conns, results, epoch}`: conns as `HGETALL` gives them; per
+/// message its `seq` (0: history off) or -1 (a duplicate).
 pub const ROUTE: &str = concat!(
     history_lib!(),
     r#"
