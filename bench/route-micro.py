@@ -89,6 +89,7 @@ def run(name, script, per_call, calls, users=1000):
         srv.wait()
 
 
+# PER_CALL="1 8 16" and MESSAGES=20000 (per run) by environment.
 for name in sys.argv[1:] or VARIANTS:
-    for per_call in (1, 8):
-        run(name, VARIANTS[name], per_call, 20_000 // per_call)
+    for per_call in map(int, os.environ.get("PER_CALL", "1 8").split()):
+        run(name, VARIANTS[name], per_call, int(os.environ.get("MESSAGES", "20000")) // per_call)

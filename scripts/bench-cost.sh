@@ -10,6 +10,7 @@
 #   NODE_ARGS="--history-size 0" scripts/bench-cost.sh   # history off
 #   SYSCALLS=1 scripts/bench-cost.sh              # and the nodes' system calls by kind (perf)
 #   PROFILE=1 scripts/bench-cost.sh               # and the nodes' top functions by CPU samples (perf record)
+#   PROFILE_REDIS=1 scripts/bench-cost.sh         # and redis-server's top functions by CPU samples
 #   WSC_BENCH_TRACE=/tmp/t.txt scripts/bench-cost.sh   # and every message's send time and latency (µs), one per line
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +63,10 @@ if [ -n "${PROFILE:-}" ]; then
   perf record -q -F 1999 -p "$PIDS" -o "$DIR/perf.data" 2>/dev/null &
   PREC=$!
 fi
+if [ -n "${PROFILE_REDIS:-}" ]; then
+  perf record -q -F 1999 -p "$RPID" -o "$DIR/perf-redis.data" 2>/dev/null &
+  RREC=$!
+fi
 "$T/release/wscluster-bench" s1 --ws-urls "$WS" --redis-url "redis://127.0.0.1:$RP" \
   --users "$USERS" --rate "$RATE" --messages "$MESSAGES" | tee "$DIR/bench.out"
 n1=0; for p in "${pids[@]}"; do n1=$((n1 + $(cpu "$p"))); done
@@ -75,6 +80,12 @@ if [ -n "${PROFILE:-}" ]; then
   kill -INT "$PREC"; wait "$PREC" || true
   echo "  top of the nodes' CPU samples (perf record, all threads; kernel symbols included):"
   perf report -i "$DIR/perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null \
+    | grep -E '^ +[0-9]' | head -"${PROFILE_TOP:-40}"
+fi
+if [ -n "${PROFILE_REDIS:-}" ]; then
+  kill -INT "$RREC"; wait "$RREC" || true
+  echo "  top of redis-server's CPU samples (perf record; kernel symbols included):"
+  perf report -i "$DIR/perf-redis.data" --no-children --sort dso,symbol --stdio 2>/dev/null \
     | grep -E '^ +[0-9]' | head -"${PROFILE_TOP:-40}"
 fi
 c1=0; for p in "${pids[@]}"; do c1=$((c1 + $(ctx "$p"))); done
