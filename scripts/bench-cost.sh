@@ -10,6 +10,7 @@
 #   NODE_ARGS="--history-size 0" scripts/bench-cost.sh   # history off
 #   SYSCALLS=1 scripts/bench-cost.sh              # and the nodes' system calls by kind (perf)
 #   PROFILE=1 scripts/bench-cost.sh               # and the nodes' top functions by CPU samples (perf record)
+#   PROFILE=1 PERF_G=-g scripts/bench-cost.sh     # the same with call graphs (perf report -g on the kept perf.data)
 #   PROFILE_REDIS=1 scripts/bench-cost.sh         # and redis-server's top functions by CPU samples
 #   WSC_BENCH_TRACE=/tmp/t.txt scripts/bench-cost.sh   # and every message's send time and latency (µs), one per line
 set -euo pipefail
@@ -60,7 +61,7 @@ if [ -n "${SYSCALLS:-}" ]; then
 fi
 if [ -n "${PROFILE:-}" ]; then
   IFS=,; PIDS="${pids[*]}"; unset IFS
-  perf record -q -F 1999 -p "$PIDS" -o "$DIR/perf.data" 2>/dev/null &
+  perf record -q ${PERF_G:-} -F 1999 -p "$PIDS" -o "$DIR/perf.data" 2>/dev/null &
   PREC=$!
 fi
 if [ -n "${PROFILE_REDIS:-}" ]; then
@@ -78,7 +79,7 @@ if [ -n "${SYSCALLS:-}" ]; then
 fi
 if [ -n "${PROFILE:-}" ]; then
   kill -INT "$PREC"; wait "$PREC" || true
-  echo "  top of the nodes' CPU samples (perf record, all threads; kernel symbols included):"
+  echo "  top of the nodes' CPU samples (perf record, all threads; kernel symbols included; $DIR/perf.data):"
   perf report -i "$DIR/perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null \
     | grep -E '^ +[0-9]' | head -"${PROFILE_TOP:-40}"
 fi
