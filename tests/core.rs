@@ -925,6 +925,34 @@ async fn send_shards() {
     }
 }
 
+/// `/cluster` is right from the first `/readyz` 200 (contract §8): a lone
+/// node routes every send shard by then, whatever its heartbeat. (It used
+/// to be ready first and take the shards up to a heartbeat and a quarter
+/// later: `router: false`, `shards: []` in between.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_node_routes_every_shard_once_ready() {
+    let (_redis, nodes) = cluster_with(
+        1,
+        &[
+            "--send-shards",
+            "3",
+            "--heartbeat-ms",
+            "1000",
+            "--lease-ttl-ms",
+            "3000",
+        ],
+    )
+    .await;
+    let v: Value = reqwest::get(nodes[0].http("/cluster"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["router"], true, "{v}");
+    assert_eq!(v["shards"], json!([0, 1, 2]), "{v}");
+}
+
 /// Bad configuration (contract §2): exit code 2 at once, nothing logged
 /// before, and one line on stderr naming the setting — whether the value
 /// came from a flag, from the environment, or is a file that is not a key.

@@ -180,7 +180,9 @@ impl Bus for RedisBus {
     }
 
     fn is_ready(&self) -> bool {
-        self.ctx.get().is_some_and(|c| c.membership.holds_lease())
+        self.ctx
+            .get()
+            .is_some_and(|c| c.membership.holds_lease() && c.shards.all_tried(c.cfg.send_shards))
     }
 
     /// Every heartbeat failed for a heartbeat's time: Redis is down or out

@@ -60,7 +60,9 @@ pub async fn run(ctx: Arc<Ctx>, shard: u32) {
             return;
         }
         if !ctx.membership.holds_lease() {
-            if !ctx.life.sleep(hb, Phase::Leaving).await {
+            // Not before the node's own lease; tried as soon as it is held
+            // (a node is ready only once every shard was tried: below).
+            if !ctx.membership.wait_lease(hb).await && ctx.life.at_least(Phase::Leaving) {
                 return;
             }
             continue;
@@ -72,13 +74,18 @@ pub async fn run(ctx: Arc<Ctx>, shard: u32) {
         // quarter heartbeat: when a node leaves, the survivors' share grows
         // at their next view of `<p>:nodes` and they take over at once.
         let patient_until = Instant::now() + 2 * hb;
+        if ctx.shards.list().len() >= fair_share(&ctx) {
+            ctx.shards.tried(shard);
+        }
         while ctx.shards.list().len() >= fair_share(&ctx) && Instant::now() < patient_until {
             if !ctx.life.sleep(hb / 4, Phase::Leaving).await {
                 return;
             }
         }
         let me = ctx.membership.id();
-        match lead(&ctx, shard, &me, &mut blocking).await {
+        let led = lead(&ctx, shard, &me, &mut blocking).await;
+        ctx.shards.tried(shard);
+        match led {
             Ok(true) => backoff.reset(),
             Ok(false) => {
                 // Someone else routes: stand by for a heartbeat.
@@ -306,6 +313,11 @@ fn batch_count(last: &[RawEntry]) -> usize {
 #[derive(Default)]
 pub struct ShardSet {
     routing: Mutex<BTreeSet<u32>>,
+    /// Shards whose router has tried for the lease at least once (or left
+    /// it to other nodes, holding its fair share): until every one has,
+    /// the node is not ready, so `/cluster` is right from the first
+    /// `/readyz` 200 (a lone node routes every shard by then).
+    tried: Mutex<BTreeSet<u32>>,
     /// When this node last handed a shard over to spread the routers.
     handed_off_at: Mutex<Option<Instant>>,
 }
@@ -326,6 +338,23 @@ impl ShardSet {
                 s.remove(&shard);
             }
         }
+        if routing {
+            self.tried(shard);
+        }
+    }
+
+    fn tried(&self, shard: u32) {
+        if let Ok(mut t) = self.tried.lock() {
+            t.insert(shard);
+        }
+    }
+
+    /// Every one of `shards` send shards was tried (see `tried`).
+    pub fn all_tried(&self, shards: u32) -> bool {
+        self.tried
+            .lock()
+            .map(|t| t.len() >= shards as usize)
+            .unwrap_or(false)
     }
 
     /// True if this node routes more than `fair` shards and `shard` is the
