@@ -159,8 +159,16 @@ impl Node {
         let drain = shared.cfg.drain;
         tracing::info!(node = %shared.bus.node_id(), connections = shared.registry.len(), drain_ms = drain.as_millis() as u64, "draining");
         life.advance(Phase::Leaving);
-        if let Some(c) = &cluster {
-            c.leave_begin().await;
+        // §6: the node exits within --drain-ms plus a second whatever
+        // Redis does; a step Redis does not answer in its share of the
+        // window is left to a survivor (the reap lock lapses).
+        let exit_by = started + drain + Duration::from_secs(1);
+        if let Some(c) = &cluster
+            && tokio::time::timeout(drain / 4, c.leave_begin())
+                .await
+                .is_err()
+        {
+            tracing::warn!(node = %shared.bus.node_id(), waited_ms = (drain / 4).as_millis() as u64, "leaving: redis did not answer; a survivor will reap this node");
         }
         // 2. Close the sockets with 1012 in jittered batches over the drain
         //    window (their unwritten messages are routed again).
@@ -179,14 +187,23 @@ impl Node {
         // 3. Readers and the HTTP server stop; reap ourselves as a survivor
         //    would: route what is left, delete the inbox, leave `<p>:nodes`.
         life.advance(Phase::SelfReaping);
-        if let Some(c) = &cluster {
-            c.leave_finish().await;
+        let reap_by = exit_by - Duration::from_millis(400);
+        if let Some(c) = &cluster
+            && tokio::time::timeout_at(reap_by, c.leave_finish())
+                .await
+                .is_err()
+        {
+            tracing::warn!(node = %shared.bus.node_id(), "self-reap cut short at the drain's end; a survivor will finish it");
         }
         // 4. The rest stops (the acker and publisher drain first).
         life.advance(Phase::Stopped);
         background.close();
-        let _ = tokio::time::timeout(Duration::from_millis(500), background.wait()).await;
-        let _ = tokio::time::timeout(Duration::from_millis(200), server).await;
+        let by = (tokio::time::Instant::now() + Duration::from_millis(500))
+            .min(exit_by - Duration::from_millis(150));
+        let _ = tokio::time::timeout_at(by, background.wait()).await;
+        let by = (tokio::time::Instant::now() + Duration::from_millis(200))
+            .min(exit_by - Duration::from_millis(50));
+        let _ = tokio::time::timeout_at(by, server).await;
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "stopped");
         Ok(())
     }

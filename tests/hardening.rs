@@ -118,6 +118,60 @@ async fn mailbox_survives_a_redis_write_pause() {
     .await;
 }
 
+/// A drain while Redis holds every write (a failover, a pause): the node
+/// still closes its sockets with 1012 and exits 0 within `--drain-ms` plus
+/// a second (§6); once Redis answers again a survivor reaps it. (It used to
+/// wait for Redis first: closes and exit came ~10 s after SIGTERM.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_ends_on_time_while_redis_holds_writes() {
+    let redis = Redis::start();
+    let args = fast_args(&redis); // --drain-ms 1000
+    let mut leaving = NodeProc::start("leaving", &args);
+    let survivor = NodeProc::start("survivor", &args);
+    leaving.wait_ready().await;
+    survivor.wait_ready().await;
+    let id = leaving.node_id().await;
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        clients.push(Client::dev(&leaving, &format!("dr{i}")).await);
+    }
+    let mut r = redis.conn();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(6000)
+        .arg("WRITE")
+        .query(&mut r)
+        .unwrap();
+    let t0 = Instant::now();
+    leaving.signal(libc::SIGTERM);
+    let closes = futures::future::join_all(clients.iter_mut().map(|c| async move {
+        let (_, code) = c.until_close(Duration::from_secs(5)).await;
+        (code, t0.elapsed())
+    }))
+    .await;
+    let status = leaving.wait_exit(Duration::from_secs(5)).await;
+    let exit_after = t0.elapsed();
+    let _: () = redis::cmd("CLIENT").arg("UNPAUSE").query(&mut r).unwrap();
+    // Within the drain plus a second, and half a second for this test to
+    // see it (all well inside the 6 s pause).
+    let bound = Duration::from_millis(1000 + 1000 + 500);
+    assert_eq!(status, Some(0), "exit status; {exit_after:?} after SIGTERM");
+    assert!(exit_after < bound, "exit after {exit_after:?}");
+    for (code, at) in &closes {
+        assert_eq!(*code, Some(1012), "closes: {closes:?}");
+        assert!(*at < bound, "closes: {closes:?}");
+    }
+    eventually("the drained node reaped by the survivor", T, || {
+        let mut r = redis.conn();
+        let id = id.clone();
+        async move {
+            let score: Option<f64> = r.zscore("wsc:nodes", &id).ok()?;
+            score.is_none().then_some(())
+        }
+    })
+    .await;
+}
+
 /// A client that resets its TCP connection right after `welcome` while its
 /// node is SIGKILLed, again and again: every mailboxed id still arrives
 /// (pages stay in the mailbox until written; a write into a reset socket

@@ -323,14 +323,22 @@ async fn pump(
     for out in acks.take_unconfirmed() {
         requeue(shared, out);
     }
+    let code = h.close_code();
+    if h.is_closing() && code == CLOSE_GOING_AWAY {
+        // The node is leaving (§6): its lease is expired, so routers no
+        // longer count this connection, and its self-reap (or a
+        // survivor's) removes it. The close goes out now, not after a
+        // Redis that may hang: exit comes within the drain plus a second.
+        let close = close_ws(&mut sink, &mut stream, code, "node going away");
+        let _ = tokio::join!(Box::pin(finish(shared, h, rx)), Box::pin(close));
+        return r;
+    }
     Box::pin(finish(shared, h, rx)).await;
     if h.is_closing() {
-        let code = h.close_code();
         // The app's reason wins: it may close with any code of 4000–4099,
         // 4001 included (§10).
         let reason = h.close_reason().unwrap_or_else(|| {
             match code {
-                CLOSE_GOING_AWAY => "node going away",
                 CLOSE_TRY_LATER => "too slow",
                 CLOSE_POLICY => "rate limit exceeded",
                 CLOSE_TOKEN_EXPIRED => "token expired",
