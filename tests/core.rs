@@ -1013,3 +1013,46 @@ fn bad_configuration_is_one_line_naming_the_setting() {
     }
     let _ = std::fs::remove_file(bad_pem);
 }
+
+/// A clean close right after a burst was read repeats nothing (contract
+/// §7: duplicates only around failures): the user's other device gets no
+/// message twice, and none lands in the mailbox. The client reads on for
+/// 10 ms after its last message, as a library that reads its socket in
+/// the background does (it answers the ping that followed the burst). (The
+/// burst's tail used to wait up to 50 ms for its confirmation ping, and a
+/// close within that window routed it again: to the other device, or to
+/// the mailbox.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_close_after_a_burst_repeats_nothing() {
+    let (redis, nodes) = cluster(2).await;
+    let mut r = redis.conn();
+    for round in 0..3 {
+        // Two devices, on two nodes.
+        let user = format!("burst{round}");
+        let mut a = Client::dev(&nodes[0], &user).await;
+        let mut b = Client::dev(&nodes[1], &user).await;
+        send_many(&mut r, &user, 40, 10);
+        a.messages(40, T).await;
+        assert_eq!(a.next_frame(Duration::from_millis(10)).await, None);
+        a.close().await;
+        b.messages(40, T).await;
+        let extra = b.next_frame(Duration::from_millis(1500)).await;
+        assert!(
+            extra.is_none(),
+            "round {round}: the other device got {extra:?}"
+        );
+        // One device: nothing for the next connection.
+        let user = format!("alone{round}");
+        let mut c = Client::dev(&nodes[round % 2], &user).await;
+        send_many(&mut r, &user, 40, 10);
+        c.messages(40, T).await;
+        assert_eq!(c.next_frame(Duration::from_millis(10)).await, None);
+        c.close().await;
+        let mut c = Client::dev(&nodes[(round + 1) % 2], &user).await;
+        let extra = c.next_frame(Duration::from_millis(1500)).await;
+        assert!(
+            extra.is_none(),
+            "round {round}: the next connection got {extra:?}"
+        );
+    }
+}

@@ -249,7 +249,8 @@ async fn pump(
                 }
                 // User messages are followed by a ping: they stay
                 // unconfirmed (their inbox entries kept) until its pong.
-                let ping = acks.live(&batch).map(WsMessage::Ping);
+                // Fewer than a full batch: the outbox is empty for now.
+                let ping = acks.live(&batch, batch.len() < WRITE_BATCH).map(WsMessage::Ping);
                 let frames = batch
                     .iter()
                     .map(|out| WsMessage::Text(out.text.clone()))
@@ -512,21 +513,22 @@ impl PageAcks {
         Some(bytes::Bytes::copy_from_slice(&self.next.to_be_bytes()))
     }
 
-    /// The ping to follow a batch of live frames. On a quiet connection
-    /// (no ping for [`PING_EVERY`]) it goes in the same write as the
-    /// frames: at everyday rates a user's messages are further apart than
-    /// that, and a ping of its own would cost a timer, a wake-up and a
-    /// write per message (issue 16). While messages flow, one ping per
-    /// [`PING_EVERY`] at most (a pong confirms everything before it), or
-    /// when many wait; the others are held under the next one.
-    fn live(&mut self, batch: &[Outgoing]) -> Option<bytes::Bytes> {
+    /// The ping to follow a batch of live frames, in the same write: a
+    /// ping of its own would cost a timer, a wake-up and a write (issue
+    /// 16). It follows the batch that empties the outbox (`last`: the end
+    /// of a burst, or a lone message), so a client that has read
+    /// everything has confirmed everything — one that then closes
+    /// cleanly gets nothing twice, on any of its devices (§7: duplicates
+    /// only around failures). Within a burst, one per [`PING_EVERY`] at
+    /// most, or when many wait; the others are held under the next one.
+    fn live(&mut self, batch: &[Outgoing], last: bool) -> Option<bytes::Bytes> {
         let has_msgs = batch.iter().any(|o| o.msg.is_some());
         self.live_token = has_msgs.then_some(self.next + 1);
         if !has_msgs {
             return None;
         }
         let quiet = self.last_ping.is_none_or(|t| t.elapsed() >= PING_EVERY);
-        if quiet || self.live.len() >= PING_AFTER {
+        if quiet || last || self.live.len() >= PING_AFTER {
             return Some(self.ping());
         }
         self.unpinged = true;
@@ -818,30 +820,42 @@ mod tests {
         assert!(!(0..120u64).any(|i| slight.one_more(t0 + ms(500 * i))));
     }
 
-    /// A message on a quiet connection takes its ping along; while messages
-    /// flow, at most one ping per PING_EVERY, the held ones pinged on time.
+    /// A message on a quiet connection takes its ping along; within a
+    /// burst, at most one ping per PING_EVERY, the held ones pinged on time
+    /// — or by the batch that ends the burst.
     #[tokio::test(start_paused = true)]
     async fn pings_ride_along_when_quiet_and_are_rate_limited() {
         let mut acks = PageAcks::default();
         assert!(
-            acks.live(&batch()).is_some(),
+            acks.live(&batch(), false).is_some(),
             "quiet: ping in the same write"
         );
         assert_eq!(acks.ping_due(), None, "nothing held");
         tokio::time::advance(std::time::Duration::from_millis(10)).await;
-        assert!(acks.live(&batch()).is_none(), "10 ms after a ping: held");
+        assert!(
+            acks.live(&batch(), false).is_none(),
+            "10 ms after a ping: held"
+        );
         let due = acks.ping_due().expect("held messages get a ping");
         assert_eq!(
             due,
             acks.last_ping.expect("a ping went out") + PING_EVERY,
             "due PING_EVERY after the last ping"
         );
-        tokio::time::advance(PING_EVERY).await;
-        assert!(acks.live(&batch()).is_some(), "quiet again: ping along");
+        tokio::time::advance(std::time::Duration::from_millis(10)).await;
+        assert!(
+            acks.live(&batch(), true).is_some(),
+            "the end of a burst: ping along, however recent the last"
+        );
         assert_eq!(acks.ping_due(), None, "the ping covered the held ones");
+        tokio::time::advance(PING_EVERY).await;
+        assert!(
+            acks.live(&batch(), false).is_some(),
+            "quiet again: ping along"
+        );
         // A control frame alone is not followed by a ping.
         let control = vec![Outgoing::control("{}".into())];
         tokio::time::advance(PING_EVERY).await;
-        assert!(acks.live(&control).is_none());
+        assert!(acks.live(&control, true).is_none());
     }
 }
