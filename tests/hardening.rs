@@ -263,6 +263,46 @@ async fn sender_that_never_reads_is_closed() {
     c.close().await;
 }
 
+/// A client that stops reading is closed once a write stalls past the
+/// deadline; what it may not have read goes to the mailbox in `seq` order
+/// (unconfirmed messages, then the batch whose write failed, then the
+/// outbox), so its next connection gets the mailbox in order (§3). (The
+/// failed batch used to go in first, ahead of older messages.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_clients_mailbox_stays_in_order() {
+    const N: usize = 600;
+    let redis = Redis::start();
+    let node = NodeProc::start("n", &fast_args(&redis));
+    node.wait_ready().await;
+    // From here it never reads.
+    let ws = raw_ws(&node, "user=stall", 4096).await;
+    let mut r = redis.conn();
+    let ids = send_many(&mut r, "stall", N, 5000);
+    eventually(
+        "every message in the mailbox",
+        Duration::from_secs(30),
+        || async { (mailbox_len(&redis, "stall").await == N).then_some(()) },
+    )
+    .await;
+    drop(ws);
+    let mut c = Client::dev(&node, "stall").await;
+    let got = c.messages(N, T).await;
+    let seqs: Vec<u64> = got.iter().map(|m| m["seq"].as_u64().unwrap_or(0)).collect();
+    let sent_order: Vec<&str> = got.iter().map(|m| m["id"].as_str().unwrap_or("")).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "mailbox out of order: seqs {:?}",
+        seqs.windows(2)
+            .filter(|w| w[0] >= w[1])
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        sent_order,
+        ids.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+}
+
 /// A reaper routing a dead node's inbox to a user whose socket is stuck
 /// (it never reads) does not wait for that socket: the dead node is reaped
 /// within the lease TTL and two heartbeats, not after the write deadline.

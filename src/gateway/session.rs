@@ -267,12 +267,9 @@ async fn pump(
                         // Written but never confirmed: it does not read.
                         h.close(CLOSE_TRY_LATER);
                     }
-                } else {
-                    // Not (surely) written: hand them back with the rest.
-                    for out in batch.drain(..) {
-                        requeue(shared, out);
-                    }
                 }
+                // Else not (surely) written: they stay in `batch`, handed
+                // back after the older unconfirmed ones (the session ends).
             }
             frame = stream.next() => {
                 let text = match frame {
@@ -321,7 +318,10 @@ async fn pump(
     // Messages written but not confirmed may never have been read (a
     // reset, a client that stopped reading, this node leaving): route them
     // again rather than trust the kernel's buffers.
-    for out in acks.take_unconfirmed() {
+    // In seq order: the confirmed prefix is gone, then what was written,
+    // then a batch whose write failed, then the outbox (in `finish`), so
+    // a mailbox they land in stays in order (§3).
+    for out in acks.take_unconfirmed().chain(batch.drain(..)) {
         requeue(shared, out);
     }
     let code = h.close_code();
