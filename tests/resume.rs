@@ -699,6 +699,8 @@ async fn malformed_resume_is_400() {
         format!("since=&epoch={e}"),
         "since=3".to_owned(),
         format!("epoch={e}"),
+        format!("since=1&epoch={}", "e".repeat(129)),
+        "since=1&epoch=a%0Ab".to_owned(),
     ] {
         let url = n.ws_url(&format!("user=mal&{q}"));
         assert_eq!(connect_status(&url).await, 400, "{q}");
@@ -711,6 +713,11 @@ async fn malformed_resume_is_400() {
     assert_welcome(&c, json!(true), &epoch, 0);
     let c2 = Client::connect(&n.ws_url(&format!("user=mal&since=0&epoch={e}"))).await;
     assert_eq!(c2.welcome["recovered"], true);
+    // An epoch that is not this user's, whatever it looks like, is another
+    // epoch (§9: "a random string"), not a malformed value.
+    let other = enc("old epoch: 1.2/x@y");
+    let c3 = Client::connect(&n.ws_url(&format!("user=mal&since=0&epoch={other}"))).await;
+    assert_eq!(c3.welcome["recovered"], false);
 }
 
 // ------------------------------------------------ 7. mailbox and history overlap
