@@ -773,6 +773,24 @@ async fn limit_connections_per_user_cluster() {
     assert_eq!(token_status(&nodes[2], &token("pu", None)).await, 429);
     assert_eq!(token_status(&nodes[0], &token("pu", None)).await, 429);
     let _other = Conn::token(&nodes[2], &token("someone-else", None)).await;
+    // Fields naming nodes that are not live — absent from `<p>:nodes`, or
+    // with an expired lease — are not connections (§5), on any node,
+    // whether it has seen those nodes or not.
+    let mut r = redis.conn();
+    let _: () = redis::cmd("ZADD")
+        .arg("wsc:nodes")
+        .arg(1)
+        .arg("22222222-2222-4222-8222-222222222222")
+        .query(&mut r)
+        .unwrap();
+    for (conn, node) in [
+        ("ghost-1", "00000000-0000-4000-8000-000000000000"),
+        ("ghost-2", "11111111-1111-4111-8111-111111111111"),
+        ("ghost-3", "22222222-2222-4222-8222-222222222222"),
+    ] {
+        let _: () = r.hset("wsc:user:{pu2}", conn, node).unwrap();
+    }
+    let _pu2 = Conn::token(&nodes[1], &token("pu2", None)).await;
     close(c0).await;
     let c = eventually("room for pu after a close", T, || async {
         let url = nodes[2].ws_url(&format!("token={}", token("pu", None)));

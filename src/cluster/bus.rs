@@ -320,22 +320,14 @@ impl Bus for RedisBus {
         Ok(id)
     }
 
+    /// Counted as `/api/presence` counts (§2: "over the live nodes of the
+    /// cluster"): a field naming a node absent from `<p>:nodes`, or whose
+    /// lease expired, is not a connection, whether or not this node had
+    /// seen that node before.
     async fn user_connections(&self, user: &UserId) -> Result<usize, BusError> {
         let ctx = self.ctx()?;
-        let mut redis = ctx.redis.clone();
-        let fields: Vec<(String, String)> = redis::cmd("HGETALL")
-            .arg(ctx.keys.user(user))
-            .query_async(&mut redis)
-            .await?;
-        Ok(fields
-            .iter()
-            .filter(|(_, node)| {
-                !matches!(
-                    ctx.membership.live.status(node),
-                    cluster::NodeStatus::Expired | cluster::NodeStatus::Gone
-                )
-            })
-            .count())
+        let counts = cluster::control::presence(ctx, std::slice::from_ref(user)).await?;
+        Ok(counts.first().copied().unwrap_or(0))
     }
 
     async fn activity(&self) -> Result<crate::bus::Activity, BusError> {
