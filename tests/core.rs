@@ -1025,7 +1025,8 @@ fn bad_configuration_is_one_line_naming_the_setting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_close_after_a_burst_repeats_nothing() {
     let (redis, nodes) = cluster(2).await;
-    let mut r = redis.conn();
+    // Pipelined adds: a connection to the send stream's own Redis node.
+    let mut r = redis.conn_for("wsc:send");
     for round in 0..3 {
         // Two devices, on two nodes.
         let user = format!("burst{round}");
