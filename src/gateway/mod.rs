@@ -195,13 +195,11 @@ fn origin_allowed(origins: &Origins, headers: &HeaderMap) -> bool {
     }
 }
 
+/// `Authorization: Bearer <credentials>`; the scheme in any case (RFC 7235).
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
 }
 
 async fn ws(
@@ -298,6 +296,20 @@ fn resume_request(q: &HashMap<String, String>) -> Result<Option<Resume>, &'stati
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_scheme_in_any_case() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::AUTHORIZATION, v.parse().unwrap());
+            m
+        };
+        assert_eq!(bearer(&h("Bearer k")), Some("k"));
+        assert_eq!(bearer(&h("bearer k")), Some("k"));
+        assert_eq!(bearer(&h("BEARER  k ")), Some("k"));
+        assert_eq!(bearer(&h("Basic k")), None);
+        assert_eq!(bearer(&h("Bearerk")), None);
+    }
 
     #[test]
     fn resume_requests() {
