@@ -163,12 +163,15 @@ impl Node {
         // Redis does; a step Redis does not answer in its share of the
         // window is left to a survivor (the reap lock lapses).
         let exit_by = started + drain + Duration::from_secs(1);
+        // A quarter of the window, and at least 200 ms (of the second's
+        // grace) when the window is short.
+        let begin_for = (drain / 4).max(Duration::from_millis(200));
         if let Some(c) = &cluster
-            && tokio::time::timeout(drain / 4, c.leave_begin())
+            && tokio::time::timeout(begin_for, c.leave_begin())
                 .await
                 .is_err()
         {
-            tracing::warn!(node = %shared.bus.node_id(), waited_ms = (drain / 4).as_millis() as u64, "leaving: redis did not answer; a survivor will reap this node");
+            tracing::warn!(node = %shared.bus.node_id(), waited_ms = begin_for.as_millis() as u64, "leaving: redis did not answer; a survivor will reap this node");
         }
         // 2. Close the sockets with 1012 in jittered batches over the drain
         //    window (their unwritten messages are routed again).
