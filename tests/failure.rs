@@ -526,15 +526,13 @@ async fn drain_at_scale() {
         .await;
         clients.extend(batch);
     }
-    let t0 = Instant::now();
-    n.signal(libc::SIGTERM);
-    let closes = futures::future::join_all(clients.iter_mut().map(|c| async move {
-        let (_, code) = c.until_close(Duration::from_secs(6)).await;
-        (code, t0.elapsed())
-    }))
-    .await;
-    let status = n.wait_exit(Duration::from_secs(4)).await;
-    let exit_after = t0.elapsed();
+    let Drained {
+        closes,
+        status,
+        exit_after,
+    } = n
+        .drain_watched(&mut clients, Duration::from_secs(6), Duration::from_secs(4))
+        .await;
     assert_eq!(status, Some(0));
     assert!(
         closes.iter().all(|(c, _)| *c == Some(1012)),

@@ -142,15 +142,13 @@ async fn a_drain_ends_on_time_while_redis_holds_writes() {
         .arg("WRITE")
         .query(&mut r)
         .unwrap();
-    let t0 = Instant::now();
-    leaving.signal(libc::SIGTERM);
-    let closes = futures::future::join_all(clients.iter_mut().map(|c| async move {
-        let (_, code) = c.until_close(Duration::from_secs(5)).await;
-        (code, t0.elapsed())
-    }))
-    .await;
-    let status = leaving.wait_exit(Duration::from_secs(5)).await;
-    let exit_after = t0.elapsed();
+    let Drained {
+        closes,
+        status,
+        exit_after,
+    } = leaving
+        .drain_watched(&mut clients, Duration::from_secs(5), Duration::from_secs(5))
+        .await;
     let _: () = redis::cmd("CLIENT").arg("UNPAUSE").query(&mut r).unwrap();
     // Within the drain plus a second, and half a second for this test to
     // see it (all well inside the 6 s pause).

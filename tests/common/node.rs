@@ -142,6 +142,38 @@ impl NodeProc {
             .expect("node id")
             .to_owned()
     }
+
+    /// SIGTERM it and watch `clients` (its connections): each one's close
+    /// code and when it came, then the exit status and when it came, all
+    /// timed from the signal.
+    pub async fn drain_watched(
+        &mut self,
+        clients: &mut [super::Client],
+        close_within: Duration,
+        exit_within: Duration,
+    ) -> Drained {
+        let t0 = std::time::Instant::now();
+        self.signal(libc::SIGTERM);
+        let closes = futures::future::join_all(clients.iter_mut().map(|c| async move {
+            let (_, code) = c.until_close(close_within).await;
+            (code, t0.elapsed())
+        }))
+        .await;
+        let status = self.wait_exit(exit_within).await;
+        Drained {
+            closes,
+            status,
+            exit_after: t0.elapsed(),
+        }
+    }
+}
+
+/// What [`NodeProc::drain_watched`] saw.
+pub struct Drained {
+    /// Per client: its close code, and when it came.
+    pub closes: Vec<(Option<u16>, Duration)>,
+    pub status: Option<i32>,
+    pub exit_after: Duration,
 }
 
 /// Start a redis-server and `n` nodes with fast timings, all ready.
