@@ -12,22 +12,6 @@ use serde_json::Value;
 
 const T: Duration = Duration::from_secs(10);
 
-async fn node_gone(redis: &Redis, id: &str) {
-    let key = format!("wsc:inbox:{{{id}}}");
-    let index = format!("wsc:conns:{{{id}}}");
-    eventually(&format!("node {id} reaped"), T, || {
-        let mut r = redis.conn();
-        let (id, key, index) = (id.to_owned(), key.clone(), index.clone());
-        async move {
-            let member: Option<f64> = r.zscore("wsc:nodes", &id).ok()?;
-            let inbox: bool = r.exists(&key).ok()?;
-            let idx: bool = r.exists(&index).ok()?;
-            (member.is_none() && !inbox && !idx).then_some(())
-        }
-    })
-    .await;
-}
-
 /// Reaper: SIGKILL a node holding connections; its member, inbox and
 /// sessions go; messages sent in the gap reach the users on another node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

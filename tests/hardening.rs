@@ -159,15 +159,8 @@ async fn a_drain_ends_on_time_while_redis_holds_writes() {
         assert_eq!(*code, Some(1012), "closes: {closes:?}");
         assert!(*at < bound, "closes: {closes:?}");
     }
-    eventually("the drained node reaped by the survivor", T, || {
-        let mut r = redis.conn();
-        let id = id.clone();
-        async move {
-            let score: Option<f64> = r.zscore("wsc:nodes", &id).ok()?;
-            score.is_none().then_some(())
-        }
-    })
-    .await;
+    // Reaped by the survivor.
+    node_gone(&redis, &id).await;
 }
 
 /// A client that resets its TCP connection right after `welcome` while its

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use redis::Commands;
 use serde_json::Value;
 use wscluster_testkit::{NodeLog, NodeProcess};
 
@@ -166,6 +167,28 @@ impl NodeProc {
             exit_after: t0.elapsed(),
         }
     }
+}
+
+/// Wait until node `id` is reaped (or has left): no `<p>:nodes` member,
+/// no inbox, no connection index.
+pub async fn node_gone(redis: &Redis, id: &str) {
+    let key = format!("wsc:inbox:{{{id}}}");
+    let index = format!("wsc:conns:{{{id}}}");
+    super::eventually(
+        &format!("node {id} reaped"),
+        Duration::from_secs(10),
+        || {
+            let mut r = redis.conn();
+            let (id, key, index) = (id.to_owned(), key.clone(), index.clone());
+            async move {
+                let member: Option<f64> = r.zscore("wsc:nodes", &id).ok()?;
+                let inbox: bool = r.exists(&key).ok()?;
+                let idx: bool = r.exists(&index).ok()?;
+                (member.is_none() && !inbox && !idx).then_some(())
+            }
+        },
+    )
+    .await;
 }
 
 /// What [`NodeProc::drain_watched`] saw.
